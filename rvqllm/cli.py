@@ -1,0 +1,266 @@
+"""``rvqllm quantize | eval | info | demo``: the command-line edge.
+
+This is the only module that reads the environment or prints; errors a user can cause are printed as
+one line (``error: ...``) with exit code 2, and a traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import RVQConfig, available_presets
+from .errors import RVQError
+
+DEFAULT_PRESET = "2bit"
+DEFAULT_TEXTS = ["kjv", "shakespeare"]
+
+
+class _Progress:
+    """tqdm progress bars on stderr, silenced by --quiet/--json."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bars: dict[str, object] = {}
+
+    def __call__(self, key: str, done: int, total: int, label: str | None = None) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(key)
+        if bar is None:
+            bar = self.bars[key] = tqdm(total=total, desc=key, unit="step", file=sys.stderr, dynamic_ncols=True)
+        if label:
+            bar.set_postfix_str(label[-40:], refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            self.bars.pop(key)
+
+
+def _say(args: argparse.Namespace, *msg: object) -> None:
+    if not (args.quiet or getattr(args, "json", False)):
+        print(*msg, file=sys.stderr)
+
+
+def _calibration(args, tokenizer, cfg: RVQConfig):
+    from .data import calibration_tokens, load_text
+
+    texts = [load_text(s, split="calib") for s in args.calib]
+    return calibration_tokens(texts, tokenizer, cfg.calib_sequences, cfg.calib_seq_len, cfg.seed)
+
+
+def _load_config(args) -> RVQConfig:
+    cfg = RVQConfig.load(args.config)
+    changes = {k: v for k, v in {
+        "calib_sequences": args.calib_sequences, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
+    }.items() if v is not None}
+    return cfg.replace(**changes) if changes else cfg
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict:
+    import torch
+
+    from .checkpoint import save
+    from .models import load_model
+    from .pipeline import quantize
+    from .size import folder_bytes, model_specs, summarize
+
+    cfg = _load_config(args)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise RVQError(f"output folder {out} exists: choose another folder or pass --overwrite")
+    torch.manual_seed(cfg.seed)
+    _say(args, f"loading {args.model} ...")
+    model, tokenizer = load_model(args.model)
+    calib = _calibration(args, tokenizer, cfg)
+    _say(args, f"calibration: {calib.shape[0]} sequences x {calib.shape[1]} tokens from {', '.join(args.calib)}")
+    bar = _Progress(args.quiet or args.json)
+    t0 = time.perf_counter()
+    report = quantize(model, cfg, calib, progress=lambda name, d, n: bar("quantize", d, n, name))
+    seconds = time.perf_counter() - t0
+    save(model, out, tokenizer, overwrite=args.overwrite)
+    summary = summarize(model_specs(model))
+    result = {
+        "out": str(out), "config": cfg.to_dict(), "quantize_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(), "calib_tokens": report.calib_tokens,
+        "bpw": summary["bpw"], "bytes": folder_bytes(out), "layers": summary["layers"],
+    }
+    _say(args, f"saved {out}: {summary['layers']} layers at {summary['bpw']:.3f} bpw, "
+               f"{result['bytes'] / 2**20:.1f} MiB, quantized in {seconds:.0f} s on {result['threads']} threads")
+    return result
+
+
+def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[list[dict], list[str]]:
+    from .checkpoint import load
+    from .data import load_text
+    from .eval import evaluate
+    from .models import load_model, resolve
+    from .size import folder_bytes, summarize
+
+    texts = {Path(s).stem if Path(s).exists() else s.removeprefix("reference:"): load_text(s, "test") for s in args.text}
+    bar = _Progress(args.quiet or args.json)
+    rows = []
+
+    def run(label, model, tokenizer):
+        res = evaluate(model, tokenizer, texts, context=args.context, windows=args.windows,
+                       progress=lambda n, d, t: bar(f"ppl {label} {n}", d, t))
+        return {k: r.ppl for k, r in res.items()}, {k: r.tokens for k, r in res.items()}
+
+    tokenizer = None
+    if baseline:
+        model, tokenizer = load_model(baseline)
+        ppl, tokens = run("baseline", model, tokenizer)
+        where, gguf = resolve(baseline)
+        size = folder_bytes(Path(where) / gguf if gguf else where) if Path(where).exists() else None
+        rows.append({"model": f"{baseline} (fp16 baseline)", "bpw": 16.0, "bytes": size, "ppl": ppl, "tokens": tokens})
+        del model
+    for folder in quantized:
+        from transformers import AutoTokenizer
+
+        model = load(folder)
+        tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else tokenizer
+        if tok is None:
+            raise RVQError(f"{folder} has no tokenizer files and no --baseline was given to take one from")
+        ppl, tokens = run(folder.name, model, tok)
+        rows.append({"model": str(folder), "bpw": summarize(model.rvq_layers)["bpw"], "bytes": folder_bytes(folder),
+                     "ppl": ppl, "tokens": tokens})
+        del model
+    return rows, list(texts)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from .eval.report import format_table
+
+    rows, names = _evaluate_rows(args, [Path(d) for d in args.checkpoints], args.baseline)
+    table = format_table(rows, names)
+    if not args.json:
+        print(f"perplexity: context {args.context}, {args.windows} windows, "
+              f"{args.windows * (args.context - 1)} predicted tokens per text")
+        print(table)
+    return {"rows": rows, "context": args.context, "windows": args.windows, "table": table}
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    from .checkpoint import read_quantization_config
+    from .size import folder_bytes, layer_bpw, summarize
+
+    q = read_quantization_config(args.checkpoint)
+    s = summarize(q["layers"])
+    info = {"folder": args.checkpoint, "format_version": q["format_version"], "config": q.get("rvq_config", {}),
+            **s, "bytes": folder_bytes(args.checkpoint)}
+    if not args.json:
+        print(f"{args.checkpoint}: rvq format v{q['format_version']}, {s['layers']} quantized layers, "
+              f"{s['weights']:,} weights")
+        print(f"bpw {s['bpw']:.4f} = codes {s['codes_bpw']:.4f} + codebooks {s['codebooks_bpw']:.4f} "
+              f"+ scales {s['scales_bpw']:.4f}; weights on disk {info['bytes'] / 2**20:.2f} MiB")
+        print("config: " + ", ".join(f"{k}={v}" for k, v in q.get("rvq_config", {}).items() if k != "description"))
+        if args.layers:
+            for name, spec in q["layers"].items():
+                print(f"  {name}: {spec['out_features']}x{spec['in_features']} d={spec['vector_dim']} "
+                      f"S={spec['stages']} b={spec['bits']} bpw={layer_bpw(spec):.3f}")
+    return info
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    """Quantize the reference model with a preset, then print the table against the fp16 baseline."""
+    import os
+
+    from .eval.report import format_table
+
+    args.model = "reference"
+    out = Path(args.out)
+    if out.exists() and (out / "config.json").exists() and not args.overwrite:
+        _say(args, f"{out} exists: re-using it (pass --overwrite to quantize again)")
+        qres = None
+    else:
+        args.overwrite = True
+        qres = cmd_quantize(args)
+    rows, names = _evaluate_rows(args, [out], "reference")
+    table = format_table(rows, names)
+    if not args.json:
+        print(f"\nSmolLM2-135M-Instruct, preset {args.config}; perplexity: context {args.context}, "
+              f"{args.windows} windows, {args.windows * (args.context - 1)} predicted tokens per text")
+        if qres:
+            print(f"quantization: {qres['quantize_seconds']} s on {qres['threads']} threads ({os.cpu_count()} cores)")
+        print(table)
+    return {"quantize": qres, "rows": rows, "table": table}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = ", ".join(available_presets())
+    p = argparse.ArgumentParser(prog="rvqllm", description="Residual vector quantization of Hugging Face causal LMs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+        sp.add_argument("--json", action="store_true", help="print one JSON object with the results")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    def quant_opts(sp):
+        sp.add_argument("--config", default=DEFAULT_PRESET,
+                        help=f"preset name ({presets}) or YAML file; more stages/bits cost time and size, gain quality")
+        sp.add_argument("--calib", nargs="+", default=["kjv", "shakespeare"],
+                        help="calibration text sources (reference names, files, datasets names)")
+        sp.add_argument("--calib-sequences", type=int, help="override the preset: calibration sequences "
+                        "(time grows linearly; more is steadier)")
+        sp.add_argument("--calib-seq-len", type=int, help="override the preset: tokens per calibration sequence")
+        sp.add_argument("--seed", type=int, help="override the preset's seed")
+        sp.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+    def eval_opts(sp):
+        sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS, help="evaluation texts (reference names, files, datasets names)")
+        sp.add_argument("--context", type=int, default=512, help="tokens per window (ppl-512x64 protocol: 512)")
+        sp.add_argument("--windows", type=int, default=64, help="windows per text (ppl-512x64 protocol: 64)")
+
+    q = sub.add_parser("quantize", help="quantize a model and save the checkpoint")
+    q.add_argument("model", help="'reference', a model folder, a .gguf file or a hub id")
+    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    quant_opts(q)
+    common(q)
+
+    e = sub.add_parser("eval", help="perplexity and size of checkpoints beside a baseline")
+    e.add_argument("checkpoints", nargs="+", help="rvqllm checkpoint folders")
+    e.add_argument("--baseline", help="the unquantized model ('reference', a folder, a .gguf or a hub id)")
+    eval_opts(e)
+    common(e)
+
+    i = sub.add_parser("info", help="format, bits per weight and size of a checkpoint")
+    i.add_argument("checkpoint")
+    i.add_argument("--layers", action="store_true", help="one line per quantized layer")
+    common(i)
+
+    d = sub.add_parser("demo", help="quantize the built-in reference model and compare it with fp16")
+    d.add_argument("--out", default="out/smollm2-135m-2bit", help="checkpoint folder")
+    quant_opts(d)
+    eval_opts(d)
+    common(d)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
+    try:
+        result = handlers[args.command](args)
+    except RVQError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

