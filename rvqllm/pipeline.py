@@ -94,6 +94,7 @@ def quantize(
                 stages=config.stages,
                 bits=config.bits,
                 kmeans_iters=config.kmeans_iters,
+                kmeans_points=config.kmeans_points,
                 hessian_weighted=config.hessian_weighted,
                 error_feedback=config.error_feedback,
                 seed=config.seed * 100_003 + layer_index,

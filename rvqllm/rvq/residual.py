@@ -86,6 +86,7 @@ def quantize_weight(
     kmeans_iters: int = 20,
     hessian_weighted: bool = True,
     error_feedback: bool = True,
+    kmeans_points: int = 64,
     seed: int = 0,
 ) -> RVQWeight:
     """Code ``weight [out, in]`` with ``stages`` residual codebooks of ``2**bits`` entries each.
@@ -94,6 +95,7 @@ def quantize_weight(
     input columns the layer's activations actually use. With ``error_feedback`` and a full ``[in, in]``
     Hessian, the codes are then chosen group by group against the layer's output error, pushing each
     group's error onto the columns not yet coded (:func:`encode_with_feedback`).
+    The k-means of each stage runs on a seeded sample of ``kmeans_points`` vectors per codeword.
     Deterministic for a given ``seed``.
     """
     w = weight.detach().float().cpu()
@@ -112,23 +114,18 @@ def quantize_weight(
     wt = (col.reshape(1, groups, d) * scales.pow(2).reshape(out, 1, 1)).reshape(out * groups, d)
 
     k = 1 << bits
-    residual = x.clone()
-    codebooks = torch.empty(stages, k, d)
-    codes = torch.empty(out * groups, stages, dtype=torch.long)
-    for s in range(stages):
-        centers, _ = weighted_kmeans(residual, wt, k, kmeans_iters, seed=seed * 1000 + s)
-        centers = to_fp16_exact(centers)
-        idx = assign(residual, wt, centers)
-        codebooks[s] = centers
-        codes[:, s] = idx
-        residual -= centers[idx]
-
+    codebooks = learn_codebooks(x, wt, stages, k, kmeans_iters, seed, kmeans_points)
     if error_feedback and hessian is not None and hessian.dim() == 2:
         h = torch.zeros(in_pad, in_pad, dtype=torch.float64)
         h[:in_features, :in_features] = hessian.detach().double().cpu()
-        codes = encode_with_feedback(w, h, scales, codebooks).reshape(out * groups, stages)
-        return RVQWeight(codes.reshape(out, groups, stages), codebooks, scales, in_features)
+        codes = encode_with_feedback(w, h, scales, codebooks)
+        return RVQWeight(codes, codebooks, scales, in_features)
 
+    codes = torch.empty(out * groups, stages, dtype=torch.long)
+    residual = x.clone()
+    for s in range(stages):
+        codes[:, s] = assign(residual, wt, codebooks[s])
+        residual -= codebooks[s][codes[:, s]]
     # least-squares refit of each row's scale to its chosen codes (weighted like the k-means)
     unit = (x - residual).reshape(out, in_pad)
     num = (unit * w * col).sum(1)
@@ -136,6 +133,32 @@ def quantize_weight(
     refit = torch.where(den > 0, num / den.clamp_min(1e-30), scales)
     scales = to_fp16_exact(torch.where(refit.abs() > 0, refit, scales))
     return RVQWeight(codes.reshape(out, groups, stages), codebooks, scales, in_features)
+
+
+def learn_codebooks(
+    x: Tensor, wt: Tensor, stages: int, k: int, iters: int, seed: int, points_per_code: int = 64
+) -> Tensor:
+    """Stage-by-stage weighted k-means on a sample of the vectors.
+
+    Args:
+        x: ``[n, d]`` vectors. wt: ``[n, d]`` their error weights. k: codewords per stage.
+        points_per_code: the sample holds ``points_per_code * k`` vectors (all of them if fewer).
+    Returns:
+        codebooks ``[stages, k, d]`` float32, fp16-exact. Stage ``s`` is fitted to what stages ``< s``
+        leave of the sample, coded greedily with the rounded codebooks.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n, d = x.shape
+    m = min(n, points_per_code * k)
+    pick = torch.randperm(n, generator=gen)[:m] if m < n else torch.arange(n)
+    residual, w = x[pick].clone(), wt[pick]
+    codebooks = torch.empty(stages, k, d)
+    for s in range(stages):
+        centers, _ = weighted_kmeans(residual, w, k, iters, seed=seed * 1000 + s, max_points=m)
+        centers = to_fp16_exact(centers)
+        codebooks[s] = centers
+        residual -= centers[assign(residual, w, centers)]
+    return codebooks
 
 
 def inverse_hessian_factor(h: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
