@@ -1,0 +1,110 @@
+"""CPU fast path: thin Python wrappers around the compiled kernels of :mod:`.cpu_source`.
+
+Each wrapper takes 2-D float32 activations ``x [T, in_features]`` and the layer's buffers as stored
+(``codes [out, in_groups, stages]`` uint8/int16, ``codebooks [stages, K, d]`` and ``scales [out]`` in fp16
+or fp32, ``bias [out]`` or None) and writes ``out [T, out]`` float32, which it returns. Every element of
+``out`` is written (callers may pass an uninitialised buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cpu_build import load_library
+
+MAX_VECTOR_DIM = 64  # the C++ kernels keep one decoded vector on the stack
+
+
+def available() -> bool:
+    """True when the compiled kernels loaded (builds them on first call; warns once if it cannot)."""
+    return load_library() is not None
+
+
+def _half_flag(t: Tensor) -> tuple[Tensor, int]:
+    if t.dtype == torch.float16:
+        return t.contiguous(), 1
+    return t.float().contiguous(), 0
+
+
+def _common(codes: Tensor, codebooks: Tensor, scales: Tensor):
+    codes = codes.contiguous()
+    cb, cb_half = _half_flag(codebooks)
+    sc, sc_half = _half_flag(scales)
+    return codes, int(codes.dtype == torch.int16), cb, cb_half, sc, sc_half
+
+
+def _gemv(fn_name: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+          in_features: int, out: Tensor | None) -> Tensor:
+    lib = load_library()
+    assert lib is not None, "CPU kernels unavailable; dispatch should not have chosen this path"
+    x = x.float().contiguous()
+    o, g, s = codes.shape
+    k, d = codebooks.shape[1], codebooks.shape[2]
+    assert d <= MAX_VECTOR_DIM and x.shape[-1] == in_features and x.dim() == 2
+    t = x.shape[0]
+    codes, c16, cb, cb_half, sc, sc_half = _common(codes, codebooks, scales)
+    if bias is not None:
+        bias, b_half = _half_flag(bias)
+    if out is None:
+        out = torch.empty(t, o, dtype=torch.float32)
+    assert out.shape == (t, o) and out.dtype == torch.float32 and out.is_contiguous()
+    getattr(lib, fn_name)(
+        x.data_ptr(), t, codes.data_ptr(), c16, cb.data_ptr(), cb_half, sc.data_ptr(), sc_half,
+        None if bias is None else bias.data_ptr(), 0 if bias is None else b_half,
+        o, g, s, k, d, in_features, out.data_ptr(), torch.get_num_threads(),
+    )
+    return out
+
+
+def lut_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+             in_features: int, out: Tensor | None = None) -> Tensor:
+    """Lookup-table kernel (best for few tokens and K <= 256). Shapes: see module docstring."""
+    return _gemv("rvq_gemv_lut", x, codes, codebooks, scales, bias, in_features, out)
+
+
+def decode_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+                in_features: int, out: Tensor | None = None) -> Tensor:
+    """Fused decode-dot kernel (few tokens, any K). Shapes: see module docstring."""
+    return _gemv("rvq_gemv_decode", x, codes, codebooks, scales, bias, in_features, out)
+
+
+def dequantize_rows(codes: Tensor, codebooks: Tensor, scales: Tensor, in_features: int, o0: int, o1: int,
+                    out: Tensor) -> Tensor:
+    """Decode rows ``[o0, o1)`` of the scaled weight into ``out[:o1-o0]`` (float32 ``[>= o1-o0, in]``)."""
+    lib = load_library()
+    assert lib is not None
+    o, g, s = codes.shape
+    k, d = codebooks.shape[1], codebooks.shape[2]
+    assert out.is_contiguous() and out.dtype == torch.float32 and out.shape[1] == in_features
+    assert 0 <= o0 <= o1 <= o and out.shape[0] >= o1 - o0
+    codes, c16, cb, cb_half, sc, sc_half = _common(codes, codebooks, scales)
+    lib.rvq_dequant_rows(codes.data_ptr(), c16, cb.data_ptr(), cb_half, sc.data_ptr(), sc_half,
+                         o, g, s, k, d, in_features, o0, o1, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+TILE_FLOATS = 1 << 20  # 4 MiB of decoded weight per tile
+
+
+def tiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+                 in_features: int, out: Tensor | None = None) -> Tensor:
+    """Many-token path: decode ``TILE_FLOATS``-sized row tiles of the weight and multiply each with BLAS;
+    the whole weight is never materialised. Shapes: see module docstring."""
+    x = x.float().contiguous()
+    o = codes.shape[0]
+    t = x.shape[0]
+    rows = max(16, min(o, TILE_FLOATS // max(1, in_features)))
+    buf = torch.empty(rows, in_features, dtype=torch.float32)
+    yt = torch.empty(o, t, dtype=torch.float32)  # y transposed: each tile's rows are contiguous
+    codes = codes.contiguous()
+    for o0 in range(0, o, rows):
+        o1 = min(o, o0 + rows)
+        dequantize_rows(codes, codebooks, scales, in_features, o0, o1, buf)
+        torch.mm(buf[: o1 - o0], x.T, out=yt[o0:o1])
+    if out is None:
+        out = torch.empty(t, o, dtype=torch.float32)
+    out.copy_(yt.T)
+    if bias is not None:
+        out.add_(bias.float())
+    return out

@@ -1,0 +1,272 @@
+"""C++ source of the CPU kernels, kept as a string so that the wheel ships no build step.
+
+The source is compiled on first use by :mod:`.cpu_build` with the machine's C++ compiler into a plain
+shared library (``extern "C"`` functions on raw pointers, no torch or Python headers, so it builds in
+about a second) and called through ``ctypes``. All tensors are contiguous row-major; sizes are int64.
+
+Kernels (``C`` is the code type: uint8 for bits <= 8, uint16 for the int16 bit patterns of wider codes):
+
+* ``rvq_gemv_lut``: lookup-table kernel for a few tokens. Per input group ``g`` and stage ``s`` a
+  table ``tab[g, s, t, k] = x_t[g*d:(g+1)*d] . codebooks[s, k]`` is built (``G*S*K*d*T`` FMAs), then
+  every output sums the entries its codes pick: ``y[t, o] = scale[o] * sum_{g,s} tab[g, s, t, codes[o,g,s]]``.
+  The table is built for a chunk of groups at a time so that it stays in L2.
+* ``rvq_gemv_decode``: fused decode-dot for a few tokens: each 8-wide (``d``-wide) weight vector is
+  decoded in registers from the codebooks (which sit in L1) and multiplied with every token.
+* ``rvq_dequant_rows``: decodes a tile of rows ``[o0, o1)`` of the scaled weight into a float32 buffer,
+  for the many-token path (decode a tile, then a BLAS matmul on it).
+"""
+
+SOURCE = r"""
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+static inline float h2f(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t ex = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (ex == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {
+      int e = -1;
+      do { e++; man <<= 1; } while ((man & 0x400u) == 0);
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (ex == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((ex + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Convert n values (fp16 bit patterns when half != 0, else float32) into dst.
+static void to_f32(const void* src, int half, int64_t n, float* dst) {
+  if (half) {
+    const uint16_t* p = (const uint16_t*)src;
+    for (int64_t i = 0; i < n; ++i) dst[i] = h2f(p[i]);
+  } else {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
+// x [T, in_features] -> xp [T, G*D] zero padded.
+static void pad_x(const float* x, int64_t T, int64_t in_features, int64_t GD, float* xp) {
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(xp + t * GD, x + t * in_features, in_features * sizeof(float));
+    for (int64_t i = in_features; i < GD; ++i) xp[t * GD + i] = 0.f;
+  }
+}
+
+static void finish(float* y, int64_t T, int64_t O, const float* sc, const void* bias, int bias_half, int nt) {
+  std::vector<float> b;
+  if (bias) { b.resize(O); to_f32(bias, bias_half, O, b.data()); }
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t t = 0; t < T; ++t) {
+      float v = y[t * O + o] * sc[o];
+      if (bias) v += b[o];
+      y[t * O + o] = v;
+    }
+  }
+}
+
+template <typename C>
+static void lut_impl(const float* xp, int64_t T, const C* codes, const float* cb, const float* sc,
+                     int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, float* y, int nt) {
+  const int64_t GD = G * D;
+  // cbT [S, D, K] so that the table build runs along k contiguously.
+  std::vector<float> cbT(S * D * K);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) cbT[(s * D + d) * K + k] = cb[(s * K + k) * D + d];
+  const int64_t per_g = S * T * K;
+  const int64_t budget = 256 * 1024;  // floats: 1 MiB of table per chunk
+  int64_t GC = std::max<int64_t>(1, budget / per_g);
+  GC = std::min(GC, G);
+  std::vector<float> tab(GC * per_g);
+  float* tb = tab.data();
+  for (int64_t i = 0; i < T * O; ++i) y[i] = 0.f;
+  for (int64_t g0 = 0; g0 < G; g0 += GC) {
+    const int64_t gc = std::min(GC, G - g0);
+    // table layout [(g, s), t, k]
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t j = 0; j < gc * S; ++j) {
+      const int64_t g = g0 + j / S, s = j % S;
+      for (int64_t t = 0; t < T; ++t) {
+        float* row = tb + (j * T + t) * K;
+        const float* xr = xp + t * GD + g * D;
+        for (int64_t k = 0; k < K; ++k) row[k] = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float xv = xr[d];
+          const float* cr = cbT.data() + (s * D + d) * K;
+          for (int64_t k = 0; k < K; ++k) row[k] += xv * cr[k];
+        }
+      }
+    }
+    const int64_t n = gc * S;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t o = 0; o < O; ++o) {
+      const C* c = codes + o * G * S + g0 * S;
+      if (T == 1) {
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+          a0 += tb[(j + 0) * K + c[j + 0]];
+          a1 += tb[(j + 1) * K + c[j + 1]];
+          a2 += tb[(j + 2) * K + c[j + 2]];
+          a3 += tb[(j + 3) * K + c[j + 3]];
+        }
+        for (; j < n; ++j) a0 += tb[j * K + c[j]];
+        y[o] += (a0 + a1) + (a2 + a3);
+      } else {
+        float acc[16];
+        for (int64_t t0 = 0; t0 < T; t0 += 16) {
+          const int64_t tt = std::min<int64_t>(16, T - t0);
+          for (int64_t t = 0; t < tt; ++t) acc[t] = 0.f;
+          for (int64_t j = 0; j < n; ++j) {
+            const float* base = tb + (j * T + t0) * K + c[j];
+            for (int64_t t = 0; t < tt; ++t) acc[t] += base[t * K];
+          }
+          for (int64_t t = 0; t < tt; ++t) y[(t0 + t) * O + o] += acc[t];
+        }
+      }
+    }
+  }
+}
+
+template <typename C, int DT>
+static void decode_impl(const float* xp, int64_t T, const C* codes, const float* cb, const float* sc,
+                        int64_t O, int64_t G, int64_t S, int64_t K, int64_t Drt, float* y, int nt) {
+  const int64_t D = DT > 0 ? DT : Drt;
+  const int64_t GD = G * D;
+  constexpr int TB = 8;
+  constexpr int DM = DT > 0 ? DT : 64;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t o = 0; o < O; ++o) {
+    const C* c = codes + o * G * S;
+    for (int64_t t0 = 0; t0 < T; t0 += TB) {
+      const int64_t tb = std::min<int64_t>(TB, T - t0);
+      float acc[TB][DM];
+      for (int t = 0; t < TB; ++t)
+        for (int d = 0; d < DM; ++d) acc[t][d] = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        float w[DM];
+        const float* v = cb + (int64_t)c[g * S] * D;
+        for (int64_t d = 0; d < D; ++d) w[d] = v[d];
+        for (int64_t s = 1; s < S; ++s) {
+          v = cb + (s * K + (int64_t)c[g * S + s]) * D;
+          for (int64_t d = 0; d < D; ++d) w[d] += v[d];
+        }
+        if (tb == 1) {
+          const float* xr = xp + t0 * GD + g * D;
+          for (int64_t d = 0; d < D; ++d) acc[0][d] += w[d] * xr[d];
+        } else {
+          for (int64_t t = 0; t < tb; ++t) {
+            const float* xr = xp + (t0 + t) * GD + g * D;
+            for (int64_t d = 0; d < D; ++d) acc[t][d] += w[d] * xr[d];
+          }
+        }
+      }
+      for (int64_t t = 0; t < tb; ++t) {
+        float sum = 0.f;
+        for (int64_t d = 0; d < D; ++d) sum += acc[t][d];
+        y[(t0 + t) * O + o] = sum;
+      }
+    }
+  }
+}
+
+template <typename C, int DT>
+static void dequant_impl(const C* codes, const float* cb, const float* sc, int64_t G, int64_t S, int64_t K,
+                         int64_t Drt, int64_t in_features, int64_t o0, int64_t o1, float* w, int nt) {
+  const int64_t D = DT > 0 ? DT : Drt;
+  constexpr int DM = DT > 0 ? DT : 64;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t o = o0; o < o1; ++o) {
+    const C* c = codes + o * G * S;
+    float* wr = w + (o - o0) * in_features;
+    const float scale = sc[o];
+    for (int64_t g = 0; g < G; ++g) {
+      float v8[DM];
+      const float* v = cb + (int64_t)c[g * S] * D;
+      for (int64_t d = 0; d < D; ++d) v8[d] = v[d];
+      for (int64_t s = 1; s < S; ++s) {
+        v = cb + (s * K + (int64_t)c[g * S + s]) * D;
+        for (int64_t d = 0; d < D; ++d) v8[d] += v[d];
+      }
+      const int64_t n = std::min(D, in_features - g * D);
+      if (n == D) {
+        for (int64_t d = 0; d < D; ++d) wr[g * D + d] = v8[d] * scale;
+      } else {
+        for (int64_t d = 0; d < n; ++d) wr[g * D + d] = v8[d] * scale;
+      }
+    }
+  }
+}
+
+struct Prep {
+  std::vector<float> cb, sc, xp;
+};
+
+static void prep(Prep& p, const float* x, int64_t T, const void* cb, int cb_half, const void* sc, int sc_half,
+                 int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features) {
+  p.cb.resize(S * K * D);
+  to_f32(cb, cb_half, S * K * D, p.cb.data());
+  p.sc.resize(O);
+  to_f32(sc, sc_half, O, p.sc.data());
+  if (x) {
+    p.xp.resize(T * G * D);
+    pad_x(x, T, in_features, G * D, p.xp.data());
+  }
+}
+
+#define DISPATCH_D(FN, C, ...)                                    \
+  do {                                                            \
+    if (D == 8) FN<C, 8>(__VA_ARGS__);                            \
+    else if (D == 4) FN<C, 4>(__VA_ARGS__);                       \
+    else FN<C, 0>(__VA_ARGS__);                                   \
+  } while (0)
+
+extern "C" {
+
+int rvq_abi_version() { return 1; }
+
+float rvq_h2f(uint16_t h) { return h2f(h); }
+
+void rvq_gemv_lut(const float* x, int64_t T, const void* codes, int code16, const void* cb, int cb_half,
+                  const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
+                  int64_t S, int64_t K, int64_t D, int64_t in_features, float* y, int nt) {
+  Prep p;
+  prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
+  if (code16) lut_impl<uint16_t>(p.xp.data(), T, (const uint16_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  else lut_impl<uint8_t>(p.xp.data(), T, (const uint8_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  finish(y, T, O, p.sc.data(), bias, bias_half, nt);
+}
+
+void rvq_gemv_decode(const float* x, int64_t T, const void* codes, int code16, const void* cb, int cb_half,
+                     const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
+                     int64_t S, int64_t K, int64_t D, int64_t in_features, float* y, int nt) {
+  Prep p;
+  prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
+  if (code16) DISPATCH_D(decode_impl, uint16_t, p.xp.data(), T, (const uint16_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  else DISPATCH_D(decode_impl, uint8_t, p.xp.data(), T, (const uint8_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  finish(y, T, O, p.sc.data(), bias, bias_half, nt);
+}
+
+void rvq_dequant_rows(const void* codes, int code16, const void* cb, int cb_half, const void* sc, int sc_half,
+                      int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features,
+                      int64_t o0, int64_t o1, float* w, int nt) {
+  Prep p;
+  prep(p, nullptr, 0, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
+  if (code16) DISPATCH_D(dequant_impl, uint16_t, (const uint16_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
+  else DISPATCH_D(dequant_impl, uint8_t, (const uint8_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
+}
+
+}  // extern "C"
+"""
