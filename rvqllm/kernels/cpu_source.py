@@ -21,6 +21,9 @@ SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 static inline float h2f(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
@@ -49,7 +52,11 @@ static inline float h2f(uint16_t h) {
 static void to_f32(const void* src, int half, int64_t n, float* dst) {
   if (half) {
     const uint16_t* p = (const uint16_t*)src;
-    for (int64_t i = 0; i < n; ++i) dst[i] = h2f(p[i]);
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
+#endif
+    for (; i < n; ++i) dst[i] = h2f(p[i]);
   } else {
     std::memcpy(dst, src, n * sizeof(float));
   }
@@ -76,70 +83,117 @@ static void finish(float* y, int64_t T, int64_t O, const float* sc, const void* 
   }
 }
 
+// Sum of tab[j*K + c[j]] over j in [0, n): the gather at the heart of the LUT kernel.
+template <typename C>
+static inline float gather_sum(const float* tb, const C* c, int64_t n, int64_t K) {
+  int64_t j = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  if (n >= 16 && n * K < (int64_t)1 << 31) {
+    __m512i off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32((int)K));
+    const __m512i step = _mm512_set1_epi32((int)(16 * K));
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; j + 32 <= n; j += 32) {
+      __m512i i0, i1;
+      if constexpr (sizeof(C) == 1) {
+        i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + j)));
+        i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + j + 16)));
+      } else {
+        i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + j)));
+        i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + j + 16)));
+      }
+      a0 = _mm512_add_ps(a0, _mm512_i32gather_ps(_mm512_add_epi32(i0, off), tb, 4));
+      off = _mm512_add_epi32(off, step);
+      a1 = _mm512_add_ps(a1, _mm512_i32gather_ps(_mm512_add_epi32(i1, off), tb, 4));
+      off = _mm512_add_epi32(off, step);
+    }
+    total = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }
+#endif
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  for (; j + 4 <= n; j += 4) {
+    a0 += tb[(j + 0) * K + c[j + 0]];
+    a1 += tb[(j + 1) * K + c[j + 1]];
+    a2 += tb[(j + 2) * K + c[j + 2]];
+    a3 += tb[(j + 3) * K + c[j + 3]];
+  }
+  for (; j < n; ++j) a0 += tb[j * K + c[j]];
+  return total + ((a0 + a1) + (a2 + a3));
+}
+
 template <typename C>
 static void lut_impl(const float* xp, int64_t T, const C* codes, const float* cb, const float* sc,
                      int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, float* y, int nt) {
   const int64_t GD = G * D;
   // cbT [S, D, K] so that the table build runs along k contiguously.
-  std::vector<float> cbT(S * D * K);
+  static thread_local std::vector<float> cbT, tab;
+  if ((int64_t)cbT.size() < S * D * K) cbT.resize(S * D * K);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t k = 0; k < K; ++k)
       for (int64_t d = 0; d < D; ++d) cbT[(s * D + d) * K + k] = cb[(s * K + k) * D + d];
+  const float* cbt = cbT.data();
   const int64_t per_g = S * T * K;
-  const int64_t budget = 256 * 1024;  // floats: 1 MiB of table per chunk
+  const int64_t budget = 256 * 1024;  // floats: 1 MiB of table per chunk, stays in L2
   int64_t GC = std::max<int64_t>(1, budget / per_g);
   GC = std::min(GC, G);
-  std::vector<float> tab(GC * per_g);
+  if ((int64_t)tab.size() < GC * per_g) tab.resize(GC * per_g);
   float* tb = tab.data();
   for (int64_t i = 0; i < T * O; ++i) y[i] = 0.f;
   for (int64_t g0 = 0; g0 < G; g0 += GC) {
     const int64_t gc = std::min(GC, G - g0);
-    // table layout [(g, s), t, k]
+    const int64_t n = gc * S;
+    // table layout [t, (g, s), k]
     #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t j = 0; j < gc * S; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       const int64_t g = g0 + j / S, s = j % S;
       for (int64_t t = 0; t < T; ++t) {
-        float* row = tb + (j * T + t) * K;
+        float* row = tb + (t * n + j) * K;
         const float* xr = xp + t * GD + g * D;
         for (int64_t k = 0; k < K; ++k) row[k] = 0.f;
         for (int64_t d = 0; d < D; ++d) {
           const float xv = xr[d];
-          const float* cr = cbT.data() + (s * D + d) * K;
+          const float* cr = cbt + (s * D + d) * K;
           for (int64_t k = 0; k < K; ++k) row[k] += xv * cr[k];
         }
       }
     }
-    const int64_t n = gc * S;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t o = 0; o < O; ++o) {
       const C* c = codes + o * G * S + g0 * S;
-      if (T == 1) {
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-        int64_t j = 0;
-        for (; j + 4 <= n; j += 4) {
-          a0 += tb[(j + 0) * K + c[j + 0]];
-          a1 += tb[(j + 1) * K + c[j + 1]];
-          a2 += tb[(j + 2) * K + c[j + 2]];
-          a3 += tb[(j + 3) * K + c[j + 3]];
-        }
-        for (; j < n; ++j) a0 += tb[j * K + c[j]];
-        y[o] += (a0 + a1) + (a2 + a3);
-      } else {
-        float acc[16];
-        for (int64_t t0 = 0; t0 < T; t0 += 16) {
-          const int64_t tt = std::min<int64_t>(16, T - t0);
-          for (int64_t t = 0; t < tt; ++t) acc[t] = 0.f;
-          for (int64_t j = 0; j < n; ++j) {
-            const float* base = tb + (j * T + t0) * K + c[j];
-            for (int64_t t = 0; t < tt; ++t) acc[t] += base[t * K];
-          }
-          for (int64_t t = 0; t < tt; ++t) y[(t0 + t) * O + o] += acc[t];
-        }
-      }
+      for (int64_t t = 0; t < T; ++t) y[t * O + o] += gather_sum<C>(tb + t * n * K, c, n, K);
     }
   }
 }
 
+// Decoded weight vector of group g (sum over stages), d = 8, AVX2.
+#if defined(__AVX2__)
+template <typename C>
+static inline __m256 dec8(const float* cb, const C* c, int64_t S, int64_t K) {
+  __m256 w = _mm256_loadu_ps(cb + (int64_t)c[0] * 8);
+  for (int64_t s = 1; s < S; ++s) w = _mm256_add_ps(w, _mm256_loadu_ps(cb + (s * K + (int64_t)c[s]) * 8));
+  return w;
+}
+template <typename C>
+static inline __m128 dec4(const float* cb, const C* c, int64_t S, int64_t K) {
+  __m128 w = _mm_loadu_ps(cb + (int64_t)c[0] * 4);
+  for (int64_t s = 1; s < S; ++s) w = _mm_add_ps(w, _mm_loadu_ps(cb + (s * K + (int64_t)c[s]) * 4));
+  return w;
+}
+static inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+static inline float hsum4(__m128 a) {
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+#endif
+
+// xp is [Tpad, G*D] with Tpad a multiple of 8 (rows past T are zero).
 template <typename C, int DT>
 static void decode_impl(const float* xp, int64_t T, const C* codes, const float* cb, const float* sc,
                         int64_t O, int64_t G, int64_t S, int64_t K, int64_t Drt, float* y, int nt) {
@@ -150,6 +204,50 @@ static void decode_impl(const float* xp, int64_t T, const C* codes, const float*
   #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t o = 0; o < O; ++o) {
     const C* c = codes + o * G * S;
+#if defined(__AVX2__)
+    if constexpr (DT == 8) {
+      if (T == 1) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 2 <= G; g += 2) {
+          a0 = _mm256_fmadd_ps(dec8(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
+          a1 = _mm256_fmadd_ps(dec8(cb, c + (g + 1) * S, S, K), _mm256_loadu_ps(xp + (g + 1) * 8), a1);
+        }
+        for (; g < G; ++g) a0 = _mm256_fmadd_ps(dec8(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
+        y[o] = hsum8(_mm256_add_ps(a0, a1));
+        continue;
+      }
+      for (int64_t t0 = 0; t0 < T; t0 += TB) {
+        __m256 acc[TB];
+        for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256 w = dec8(cb, c + g * S, S, K);
+          const float* xr = xp + t0 * GD + g * 8;
+          for (int t = 0; t < TB; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + t * GD), acc[t]);
+        }
+        const int64_t tb = std::min<int64_t>(TB, T - t0);
+        for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * O + o] = hsum8(acc[t]);
+      }
+      continue;
+    }
+    if constexpr (DT == 4) {
+      for (int64_t t0 = 0; t0 < T; t0 += TB) {
+        __m128 acc[TB];
+        for (int t = 0; t < TB; ++t) acc[t] = _mm_setzero_ps();
+        const int tt = T == 1 ? 1 : TB;
+        for (int64_t g = 0; g < G; ++g) {
+          const __m128 w = dec4(cb, c + g * S, S, K);
+          const float* xr = xp + t0 * GD + g * 4;
+          if (tt == 1) acc[0] = _mm_fmadd_ps(w, _mm_loadu_ps(xr), acc[0]);
+          else
+            for (int t = 0; t < TB; ++t) acc[t] = _mm_fmadd_ps(w, _mm_loadu_ps(xr + t * GD), acc[t]);
+        }
+        const int64_t tb = std::min<int64_t>(TB, T - t0);
+        for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * O + o] = hsum4(acc[t]);
+      }
+      continue;
+    }
+#endif
     for (int64_t t0 = 0; t0 < T; t0 += TB) {
       const int64_t tb = std::min<int64_t>(TB, T - t0);
       float acc[TB][DM];
@@ -163,14 +261,9 @@ static void decode_impl(const float* xp, int64_t T, const C* codes, const float*
           v = cb + (s * K + (int64_t)c[g * S + s]) * D;
           for (int64_t d = 0; d < D; ++d) w[d] += v[d];
         }
-        if (tb == 1) {
-          const float* xr = xp + t0 * GD + g * D;
-          for (int64_t d = 0; d < D; ++d) acc[0][d] += w[d] * xr[d];
-        } else {
-          for (int64_t t = 0; t < tb; ++t) {
-            const float* xr = xp + (t0 + t) * GD + g * D;
-            for (int64_t d = 0; d < D; ++d) acc[t][d] += w[d] * xr[d];
-          }
+        for (int64_t t = 0; t < tb; ++t) {
+          const float* xr = xp + (t0 + t) * GD + g * D;
+          for (int64_t d = 0; d < D; ++d) acc[t][d] += w[d] * xr[d];
         }
       }
       for (int64_t t = 0; t < tb; ++t) {
@@ -192,7 +285,15 @@ static void dequant_impl(const C* codes, const float* cb, const float* sc, int64
     const C* c = codes + o * G * S;
     float* wr = w + (o - o0) * in_features;
     const float scale = sc[o];
-    for (int64_t g = 0; g < G; ++g) {
+    int64_t g0 = 0;
+#if defined(__AVX2__)
+    if constexpr (DT == 8) {
+      const __m256 vs = _mm256_set1_ps(scale);
+      const int64_t full = in_features / 8;
+      for (; g0 < full; ++g0) _mm256_storeu_ps(wr + g0 * 8, _mm256_mul_ps(dec8(cb, c + g0 * S, S, K), vs));
+    }
+#endif
+    for (int64_t g = g0; g < G; ++g) {
       float v8[DM];
       const float* v = cb + (int64_t)c[g * S] * D;
       for (int64_t d = 0; d < D; ++d) v8[d] = v[d];
@@ -213,6 +314,7 @@ static void dequant_impl(const C* codes, const float* cb, const float* sc, int64
 struct Prep {
   std::vector<float> cb, sc, xp;
 };
+static thread_local Prep g_prep;
 
 static void prep(Prep& p, const float* x, int64_t T, const void* cb, int cb_half, const void* sc, int sc_half,
                  int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features) {
@@ -221,8 +323,10 @@ static void prep(Prep& p, const float* x, int64_t T, const void* cb, int cb_half
   p.sc.resize(O);
   to_f32(sc, sc_half, O, p.sc.data());
   if (x) {
-    p.xp.resize(T * G * D);
+    const int64_t Tp = (T + 7) / 8 * 8;
+    p.xp.resize(Tp * G * D);
     pad_x(x, T, in_features, G * D, p.xp.data());
+    std::fill(p.xp.begin() + T * G * D, p.xp.end(), 0.f);
   }
 }
 
@@ -242,7 +346,7 @@ float rvq_h2f(uint16_t h) { return h2f(h); }
 void rvq_gemv_lut(const float* x, int64_t T, const void* codes, int code16, const void* cb, int cb_half,
                   const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
                   int64_t S, int64_t K, int64_t D, int64_t in_features, float* y, int nt) {
-  Prep p;
+  Prep& p = g_prep;
   prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
   if (code16) lut_impl<uint16_t>(p.xp.data(), T, (const uint16_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
   else lut_impl<uint8_t>(p.xp.data(), T, (const uint8_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
@@ -252,7 +356,7 @@ void rvq_gemv_lut(const float* x, int64_t T, const void* codes, int code16, cons
 void rvq_gemv_decode(const float* x, int64_t T, const void* codes, int code16, const void* cb, int cb_half,
                      const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
                      int64_t S, int64_t K, int64_t D, int64_t in_features, float* y, int nt) {
-  Prep p;
+  Prep& p = g_prep;
   prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
   if (code16) DISPATCH_D(decode_impl, uint16_t, p.xp.data(), T, (const uint16_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
   else DISPATCH_D(decode_impl, uint8_t, p.xp.data(), T, (const uint8_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
@@ -262,7 +366,7 @@ void rvq_gemv_decode(const float* x, int64_t T, const void* codes, int code16, c
 void rvq_dequant_rows(const void* codes, int code16, const void* cb, int cb_half, const void* sc, int sc_half,
                       int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features,
                       int64_t o0, int64_t o1, float* w, int nt) {
-  Prep p;
+  Prep& p = g_prep;
   prep(p, nullptr, 0, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
   if (code16) DISPATCH_D(dequant_impl, uint16_t, (const uint16_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
   else DISPATCH_D(dequant_impl, uint8_t, (const uint8_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
