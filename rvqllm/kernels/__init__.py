@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops import rvq_linear_op, run_eager
+from .ops import run_eager, rvq_linear_op
 from .reference import dequantize, rvq_linear_reference
 
 

@@ -20,14 +20,14 @@ from torch import Tensor
 
 
 @triton.jit
-def _fused_kernel(x_ptr, codes_ptr, cb_ptr, sc_ptr, bias_ptr, y_ptr, T, O, IN, G, K,
+def _fused_kernel(x_ptr, codes_ptr, cb_ptr, sc_ptr, bias_ptr, y_ptr, T, NOUT, IN, G, K,
                   S: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     pid_o = tl.program_id(0)
     pid_t = tl.program_id(1)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_o = offs_o < O
+    m_o = offs_o < NOUT
     m_t = offs_t < T
     acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
     for i0 in range(0, IN, BLOCK_I):
@@ -50,16 +50,16 @@ def _fused_kernel(x_ptr, codes_ptr, cb_ptr, sc_ptr, bias_ptr, y_ptr, T, O, IN, G
     acc = acc * sc[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=m_o, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_t[:, None] * O + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + offs_t[:, None] * NOUT + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_t[:, None] & m_o[None, :])
 
 
 @triton.jit
-def _dequant_kernel(codes_ptr, cb_ptr, sc_ptr, w_ptr, O, IN, G, K,
+def _dequant_kernel(codes_ptr, cb_ptr, sc_ptr, w_ptr, NOUT, IN, G, K,
                     S: tl.constexpr, D: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    m = (offs_o < O)[:, None] & (offs_i < IN)[None, :]
+    m = (offs_o < NOUT)[:, None] & (offs_i < IN)[None, :]
     grp = offs_i // D
     dd = offs_i % D
     w = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
@@ -67,7 +67,7 @@ def _dequant_kernel(codes_ptr, cb_ptr, sc_ptr, w_ptr, O, IN, G, K,
         c = tl.load(codes_ptr + (offs_o[:, None] * G + grp[None, :]) * S + s, mask=m, other=0)
         c = c.to(tl.int32) & 0xFFFF
         w += tl.load(cb_ptr + (s * K + c) * D + dd[None, :], mask=m, other=0.0).to(tl.float32)
-    sc = tl.load(sc_ptr + offs_o, mask=offs_o < O, other=0.0).to(tl.float32)
+    sc = tl.load(sc_ptr + offs_o, mask=offs_o < NOUT, other=0.0).to(tl.float32)
     w = w * sc[:, None]
     tl.store(w_ptr + offs_o[:, None] * IN + offs_i[None, :], w.to(w_ptr.dtype.element_ty), mask=m)
 
