@@ -8,6 +8,8 @@ or fp32, ``bias [out]`` or None) and writes ``out [T, out]`` float32, which it r
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -107,4 +109,56 @@ def tiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bi
     out.copy_(yt.T)
     if bias is not None:
         out.add_(bias.float())
+    return out
+
+
+_repacked: dict[int, tuple[weakref.ref, int, Tensor]] = {}  # id(codes) -> (ref, version, repacked)
+
+
+def has_lut16() -> bool:
+    """True when the library was compiled with AVX-512BW (the int16-table LUT kernel)."""
+    lib = load_library()
+    return lib is not None and bool(lib.rvq_has_lut16())
+
+
+def repack_codes(codes: Tensor) -> Tensor:
+    """``codes [out, G, S]`` uint8 → ``[G*S, out rounded up to 32]`` uint8 (zero padded), the layout of
+    :func:`lut16_gemv`: for one (group, stage), the codes of consecutive outputs are adjacent. Cached per
+    codes tensor (weakly; rebuilt if the tensor is modified in place), so it costs one extra copy of the
+    codes in memory while the layer lives; the module's buffers keep the checkpoint layout."""
+    hit = _repacked.get(id(codes))
+    if hit is not None and hit[0]() is codes and hit[1] == codes._version:
+        return hit[2]
+    o = codes.shape[0]
+    opad = -(-o // 32) * 32
+    ct = torch.zeros(codes.shape[1] * codes.shape[2], opad, dtype=torch.uint8)
+    ct[:, :o] = codes.reshape(o, -1).T
+    key = id(codes)
+    _repacked[key] = (weakref.ref(codes, lambda _, k=key: _repacked.pop(k, None)), codes._version, ct)
+    return ct
+
+
+def lut16_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+               in_features: int, out: Tensor | None = None) -> Tensor:
+    """Lookup tables quantized to int16 and read 32 at a time with AVX-512 permutes (K = 256, uint8 codes).
+    Table entries carry ~15 significant bits (one scale per 16 table rows): the result matches the
+    float32 reference to ~1e-4 relative. Shapes: see module docstring."""
+    lib = load_library()
+    assert lib is not None and codes.dtype == torch.uint8 and codebooks.shape[1] == 256
+    x = x.float().contiguous()
+    o, g, s = codes.shape
+    d = codebooks.shape[2]
+    t = x.shape[0]
+    ct = repack_codes(codes)
+    _, _, cb, cb_half, sc, sc_half = _common(codes, codebooks, scales)
+    b_half = 0
+    if bias is not None:
+        bias, b_half = _half_flag(bias)
+    if out is None:
+        out = torch.empty(t, o, dtype=torch.float32)
+    assert out.shape == (t, o) and out.dtype == torch.float32 and out.is_contiguous()
+    rc = lib.rvq_gemv_lut16(x.data_ptr(), t, ct.data_ptr(), ct.shape[1], cb.data_ptr(), cb_half, sc.data_ptr(),
+                            sc_half, None if bias is None else bias.data_ptr(), b_half, o, g, s, d, in_features,
+                            out.data_ptr(), torch.get_num_threads())
+    assert rc == 0, "lut16 kernel not compiled in (no AVX-512BW); dispatch should not have chosen it"
     return out

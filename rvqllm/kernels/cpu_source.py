@@ -21,6 +21,9 @@ SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -311,6 +314,104 @@ static void dequant_impl(const C* codes, const float* cb, const float* sc, int64
   }
 }
 
+#if defined(__AVX512BW__)
+// 256-entry int16 table lookup for 32 lanes: T holds the table in 8 registers of 32 entries.
+static inline __m512i lookup256(__m512i idx, const __m512i* T) {
+  const __m512i r0 = _mm512_permutex2var_epi16(T[0], idx, T[1]);
+  const __m512i r1 = _mm512_permutex2var_epi16(T[2], idx, T[3]);
+  const __m512i r2 = _mm512_permutex2var_epi16(T[4], idx, T[5]);
+  const __m512i r3 = _mm512_permutex2var_epi16(T[6], idx, T[7]);
+  const __mmask32 m6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
+  const __mmask32 m7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
+  const __m512i lo = _mm512_mask_blend_epi16(m6, r0, r1);
+  const __m512i hi = _mm512_mask_blend_epi16(m6, r2, r3);
+  return _mm512_mask_blend_epi16(m7, lo, hi);
+}
+
+// One token of the int16-table LUT kernel (K = 256). ct: codes repacked [G*S, Opad] (Opad % 32 == 0).
+// Table rows are quantized to int16 (|v| <= 16383) with one scale per chunk of LUT16_CHUNK rows, so two
+// rows can be summed in int16 before widening; each chunk's int32 sums are rescaled into float y.
+static const int64_t LUT16_CHUNK = 16;
+static void lut16_token(const float* xr, const uint8_t* ct, int64_t Opad, const float* cbT, int64_t G,
+                        int64_t S, int64_t D, float* yo, int nt) {
+  constexpr int64_t K = 256;
+  const int64_t n = G * S;
+  const int64_t nch = (n + LUT16_CHUNK - 1) / LUT16_CHUNK;
+  static std::vector<float> tabf;
+  static std::vector<int16_t> tq;
+  static std::vector<float> invq;
+  if ((int64_t)tabf.size() < n * K) { tabf.resize(n * K); tq.resize(n * K); }
+  if ((int64_t)invq.size() < nch) invq.resize(nch);
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < nch; ++c) {
+    const int64_t j0 = c * LUT16_CHUNK, j1 = std::min(n, j0 + LUT16_CHUNK);
+    __m512 mv = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t g = j / S, s = j % S;
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 xv = _mm512_set1_ps(xr[g * D + d]);
+        const float* cr = cbT + (s * D + d) * K;
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(cr + 16 * i), acc[i]);
+      }
+      float* row = tabf.data() + j * K;
+      for (int i = 0; i < 16; ++i) {
+        mv = _mm512_max_ps(mv, _mm512_abs_ps(acc[i]));
+        _mm512_storeu_ps(row + 16 * i, acc[i]);
+      }
+    }
+    const float m = _mm512_reduce_max_ps(mv);
+    const float q = m > 0.f ? 16383.f / m : 0.f;
+    invq[c] = m > 0.f ? m / 16383.f : 0.f;
+    const __m512 qv = _mm512_set1_ps(q);
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512i iv = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(tabf.data() + j * K + k), qv));
+        _mm256_storeu_si256((__m256i*)(tq.data() + j * K + k), _mm512_cvtepi32_epi16(iv));
+      }
+  }
+  const int64_t nb = Opad / 32;
+  #pragma omp parallel num_threads(nt)
+  {
+    int tid = 0, nthr = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    nthr = omp_get_num_threads();
+#endif
+    const int64_t b0 = nb * tid / nthr, b1 = nb * (tid + 1) / nthr;
+    const int64_t no = (b1 - b0) * 32;
+    std::vector<int32_t> acc(no);
+    float* y = yo + b0 * 32;
+    for (int64_t i = 0; i < no; ++i) y[i] = 0.f;
+    for (int64_t c = 0; c < nch && no > 0; ++c) {
+      const int64_t j0 = c * LUT16_CHUNK, j1 = std::min(n, j0 + LUT16_CHUNK);
+      std::fill(acc.begin(), acc.end(), 0);
+      for (int64_t j = j0; j < j1; j += 2) {
+        const bool pair = j + 1 < j1;
+        __m512i TA[8], TB[8];
+        for (int i = 0; i < 8; ++i) TA[i] = _mm512_loadu_si512(tq.data() + j * K + 32 * i);
+        if (pair)
+          for (int i = 0; i < 8; ++i) TB[i] = _mm512_loadu_si512(tq.data() + (j + 1) * K + 32 * i);
+        const uint8_t* ca = ct + j * Opad + b0 * 32;
+        const uint8_t* cbp = ct + (j + 1) * Opad + b0 * 32;
+        for (int64_t b = 0; b < b1 - b0; ++b) {
+          __m512i v = lookup256(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(ca + b * 32))), TA);
+          if (pair)
+            v = _mm512_add_epi16(v, lookup256(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(cbp + b * 32))), TB));
+          int32_t* a = acc.data() + b * 32;
+          _mm512_storeu_si512(a, _mm512_add_epi32(_mm512_loadu_si512(a), _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))));
+          _mm512_storeu_si512(a + 16, _mm512_add_epi32(_mm512_loadu_si512(a + 16),
+                                                       _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))));
+        }
+      }
+      const float iq = invq[c];
+      for (int64_t i = 0; i < no; ++i) y[i] += (float)acc[i] * iq;
+    }
+  }
+}
+#endif
+
 struct Prep {
   std::vector<float> cb, sc, xp;
 };
@@ -370,6 +471,39 @@ void rvq_dequant_rows(const void* codes, int code16, const void* cb, int cb_half
   prep(p, nullptr, 0, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
   if (code16) DISPATCH_D(dequant_impl, uint16_t, (const uint16_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
   else DISPATCH_D(dequant_impl, uint8_t, (const uint8_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
+}
+
+int rvq_has_lut16() {
+#if defined(__AVX512BW__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// ct: codes repacked to [G*S, Opad] uint8 (K must be 256). Returns 0, or -1 when not compiled in.
+int rvq_gemv_lut16(const float* x, int64_t T, const uint8_t* ct, int64_t Opad, const void* cb, int cb_half,
+                   const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
+                   int64_t S, int64_t D, int64_t in_features, float* y, int nt) {
+#if defined(__AVX512BW__)
+  const int64_t K = 256;
+  Prep& p = g_prep;
+  prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
+  static std::vector<float> cbT, yb;
+  cbT.resize(S * D * K);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) cbT[(s * D + d) * K + k] = p.cb[(s * K + k) * D + d];
+  yb.resize(Opad);
+  for (int64_t t = 0; t < T; ++t) {
+    lut16_token(p.xp.data() + t * G * D, ct, Opad, cbT.data(), G, S, D, yb.data(), nt);
+    std::memcpy(y + t * O, yb.data(), O * sizeof(float));
+  }
+  finish(y, T, O, p.sc.data(), bias, bias_half, nt);
+  return 0;
+#else
+  return -1;
+#endif
 }
 
 }  // extern "C"
