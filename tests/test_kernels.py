@@ -17,6 +17,7 @@ from rvqllm.nn import QuantizedLinear
 pytestmark = pytest.mark.unit
 
 CPU_IMPLS = ["cpu_lut", "cpu_decode", "cpu_tiled"]
+LUT16_TOL = 5e-4  # int16 tables: ~15 significant bits per table entry
 # (out, in, vector_dim, stages, K, code dtype): odd widths, partial last group, 16-bit codes, d not 4/8
 SHAPES = [
     (37, 45, 8, 2, 256, torch.uint8),
@@ -60,6 +61,33 @@ def test_cpu_impl_matches_reference(fast_cpu, impl, shape, bias):
         torch.testing.assert_close(y, rvq_linear_reference(x, codes, cb, sc, b, inf), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[4] == 256] + [(64, 1000, 4, 2, 256, torch.uint8)],
+                         ids=lambda s: "x".join(map(str, s[:5])))
+def test_cpu_lut16_matches_reference(fast_cpu, shape):
+    if not cpu.has_lut16():
+        pytest.skip("compiled without AVX-512BW")
+    codes, cb, sc, b = make_layer(*shape)
+    inf = shape[1]
+    for t in TOKENS:
+        x = torch.randn(t, inf, generator=torch.Generator().manual_seed(t))
+        x[:, :3] *= 50  # an outlier channel, as LLM activations have
+        out = torch.full((t, shape[0]), float("nan"))
+        y = cpu.lut16_gemv(x, codes, cb, sc, b, inf, out=out)
+        assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+        ref = rvq_linear_reference(x, codes, cb, sc, b, inf)
+        assert ((y - ref).norm() / ref.norm()).item() < LUT16_TOL
+        torch.testing.assert_close(y, ref, rtol=LUT16_TOL, atol=LUT16_TOL * ref.abs().max().item())
+
+
+def test_repacked_codes_follow_in_place_edits(fast_cpu):
+    codes, cb, sc, b = make_layer(40, 64, 8, 2, 256, torch.uint8)
+    first = cpu.repack_codes(codes)
+    assert cpu.repack_codes(codes) is first
+    codes[3, 2, 1] = 255 - codes[3, 2, 1]
+    again = cpu.repack_codes(codes)
+    assert again is not first and again[2 * 2 + 1, 3] == codes[3, 2, 1]
+
+
 def test_sixteen_bit_codes_use_the_upper_half(fast_cpu):
     """int16 codes >= 32768 are negative bit patterns; every implementation must read them as unsigned."""
     codes, cb, sc, b = make_layer(24, 40, 8, 2, 65536, torch.int16, seed=3)
@@ -94,9 +122,10 @@ def test_dispatch_table():
     c = dispatch.choose
     assert os.environ.get("RVQLLM_KERNEL") is None
     if cpu.available():
-        assert c("cpu", 1, 2, 256, 8, 4096) == "cpu_lut"
+        assert c("cpu", 1, 2, 256, 8, 4096) == ("cpu_lut16" if cpu.has_lut16() else "cpu_lut")
+        assert c("cpu", 1, 2, 64, 8, 4096) == "cpu_lut"
         assert c("cpu", 1, 2, 65536, 8, 4096) == "cpu_decode"  # table would dwarf the weight
-        assert c("cpu", 4, 2, 256, 8, 4096) == "cpu_decode"
+        assert c("cpu", 8, 2, 256, 8, 4096) == "cpu_decode"
         assert c("cpu", 128, 2, 256, 8, 4096) == "cpu_tiled"
     with pytest.warns(cpu_build.KernelFallbackWarning):
         assert c("cpu", 1, 2, 256, 96, 4096) == "reference"

@@ -7,7 +7,9 @@ codebook shape (``stages S``, ``K = 2**bits`` codewords, ``vector_dim d``) again
 device        condition                                   implementation
 ============  ==========================================  ===========================================
 cpu           C++ kernels unavailable, or d > 64          ``reference`` (after one loud warning)
-cpu           T <= LUT_MAX_TOKENS and K*d <= out          ``cpu_lut``: lookup tables, gather-sum
+cpu           T <= LUT16_MAX_TOKENS, K = 256, uint8 codes,  ``cpu_lut16``: int16 lookup tables read 32 outputs
+              AVX-512BW compiled in                       at a time with AVX-512 permutes
+cpu           T <= LUT_MAX_TOKENS and K*d <= out          ``cpu_lut``: float lookup tables, gather-sum
 cpu           T <= DECODE_MAX_TOKENS                      ``cpu_decode``: fused decode-dot
 cpu           otherwise (prefill)                         ``cpu_tiled``: decode row tiles + BLAS
 cuda          Triton missing                              ``reference`` (after one loud warning)
@@ -32,6 +34,7 @@ from . import cpu
 from .cpu_build import warn_once
 from .reference import rvq_linear_reference
 
+LUT16_MAX_TOKENS = 4
 LUT_MAX_TOKENS = 1
 DECODE_MAX_TOKENS = 8
 TRITON_FUSED_MAX_TOKENS = 16
@@ -59,6 +62,7 @@ def triton_available() -> bool:
 
 IMPLS: dict[str, Callable[[], Impl]] = {
     "reference": lambda: _reference,
+    "cpu_lut16": lambda: cpu.lut16_gemv,
     "cpu_lut": lambda: cpu.lut_gemv,
     "cpu_decode": lambda: cpu.decode_gemv,
     "cpu_tiled": lambda: cpu.tiled_matmul,
@@ -67,7 +71,8 @@ IMPLS: dict[str, Callable[[], Impl]] = {
 }
 
 
-def choose(device_type: str, n_tokens: int, stages: int, n_codes: int, vector_dim: int, out_features: int) -> str:
+def choose(device_type: str, n_tokens: int, stages: int, n_codes: int, vector_dim: int, out_features: int,
+           code_dtype: torch.dtype = torch.uint8) -> str:
     """Name of the implementation for this call (see the module table). May build the CPU kernels."""
     forced = os.environ.get("RVQLLM_KERNEL")
     if forced:
@@ -81,6 +86,9 @@ def choose(device_type: str, n_tokens: int, stages: int, n_codes: int, vector_di
             return "reference"
         if not cpu.available():
             return "reference"
+        if (n_tokens <= LUT16_MAX_TOKENS and n_codes == 256 and code_dtype == torch.uint8
+                and cpu.has_lut16()):
+            return "cpu_lut16"
         if n_tokens <= LUT_MAX_TOKENS and n_codes * vector_dim <= out_features:
             return "cpu_lut"
         if n_tokens <= DECODE_MAX_TOKENS:
@@ -101,7 +109,7 @@ def run(x2: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tens
         in_features: int) -> Tensor:
     """Dispatch one call. ``x2 [T, in_features]`` → ``[T, out]`` (float32 on CPU fast paths; callers cast)."""
     name = choose(x2.device.type, x2.shape[0], codes.shape[2], codebooks.shape[1], codebooks.shape[2],
-                  codes.shape[0])
+                  codes.shape[0], codes.dtype)
     return IMPLS[name]()(x2, codes, codebooks, scales, bias, in_features)
 
 
