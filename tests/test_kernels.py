@@ -177,6 +177,7 @@ def test_fallback_warns_once_loudly_and_stays_correct(monkeypatch, capfd):
     codes, cb, sc, b = make_layer(24, 40, 8, 2, 256, torch.uint8)
     x = torch.randn(1, 40)
     cpu_build.reset_for_tests()
+    monkeypatch.delenv("RVQLLM_DISABLE_CPU_KERNELS", raising=False)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     try:
         with pytest.warns(cpu_build.KernelFallbackWarning, match="no C.. compiler found"):
