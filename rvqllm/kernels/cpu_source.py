@@ -342,7 +342,9 @@ static void lut16_token(const float* xr, const uint8_t* ct, int64_t Opad, const 
   static std::vector<float> invq;
   if ((int64_t)tabf.size() < n * K) { tabf.resize(n * K); tq.resize(n * K); }
   if ((int64_t)invq.size() < nch) invq.resize(nch);
-  #pragma omp parallel for num_threads(nt) schedule(static)
+  // Small problems run on one thread: an OpenMP fork/join costs microseconds (far more when the cores
+  // are shared) and would dominate a 576x576 layer.
+  #pragma omp parallel for num_threads(nt) schedule(static) if (nch >= 64)
   for (int64_t c = 0; c < nch; ++c) {
     const int64_t j0 = c * LUT16_CHUNK, j1 = std::min(n, j0 + LUT16_CHUNK);
     __m512 mv = _mm512_setzero_ps();
@@ -372,7 +374,7 @@ static void lut16_token(const float* xr, const uint8_t* ct, int64_t Opad, const 
       }
   }
   const int64_t nb = Opad / 32;
-  #pragma omp parallel num_threads(nt)
+  #pragma omp parallel num_threads(nt) if (nb * n >= 16384)
   {
     int tid = 0, nthr = 1;
 #ifdef _OPENMP
