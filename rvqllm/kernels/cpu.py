@@ -121,21 +121,36 @@ def has_lut16() -> bool:
     return lib is not None and bool(lib.rvq_has_lut16())
 
 
+def _cached(src: Tensor, make) -> Tensor:
+    """``make(src)``, cached per source tensor (weakly; rebuilt if ``src`` is modified in place)."""
+    hit = _repacked.get(id(src))
+    if hit is not None and hit[0]() is src and hit[1] == src._version:
+        return hit[2]
+    value = make(src)
+    key = id(src)
+    _repacked[key] = (weakref.ref(src, lambda _, k=key: _repacked.pop(k, None)), src._version, value)
+    return value
+
+
+def _repack(codes: Tensor) -> Tensor:
+    o = codes.shape[0]
+    opad = -(-o // 32) * 32
+    ct = torch.zeros(codes.shape[1] * codes.shape[2], opad, dtype=torch.uint8)
+    ct[:, :o] = codes.reshape(o, -1).T
+    return ct
+
+
 def repack_codes(codes: Tensor) -> Tensor:
     """``codes [out, G, S]`` uint8 → ``[G*S, out rounded up to 32]`` uint8 (zero padded), the layout of
     :func:`lut16_gemv`: for one (group, stage), the codes of consecutive outputs are adjacent. Cached per
     codes tensor (weakly; rebuilt if the tensor is modified in place), so it costs one extra copy of the
     codes in memory while the layer lives; the module's buffers keep the checkpoint layout."""
-    hit = _repacked.get(id(codes))
-    if hit is not None and hit[0]() is codes and hit[1] == codes._version:
-        return hit[2]
-    o = codes.shape[0]
-    opad = -(-o // 32) * 32
-    ct = torch.zeros(codes.shape[1] * codes.shape[2], opad, dtype=torch.uint8)
-    ct[:, :o] = codes.reshape(o, -1).T
-    key = id(codes)
-    _repacked[key] = (weakref.ref(codes, lambda _, k=key: _repacked.pop(k, None)), codes._version, ct)
-    return ct
+    return _cached(codes, _repack)
+
+
+def transposed_codebooks(codebooks: Tensor) -> Tensor:
+    """``codebooks [S, K, d]`` → float32 ``[S, d, K]`` (the table build runs along K), cached like codes."""
+    return _cached(codebooks, lambda cb: cb.detach().float().transpose(1, 2).contiguous())
 
 
 def lut16_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
@@ -150,14 +165,15 @@ def lut16_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias
     d = codebooks.shape[2]
     t = x.shape[0]
     ct = repack_codes(codes)
-    _, _, cb, cb_half, sc, sc_half = _common(codes, codebooks, scales)
+    cbt = transposed_codebooks(codebooks)
+    sc, sc_half = _half_flag(scales)
     b_half = 0
     if bias is not None:
         bias, b_half = _half_flag(bias)
     if out is None:
         out = torch.empty(t, o, dtype=torch.float32)
     assert out.shape == (t, o) and out.dtype == torch.float32 and out.is_contiguous()
-    rc = lib.rvq_gemv_lut16(x.data_ptr(), t, ct.data_ptr(), ct.shape[1], cb.data_ptr(), cb_half, sc.data_ptr(),
+    rc = lib.rvq_gemv_lut16(x.data_ptr(), t, ct.data_ptr(), ct.shape[1], cbt.data_ptr(), sc.data_ptr(),
                             sc_half, None if bias is None else bias.data_ptr(), b_half, o, g, s, d, in_features,
                             out.data_ptr(), torch.get_num_threads())
     assert rc == 0, "lut16 kernel not compiled in (no AVX-512BW); dispatch should not have chosen it"

@@ -107,7 +107,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         fn.argtypes, fn.restype = gemv, None
     lib.rvq_dequant_rows.argtypes = [p, i32, p, i32, p, i32, i64, i64, i64, i64, i64, i64, i64, i64, p, i32]
     lib.rvq_dequant_rows.restype = None
-    lib.rvq_gemv_lut16.argtypes = [p, i64, p, i64, p, i32, p, i32, p, i32, i64, i64, i64, i64, i64, p, i32]
+    lib.rvq_gemv_lut16.argtypes = [p, i64, p, i64, p, p, i32, p, i32, i64, i64, i64, i64, i64, p, i32]
     lib.rvq_gemv_lut16.restype = ctypes.c_int
     lib.rvq_has_lut16.restype = ctypes.c_int
     lib.rvq_abi_version.restype = ctypes.c_int

@@ -76,7 +76,7 @@ static void pad_x(const float* x, int64_t T, int64_t in_features, int64_t GD, fl
 static void finish(float* y, int64_t T, int64_t O, const float* sc, const void* bias, int bias_half, int nt) {
   std::vector<float> b;
   if (bias) { b.resize(O); to_f32(bias, bias_half, O, b.data()); }
-  #pragma omp parallel for num_threads(nt) schedule(static)
+  #pragma omp parallel for num_threads(nt) schedule(static) if (T * O >= 65536)
   for (int64_t o = 0; o < O; ++o) {
     for (int64_t t = 0; t < T; ++t) {
       float v = y[t * O + o] * sc[o];
@@ -295,6 +295,11 @@ static void dequant_impl(const C* codes, const float* cb, const float* sc, int64
       const int64_t full = in_features / 8;
       for (; g0 < full; ++g0) _mm256_storeu_ps(wr + g0 * 8, _mm256_mul_ps(dec8(cb, c + g0 * S, S, K), vs));
     }
+    if constexpr (DT == 4) {
+      const __m128 vs = _mm_set1_ps(scale);
+      const int64_t full = in_features / 4;
+      for (; g0 < full; ++g0) _mm_storeu_ps(wr + g0 * 4, _mm_mul_ps(dec4(cb, c + g0 * S, S, K), vs));
+    }
 #endif
     for (int64_t g = g0; g < G; ++g) {
       float v8[DM];
@@ -483,22 +488,22 @@ int rvq_has_lut16() {
 #endif
 }
 
-// ct: codes repacked to [G*S, Opad] uint8 (K must be 256). Returns 0, or -1 when not compiled in.
-int rvq_gemv_lut16(const float* x, int64_t T, const uint8_t* ct, int64_t Opad, const void* cb, int cb_half,
+// ct: codes repacked to [G*S, Opad] uint8; cbT: codebooks as float32 [S, D, 256] (K must be 256).
+// Returns 0, or -1 when not compiled in.
+int rvq_gemv_lut16(const float* x, int64_t T, const uint8_t* ct, int64_t Opad, const float* cbT,
                    const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
                    int64_t S, int64_t D, int64_t in_features, float* y, int nt) {
 #if defined(__AVX512BW__)
-  const int64_t K = 256;
   Prep& p = g_prep;
-  prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
-  static std::vector<float> cbT, yb;
-  cbT.resize(S * D * K);
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t d = 0; d < D; ++d) cbT[(s * D + d) * K + k] = p.cb[(s * K + k) * D + d];
+  p.sc.resize(O);
+  to_f32(sc, sc_half, O, p.sc.data());
+  const int64_t GD = G * D;
+  p.xp.resize(GD);
+  static std::vector<float> yb;
   yb.resize(Opad);
   for (int64_t t = 0; t < T; ++t) {
-    lut16_token(p.xp.data() + t * G * D, ct, Opad, cbT.data(), G, S, D, yb.data(), nt);
+    pad_x(x + t * in_features, 1, in_features, GD, p.xp.data());
+    lut16_token(p.xp.data(), ct, Opad, cbT, G, S, D, yb.data(), nt);
     std::memcpy(y + t * O, yb.data(), O * sizeof(float));
   }
   finish(y, T, O, p.sc.data(), bias, bias_half, nt);
