@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -147,12 +146,29 @@ def kernel_table(args) -> None:
 CHEAP = {"kmeans_iters": 2, "calib_sequences": 4, "calib_seq_len": 128, "error_feedback": False}
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def rss_mib(field: str = "VmRSS") -> float:
+    """Resident (``VmRSS``) or peak resident (``VmHWM``, reset at exec) memory of this process in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-def e2e_child(spec: str, new_tokens: int, static: bool) -> None:
+def trimmed_rss_mib() -> float:
+    """RSS after ``gc`` and glibc's ``malloc_trim(0)``: memory the process holds for live objects,
+    without what the allocator kept from freed temporaries."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return rss_mib()
+
+
+def e2e_child(spec: str, new_tokens: int, static: bool, compile_: bool) -> None:
     """Runs in a fresh process: load one model, time greedy decoding, print one JSON line."""
     import transformers  # noqa: F401  (counted in the baseline RSS)
 
@@ -169,6 +185,7 @@ def e2e_child(spec: str, new_tokens: int, static: bool) -> None:
     load_s = time.perf_counter() - t0
     model.eval()
     loaded_rss = rss_mib()
+    loaded_trim = trimmed_rss_mib()
     tensor_mib = sum(t.numel() * t.element_size() for t in
                      {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()) / 2**20
     from transformers import AutoTokenizer
@@ -178,15 +195,20 @@ def e2e_child(spec: str, new_tokens: int, static: bool) -> None:
     kw = dict(do_sample=False, pad_token_id=tok.eos_token_id)
     if static:
         kw["cache_implementation"] = "static"
+    if compile_:
+        model.forward = torch.compile(model.forward, dynamic=False)
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up (builds kernels, caches)
+        for _ in range(2 if compile_ else 1):  # warm-up: builds kernels, caches (and compiles)
+            model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
         dt = time.perf_counter() - t0
     n = out.shape[1] - ids.shape[1]
+    final_rss = rss_mib()
     print(json.dumps({"spec": spec, "tokens": n, "seconds": dt, "tok_s": n / dt, "load_s": load_s,
-                      "base_rss_mib": base_rss, "loaded_rss_mib": loaded_rss, "final_rss_mib": rss_mib(),
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "base_rss_mib": base_rss, "loaded_rss_mib": loaded_rss, "loaded_trim_mib": loaded_trim,
+                      "final_rss_mib": final_rss, "final_trim_mib": trimmed_rss_mib(),
+                      "peak_rss_mib": rss_mib("VmHWM"),
                       "tensor_mib": tensor_mib, "threads": torch.get_num_threads()}))
 
 
@@ -217,21 +239,23 @@ def e2e(args) -> None:
     rows = []
     for spec in ("fp32", str(ckpt)):
         cmd = [sys.executable, __file__, "--e2e-child", spec, "--new-tokens", str(args.new_tokens),
-               "--threads", str(torch.get_num_threads())] + (["--static-cache"] if args.static_cache else [])
+               "--threads", str(torch.get_num_threads())] + (["--static-cache"] if args.static_cache else []) \
+            + (["--compile"] if args.compile else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if proc.returncode != 0:
             raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     fp, q = rows
     print(f"\n# end to end: greedy generate, {fp['tokens']} new tokens, threads={fp['threads']}, "
-          f"static cache={args.static_cache}; checkpoint {ckpt} ({folder_bytes(ckpt) / 2**20:.1f} MiB on disk)")
-    print("| model | tokens/s | vs fp32 | tensors in memory MiB | RSS after imports | RSS loaded | RSS after "
-          "generate | peak RSS |")
+          f"static cache={args.static_cache}, torch.compile={args.compile}; checkpoint {ckpt} ({folder_bytes(ckpt) / 2**20:.1f} MiB on disk)")
+    print("MiB: tensors = the model's parameters+buffers; RSS = resident set; (trim) = after gc + malloc_trim")
+    print("| model | tokens/s | vs fp32 | tensors | RSS after imports | RSS loaded (trim) | RSS after "
+          "generate (trim) | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
     for r, name in ((fp, "fp32 baseline"), (q, f"{args.e2e_preset} (cheap config)")):
         print(f"| {name} | {r['tok_s']:.2f} | {r['tok_s'] / fp['tok_s']:.2f}x | {r['tensor_mib']:.0f} | "
-              f"{r['base_rss_mib']:.0f} | {r['loaded_rss_mib']:.0f} | {r['final_rss_mib']:.0f} | "
-              f"{r['peak_rss_mib']:.0f} |")
+              f"{r['base_rss_mib']:.0f} | {r['loaded_rss_mib']:.0f} ({r['loaded_trim_mib']:.0f}) | "
+              f"{r['final_rss_mib']:.0f} ({r['final_trim_mib']:.0f}) | {r['peak_rss_mib']:.0f} |")
 
 
 def main() -> None:
@@ -250,12 +274,13 @@ def main() -> None:
     ap.add_argument("--ckpt", help="an existing quantized checkpoint to time instead of quantizing one")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--static-cache", action="store_true", help="generate with cache_implementation='static'")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward (end to end)")
     ap.add_argument("--e2e-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.e2e_child:
-        e2e_child(args.e2e_child, args.new_tokens, args.static_cache)
+        e2e_child(args.e2e_child, args.new_tokens, args.static_cache, args.compile)
         return
     if not args.no_kernels:
         kernel_table(args)
