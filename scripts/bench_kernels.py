@@ -198,8 +198,11 @@ def e2e_child(spec: str, new_tokens: int, static: bool, compile_: bool) -> None:
     if compile_:
         model.forward = torch.compile(model.forward, dynamic=False)
     with torch.inference_mode():
-        for _ in range(2 if compile_ else 1):  # warm-up: builds kernels, caches (and compiles)
-            model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+        # warm-up: builds kernels and caches; with a static cache / compile, the same length (the cache's
+        # shape depends on it, and a new shape would recompile), twice (compile, then first replay)
+        warm = new_tokens if (compile_ or static) else 8
+        for _ in range(2 if compile_ else 1):
+            model.generate(ids, max_new_tokens=warm, min_new_tokens=warm, **kw)
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
         dt = time.perf_counter() - t0
