@@ -8,6 +8,7 @@ or fp32, ``bias [out]`` or None) and writes ``out [T, out]`` float32, which it r
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -87,6 +88,18 @@ def dequantize_rows(codes: Tensor, codebooks: Tensor, scales: Tensor, in_feature
 
 
 TILE_FLOATS = 1 << 20  # 4 MiB of decoded weight per tile
+_scratch = threading.local()
+
+
+def _tile_buffer(rows: int, cols: int) -> Tensor:
+    """A reused per-thread float32 scratch ``[rows, cols]`` (at most ``TILE_FLOATS`` + one row): a fresh
+    multi-MiB allocation per call would cost page faults comparable to a small layer's matmul."""
+    n = rows * cols
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.float32)
+        _scratch.buf = buf
+    return buf[:n].view(rows, cols)
 
 
 def tiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
@@ -96,8 +109,8 @@ def tiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bi
     x = x.float().contiguous()
     o = codes.shape[0]
     t = x.shape[0]
-    rows = max(16, min(o, TILE_FLOATS // max(1, in_features)))
-    buf = torch.empty(rows, in_features, dtype=torch.float32)
+    rows = min(o, max(16, TILE_FLOATS // max(1, in_features)))
+    buf = _tile_buffer(rows, in_features)
     yt = torch.empty(o, t, dtype=torch.float32)  # y transposed: each tile's rows are contiguous
     codes = codes.contiguous()
     for o0 in range(0, o, rows):
