@@ -248,3 +248,28 @@ def test_quantized_model_generates_same_tokens_as_reference_path(monkeypatch):
         monkeypatch.setenv("RVQLLM_KERNEL", "reference")
         slow = model.generate(ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(fast, slow)
+
+
+def test_portable_build_without_simd_flags(monkeypatch, tmp_path):
+    """The kernels compiled for a generic x86-64 / other CPU (no -march: scalar and SSE2 paths only)."""
+    if cpu_build.find_compiler() is None:
+        pytest.skip("no compiler here")
+    monkeypatch.setenv("RVQLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("RVQLLM_DISABLE_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu_build, "_arch_flags", lambda: [])
+    cpu_build.reset_for_tests()
+    try:
+        assert cpu.available() and not cpu.has_lut16()
+        assert dispatch.choose("cpu", 1, 2, 256, 8, 4096) == "cpu_lut"
+        for shape in (SHAPES[0], SHAPES[1], (33, 70, 8, 2, 256, torch.uint8)):
+            codes, cb, sc, b = make_layer(*shape)
+            inf = shape[1]
+            for t in (1, 3, 11):
+                x = torch.randn(t, inf)
+                ref = rvq_linear_reference(x, codes, cb, sc, b, inf)
+                for impl in CPU_IMPLS:
+                    torch.testing.assert_close(dispatch.get_impl(impl)(x, codes, cb, sc, b, inf), ref,
+                                               rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.undo()
+        cpu_build.reset_for_tests()
