@@ -140,7 +140,7 @@ def kernel_table(args) -> None:
                     fa, fb = make_calls(x, weights, layers, inf)
                     with torch.inference_mode():  # warm-up touches every copy (one-time repacking)
                         ta, tb = bench_pair(fa, fb, device, args.reps, max(args.warmup, n_copies))
-                    cells.append(f"{ta / tb:.2f}")
+                    cells.append(f"{ta / tb:.2f}" + (f" ({ta * 1e6:.0f} / {tb * 1e6:.0f} us)" if args.times else ""))
                     impls.append(dispatch.choose(device, t, s, k, d, out))
                 print(f"| {out}x{inf} | {pname} | {' | '.join(cells)} | {','.join(dict.fromkeys(impls))} |",
                       flush=True)
@@ -276,6 +276,7 @@ def main() -> None:
     ap.add_argument("--cache", choices=["hot", "cold", "both"], default="both")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--times", action="store_true", help="also print the two medians (F.linear / rvq, us)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     ap.add_argument("--e2e", action="store_true", help="also time decoding of the reference model")
     ap.add_argument("--e2e-preset", default="2bit")
