@@ -273,3 +273,23 @@ def test_portable_build_without_simd_flags(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         cpu_build.reset_for_tests()
+
+
+def test_concurrent_callers_do_not_share_scratch(fast_cpu):
+    """ctypes releases the GIL, so two Python threads can be inside the kernels at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers = [make_layer(64 + 32 * i, 200 + 24 * i, 8, 2, 256, torch.uint8, seed=i) for i in range(4)]
+    xs = [torch.randn(t, 200 + 24 * i) for i, t in enumerate((1, 3, 1, 12))]
+
+    def work(i):
+        codes, cb, sc, b = layers[i]
+        return [rvq_linear(xs[i], codes, cb, sc, b, xs[i].shape[1]) for _ in range(20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(work, range(4)))
+    for i, ys in enumerate(results):
+        codes, cb, sc, b = layers[i]
+        ref = rvq_linear_reference(xs[i], codes, cb, sc, b, xs[i].shape[1])
+        for y in ys:
+            torch.testing.assert_close(y, ref, rtol=LUT16_TOL, atol=LUT16_TOL * ref.abs().max().item())

@@ -342,11 +342,16 @@ static void lut16_token(const float* xr, const uint8_t* ct, int64_t Opad, const 
   constexpr int64_t K = 256;
   const int64_t n = G * S;
   const int64_t nch = (n + LUT16_CHUNK - 1) / LUT16_CHUNK;
-  static std::vector<float> tabf;
-  static std::vector<int16_t> tq;
-  static std::vector<float> invq;
-  if ((int64_t)tabf.size() < n * K) { tabf.resize(n * K); tq.resize(n * K); }
-  if ((int64_t)invq.size() < nch) invq.resize(nch);
+  // Scratch owned by the calling thread (callers may run concurrently); OpenMP workers get raw pointers,
+  // never the thread_local names (which would resolve to the worker's own, empty, copies).
+  static thread_local std::vector<float> tabf_v;
+  static thread_local std::vector<int16_t> tq_v;
+  static thread_local std::vector<float> invq_v;
+  if ((int64_t)tabf_v.size() < n * K) { tabf_v.resize(n * K); tq_v.resize(n * K); }
+  if ((int64_t)invq_v.size() < nch) invq_v.resize(nch);
+  float* const tabf = tabf_v.data();
+  int16_t* const tq = tq_v.data();
+  float* const invq = invq_v.data();
   // Small problems run on one thread: an OpenMP fork/join costs microseconds (far more when the cores
   // are shared) and would dominate a 576x576 layer.
   #pragma omp parallel for num_threads(nt) schedule(static) if (nch >= 64)
@@ -362,7 +367,7 @@ static void lut16_token(const float* xr, const uint8_t* ct, int64_t Opad, const 
         const float* cr = cbT + (s * D + d) * K;
         for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(cr + 16 * i), acc[i]);
       }
-      float* row = tabf.data() + j * K;
+      float* row = tabf + j * K;
       for (int i = 0; i < 16; ++i) {
         mv = _mm512_max_ps(mv, _mm512_abs_ps(acc[i]));
         _mm512_storeu_ps(row + 16 * i, acc[i]);
@@ -374,8 +379,8 @@ static void lut16_token(const float* xr, const uint8_t* ct, int64_t Opad, const 
     const __m512 qv = _mm512_set1_ps(q);
     for (int64_t j = j0; j < j1; ++j)
       for (int64_t k = 0; k < K; k += 16) {
-        const __m512i iv = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(tabf.data() + j * K + k), qv));
-        _mm256_storeu_si256((__m256i*)(tq.data() + j * K + k), _mm512_cvtepi32_epi16(iv));
+        const __m512i iv = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(tabf + j * K + k), qv));
+        _mm256_storeu_si256((__m256i*)(tq + j * K + k), _mm512_cvtepi32_epi16(iv));
       }
   }
   const int64_t nb = Opad / 32;
@@ -397,9 +402,9 @@ static void lut16_token(const float* xr, const uint8_t* ct, int64_t Opad, const 
       for (int64_t j = j0; j < j1; j += 2) {
         const bool pair = j + 1 < j1;
         __m512i TA[8], TB[8];
-        for (int i = 0; i < 8; ++i) TA[i] = _mm512_loadu_si512(tq.data() + j * K + 32 * i);
+        for (int i = 0; i < 8; ++i) TA[i] = _mm512_loadu_si512(tq + j * K + 32 * i);
         if (pair)
-          for (int i = 0; i < 8; ++i) TB[i] = _mm512_loadu_si512(tq.data() + (j + 1) * K + 32 * i);
+          for (int i = 0; i < 8; ++i) TB[i] = _mm512_loadu_si512(tq + (j + 1) * K + 32 * i);
         const uint8_t* ca = ct + j * Opad + b0 * 32;
         const uint8_t* cbp = ct + (j + 1) * Opad + b0 * 32;
         for (int64_t b = 0; b < b1 - b0; ++b) {
@@ -499,7 +504,7 @@ int rvq_gemv_lut16(const float* x, int64_t T, const uint8_t* ct, int64_t Opad, c
   to_f32(sc, sc_half, O, p.sc.data());
   const int64_t GD = G * D;
   p.xp.resize(GD);
-  static std::vector<float> yb;
+  static thread_local std::vector<float> yb;
   yb.resize(Opad);
   for (int64_t t = 0; t < T; ++t) {
     pad_x(x + t * in_features, 1, in_features, GD, p.xp.data());
