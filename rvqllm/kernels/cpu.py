@@ -1,0 +1,193 @@
+"""CPU fast path: thin Python wrappers around the compiled kernels of :mod:`.cpu_source`.
+
+Each wrapper takes 2-D float32 activations ``x [T, in_features]`` and the layer's buffers as stored
+(``codes [out, in_groups, stages]`` uint8/int16, ``codebooks [stages, K, d]`` and ``scales [out]`` in fp16
+or fp32, ``bias [out]`` or None) and writes ``out [T, out]`` float32, which it returns. Every element of
+``out`` is written (callers may pass an uninitialised buffer).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+from torch import Tensor
+
+from .cpu_build import load_library
+
+MAX_VECTOR_DIM = 64  # the C++ kernels keep one decoded vector on the stack
+
+
+def available() -> bool:
+    """True when the compiled kernels loaded (builds them on first call; warns once if it cannot)."""
+    return load_library() is not None
+
+
+def _half_flag(t: Tensor) -> tuple[Tensor, int]:
+    if t.dtype == torch.float16:
+        return t.contiguous(), 1
+    return t.float().contiguous(), 0
+
+
+def _common(codes: Tensor, codebooks: Tensor, scales: Tensor):
+    codes = codes.contiguous()
+    cb, cb_half = _half_flag(codebooks)
+    sc, sc_half = _half_flag(scales)
+    return codes, int(codes.dtype == torch.int16), cb, cb_half, sc, sc_half
+
+
+def _gemv(fn_name: str, x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+          in_features: int, out: Tensor | None) -> Tensor:
+    lib = load_library()
+    assert lib is not None, "CPU kernels unavailable; dispatch should not have chosen this path"
+    x = x.float().contiguous()
+    o, g, s = codes.shape
+    k, d = codebooks.shape[1], codebooks.shape[2]
+    assert d <= MAX_VECTOR_DIM and x.shape[-1] == in_features and x.dim() == 2
+    t = x.shape[0]
+    codes, c16, cb, cb_half, sc, sc_half = _common(codes, codebooks, scales)
+    if bias is not None:
+        bias, b_half = _half_flag(bias)
+    if out is None:
+        out = torch.empty(t, o, dtype=torch.float32)
+    assert out.shape == (t, o) and out.dtype == torch.float32 and out.is_contiguous()
+    getattr(lib, fn_name)(
+        x.data_ptr(), t, codes.data_ptr(), c16, cb.data_ptr(), cb_half, sc.data_ptr(), sc_half,
+        None if bias is None else bias.data_ptr(), 0 if bias is None else b_half,
+        o, g, s, k, d, in_features, out.data_ptr(), torch.get_num_threads(),
+    )
+    return out
+
+
+def lut_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+             in_features: int, out: Tensor | None = None) -> Tensor:
+    """Lookup-table kernel (best for few tokens and K <= 256). Shapes: see module docstring."""
+    return _gemv("rvq_gemv_lut", x, codes, codebooks, scales, bias, in_features, out)
+
+
+def decode_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+                in_features: int, out: Tensor | None = None) -> Tensor:
+    """Fused decode-dot kernel (few tokens, any K). Shapes: see module docstring."""
+    return _gemv("rvq_gemv_decode", x, codes, codebooks, scales, bias, in_features, out)
+
+
+def dequantize_rows(codes: Tensor, codebooks: Tensor, scales: Tensor, in_features: int, o0: int, o1: int,
+                    out: Tensor) -> Tensor:
+    """Decode rows ``[o0, o1)`` of the scaled weight into ``out[:o1-o0]`` (float32 ``[>= o1-o0, in]``)."""
+    lib = load_library()
+    assert lib is not None
+    o, g, s = codes.shape
+    k, d = codebooks.shape[1], codebooks.shape[2]
+    assert out.is_contiguous() and out.dtype == torch.float32 and out.shape[1] == in_features
+    assert 0 <= o0 <= o1 <= o and out.shape[0] >= o1 - o0
+    codes, c16, cb, cb_half, sc, sc_half = _common(codes, codebooks, scales)
+    lib.rvq_dequant_rows(codes.data_ptr(), c16, cb.data_ptr(), cb_half, sc.data_ptr(), sc_half,
+                         o, g, s, k, d, in_features, o0, o1, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+TILE_FLOATS = 1 << 20  # 4 MiB of decoded weight per tile
+_scratch = threading.local()
+
+
+def _tile_buffer(rows: int, cols: int) -> Tensor:
+    """A reused per-thread float32 scratch ``[rows, cols]`` (at most ``TILE_FLOATS`` + one row): a fresh
+    multi-MiB allocation per call would cost page faults comparable to a small layer's matmul."""
+    n = rows * cols
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.float32)
+        _scratch.buf = buf
+    return buf[:n].view(rows, cols)
+
+
+def tiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+                 in_features: int, out: Tensor | None = None) -> Tensor:
+    """Many-token path: decode ``TILE_FLOATS``-sized row tiles of the weight and multiply each with BLAS;
+    the whole weight is never materialised. Shapes: see module docstring."""
+    x = x.float().contiguous()
+    o = codes.shape[0]
+    t = x.shape[0]
+    rows = min(o, max(16, TILE_FLOATS // max(1, in_features)))
+    buf = _tile_buffer(rows, in_features)
+    yt = torch.empty(o, t, dtype=torch.float32)  # y transposed: each tile's rows are contiguous
+    codes = codes.contiguous()
+    for o0 in range(0, o, rows):
+        o1 = min(o, o0 + rows)
+        dequantize_rows(codes, codebooks, scales, in_features, o0, o1, buf)
+        torch.mm(buf[: o1 - o0], x.T, out=yt[o0:o1])
+    if out is None:
+        out = torch.empty(t, o, dtype=torch.float32)
+    out.copy_(yt.T)
+    if bias is not None:
+        out.add_(bias.float())
+    return out
+
+
+_repacked: dict[int, tuple[weakref.ref, int, Tensor]] = {}  # id(codes) -> (ref, version, repacked)
+
+
+def has_lut16() -> bool:
+    """True when the library was compiled with AVX-512BW (the int16-table LUT kernel)."""
+    lib = load_library()
+    return lib is not None and bool(lib.rvq_has_lut16())
+
+
+def _cached(src: Tensor, make) -> Tensor:
+    """``make(src)``, cached per source tensor (weakly; rebuilt if ``src`` is modified in place)."""
+    hit = _repacked.get(id(src))
+    if hit is not None and hit[0]() is src and hit[1] == src._version:
+        return hit[2]
+    value = make(src)
+    key = id(src)
+    _repacked[key] = (weakref.ref(src, lambda _, k=key: _repacked.pop(k, None)), src._version, value)
+    return value
+
+
+def _repack(codes: Tensor) -> Tensor:
+    o = codes.shape[0]
+    opad = -(-o // 32) * 32
+    ct = torch.zeros(codes.shape[1] * codes.shape[2], opad, dtype=torch.uint8)
+    ct[:, :o] = codes.reshape(o, -1).T
+    return ct
+
+
+def repack_codes(codes: Tensor) -> Tensor:
+    """``codes [out, G, S]`` uint8 → ``[G*S, out rounded up to 32]`` uint8 (zero padded), the layout of
+    :func:`lut16_gemv`: for one (group, stage), the codes of consecutive outputs are adjacent. Cached per
+    codes tensor (weakly; rebuilt if the tensor is modified in place), so it costs one extra copy of the
+    codes in memory while the layer lives; the module's buffers keep the checkpoint layout."""
+    return _cached(codes, _repack)
+
+
+def transposed_codebooks(codebooks: Tensor) -> Tensor:
+    """``codebooks [S, K, d]`` → float32 ``[S, d, K]`` (the table build runs along K), cached like codes."""
+    return _cached(codebooks, lambda cb: cb.detach().float().transpose(1, 2).contiguous())
+
+
+def lut16_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+               in_features: int, out: Tensor | None = None) -> Tensor:
+    """Lookup tables quantized to int16 and read 32 at a time with AVX-512 permutes (K = 256, uint8 codes).
+    Table entries carry ~15 significant bits (one scale per 16 table rows): the result matches the
+    float32 reference to ~1e-4 relative. Shapes: see module docstring."""
+    lib = load_library()
+    assert lib is not None and codes.dtype == torch.uint8 and codebooks.shape[1] == 256
+    x = x.float().contiguous()
+    o, g, s = codes.shape
+    d = codebooks.shape[2]
+    t = x.shape[0]
+    ct = repack_codes(codes)
+    cbt = transposed_codebooks(codebooks)
+    sc, sc_half = _half_flag(scales)
+    b_half = 0
+    if bias is not None:
+        bias, b_half = _half_flag(bias)
+    if out is None:
+        out = torch.empty(t, o, dtype=torch.float32)
+    assert out.shape == (t, o) and out.dtype == torch.float32 and out.is_contiguous()
+    rc = lib.rvq_gemv_lut16(x.data_ptr(), t, ct.data_ptr(), ct.shape[1], cbt.data_ptr(), sc.data_ptr(),
+                            sc_half, None if bias is None else bias.data_ptr(), b_half, o, g, s, d, in_features,
+                            out.data_ptr(), torch.get_num_threads())
+    assert rc == 0, "lut16 kernel not compiled in (no AVX-512BW); dispatch should not have chosen it"
+    return out

@@ -1,0 +1,522 @@
+"""C++ source of the CPU kernels, kept as a string so that the wheel ships no build step.
+
+The source is compiled on first use by :mod:`.cpu_build` with the machine's C++ compiler into a plain
+shared library (``extern "C"`` functions on raw pointers, no torch or Python headers, so it builds in
+about a second) and called through ``ctypes``. All tensors are contiguous row-major; sizes are int64.
+
+Kernels (``C`` is the code type: uint8 for bits <= 8, uint16 for the int16 bit patterns of wider codes):
+
+* ``rvq_gemv_lut``: lookup-table kernel for a few tokens. Per input group ``g`` and stage ``s`` a
+  table ``tab[g, s, t, k] = x_t[g*d:(g+1)*d] . codebooks[s, k]`` is built (``G*S*K*d*T`` FMAs), then
+  every output sums the entries its codes pick: ``y[t, o] = scale[o] * sum_{g,s} tab[g, s, t, codes[o,g,s]]``.
+  The table is built for a chunk of groups at a time so that it stays in L2.
+* ``rvq_gemv_decode``: fused decode-dot for a few tokens: each 8-wide (``d``-wide) weight vector is
+  decoded in registers from the codebooks (which sit in L1) and multiplied with every token.
+* ``rvq_dequant_rows``: decodes a tile of rows ``[o0, o1)`` of the scaled weight into a float32 buffer,
+  for the many-token path (decode a tile, then a BLAS matmul on it).
+"""
+
+SOURCE = r"""
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static inline float h2f(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t ex = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (ex == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {
+      int e = -1;
+      do { e++; man <<= 1; } while ((man & 0x400u) == 0);
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (ex == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((ex + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Convert n values (fp16 bit patterns when half != 0, else float32) into dst.
+static void to_f32(const void* src, int half, int64_t n, float* dst) {
+  if (half) {
+    const uint16_t* p = (const uint16_t*)src;
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
+#endif
+    for (; i < n; ++i) dst[i] = h2f(p[i]);
+  } else {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
+// x [T, in_features] -> xp [T, G*D] zero padded.
+static void pad_x(const float* x, int64_t T, int64_t in_features, int64_t GD, float* xp) {
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(xp + t * GD, x + t * in_features, in_features * sizeof(float));
+    for (int64_t i = in_features; i < GD; ++i) xp[t * GD + i] = 0.f;
+  }
+}
+
+static void finish(float* y, int64_t T, int64_t O, const float* sc, const void* bias, int bias_half, int nt) {
+  std::vector<float> b;
+  if (bias) { b.resize(O); to_f32(bias, bias_half, O, b.data()); }
+  #pragma omp parallel for num_threads(nt) schedule(static) if (T * O >= 65536)
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t t = 0; t < T; ++t) {
+      float v = y[t * O + o] * sc[o];
+      if (bias) v += b[o];
+      y[t * O + o] = v;
+    }
+  }
+}
+
+// Sum of tab[j*K + c[j]] over j in [0, n): the gather at the heart of the LUT kernel.
+template <typename C>
+static inline float gather_sum(const float* tb, const C* c, int64_t n, int64_t K) {
+  int64_t j = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  if (n >= 16 && n * K < (int64_t)1 << 31) {
+    __m512i off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32((int)K));
+    const __m512i step = _mm512_set1_epi32((int)(16 * K));
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; j + 32 <= n; j += 32) {
+      __m512i i0, i1;
+      if constexpr (sizeof(C) == 1) {
+        i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + j)));
+        i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + j + 16)));
+      } else {
+        i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + j)));
+        i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + j + 16)));
+      }
+      a0 = _mm512_add_ps(a0, _mm512_i32gather_ps(_mm512_add_epi32(i0, off), tb, 4));
+      off = _mm512_add_epi32(off, step);
+      a1 = _mm512_add_ps(a1, _mm512_i32gather_ps(_mm512_add_epi32(i1, off), tb, 4));
+      off = _mm512_add_epi32(off, step);
+    }
+    total = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }
+#endif
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  for (; j + 4 <= n; j += 4) {
+    a0 += tb[(j + 0) * K + c[j + 0]];
+    a1 += tb[(j + 1) * K + c[j + 1]];
+    a2 += tb[(j + 2) * K + c[j + 2]];
+    a3 += tb[(j + 3) * K + c[j + 3]];
+  }
+  for (; j < n; ++j) a0 += tb[j * K + c[j]];
+  return total + ((a0 + a1) + (a2 + a3));
+}
+
+template <typename C>
+static void lut_impl(const float* xp, int64_t T, const C* codes, const float* cb, const float* sc,
+                     int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, float* y, int nt) {
+  const int64_t GD = G * D;
+  // cbT [S, D, K] so that the table build runs along k contiguously.
+  static thread_local std::vector<float> cbT, tab;
+  if ((int64_t)cbT.size() < S * D * K) cbT.resize(S * D * K);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) cbT[(s * D + d) * K + k] = cb[(s * K + k) * D + d];
+  const float* cbt = cbT.data();
+  const int64_t per_g = S * T * K;
+  const int64_t budget = 256 * 1024;  // floats: 1 MiB of table per chunk, stays in L2
+  int64_t GC = std::max<int64_t>(1, budget / per_g);
+  GC = std::min(GC, G);
+  if ((int64_t)tab.size() < GC * per_g) tab.resize(GC * per_g);
+  float* tb = tab.data();
+  for (int64_t i = 0; i < T * O; ++i) y[i] = 0.f;
+  for (int64_t g0 = 0; g0 < G; g0 += GC) {
+    const int64_t gc = std::min(GC, G - g0);
+    const int64_t n = gc * S;
+    // table layout [t, (g, s), k]
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t g = g0 + j / S, s = j % S;
+      for (int64_t t = 0; t < T; ++t) {
+        float* row = tb + (t * n + j) * K;
+        const float* xr = xp + t * GD + g * D;
+        for (int64_t k = 0; k < K; ++k) row[k] = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float xv = xr[d];
+          const float* cr = cbt + (s * D + d) * K;
+          for (int64_t k = 0; k < K; ++k) row[k] += xv * cr[k];
+        }
+      }
+    }
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t o = 0; o < O; ++o) {
+      const C* c = codes + o * G * S + g0 * S;
+      for (int64_t t = 0; t < T; ++t) y[t * O + o] += gather_sum<C>(tb + t * n * K, c, n, K);
+    }
+  }
+}
+
+// Decoded weight vector of group g (sum over stages), d = 8, AVX2.
+#if defined(__AVX2__)
+template <typename C>
+static inline __m256 dec8(const float* cb, const C* c, int64_t S, int64_t K) {
+  __m256 w = _mm256_loadu_ps(cb + (int64_t)c[0] * 8);
+  for (int64_t s = 1; s < S; ++s) w = _mm256_add_ps(w, _mm256_loadu_ps(cb + (s * K + (int64_t)c[s]) * 8));
+  return w;
+}
+template <typename C>
+static inline __m128 dec4(const float* cb, const C* c, int64_t S, int64_t K) {
+  __m128 w = _mm_loadu_ps(cb + (int64_t)c[0] * 4);
+  for (int64_t s = 1; s < S; ++s) w = _mm_add_ps(w, _mm_loadu_ps(cb + (s * K + (int64_t)c[s]) * 4));
+  return w;
+}
+static inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+static inline float hsum4(__m128 a) {
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+#endif
+
+// xp is [Tpad, G*D] with Tpad a multiple of 8 (rows past T are zero).
+template <typename C, int DT>
+static void decode_impl(const float* xp, int64_t T, const C* codes, const float* cb, const float* sc,
+                        int64_t O, int64_t G, int64_t S, int64_t K, int64_t Drt, float* y, int nt) {
+  const int64_t D = DT > 0 ? DT : Drt;
+  const int64_t GD = G * D;
+  constexpr int TB = 8;
+  constexpr int DM = DT > 0 ? DT : 64;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t o = 0; o < O; ++o) {
+    const C* c = codes + o * G * S;
+#if defined(__AVX2__)
+    if constexpr (DT == 8) {
+      if (T == 1) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 2 <= G; g += 2) {
+          a0 = _mm256_fmadd_ps(dec8(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
+          a1 = _mm256_fmadd_ps(dec8(cb, c + (g + 1) * S, S, K), _mm256_loadu_ps(xp + (g + 1) * 8), a1);
+        }
+        for (; g < G; ++g) a0 = _mm256_fmadd_ps(dec8(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
+        y[o] = hsum8(_mm256_add_ps(a0, a1));
+        continue;
+      }
+      for (int64_t t0 = 0; t0 < T; t0 += TB) {
+        __m256 acc[TB];
+        for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256 w = dec8(cb, c + g * S, S, K);
+          const float* xr = xp + t0 * GD + g * 8;
+          for (int t = 0; t < TB; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + t * GD), acc[t]);
+        }
+        const int64_t tb = std::min<int64_t>(TB, T - t0);
+        for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * O + o] = hsum8(acc[t]);
+      }
+      continue;
+    }
+    if constexpr (DT == 4) {
+      for (int64_t t0 = 0; t0 < T; t0 += TB) {
+        __m128 acc[TB];
+        for (int t = 0; t < TB; ++t) acc[t] = _mm_setzero_ps();
+        const int tt = T == 1 ? 1 : TB;
+        for (int64_t g = 0; g < G; ++g) {
+          const __m128 w = dec4(cb, c + g * S, S, K);
+          const float* xr = xp + t0 * GD + g * 4;
+          if (tt == 1) acc[0] = _mm_fmadd_ps(w, _mm_loadu_ps(xr), acc[0]);
+          else
+            for (int t = 0; t < TB; ++t) acc[t] = _mm_fmadd_ps(w, _mm_loadu_ps(xr + t * GD), acc[t]);
+        }
+        const int64_t tb = std::min<int64_t>(TB, T - t0);
+        for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * O + o] = hsum4(acc[t]);
+      }
+      continue;
+    }
+#endif
+    for (int64_t t0 = 0; t0 < T; t0 += TB) {
+      const int64_t tb = std::min<int64_t>(TB, T - t0);
+      float acc[TB][DM];
+      for (int t = 0; t < TB; ++t)
+        for (int d = 0; d < DM; ++d) acc[t][d] = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        float w[DM];
+        const float* v = cb + (int64_t)c[g * S] * D;
+        for (int64_t d = 0; d < D; ++d) w[d] = v[d];
+        for (int64_t s = 1; s < S; ++s) {
+          v = cb + (s * K + (int64_t)c[g * S + s]) * D;
+          for (int64_t d = 0; d < D; ++d) w[d] += v[d];
+        }
+        for (int64_t t = 0; t < tb; ++t) {
+          const float* xr = xp + (t0 + t) * GD + g * D;
+          for (int64_t d = 0; d < D; ++d) acc[t][d] += w[d] * xr[d];
+        }
+      }
+      for (int64_t t = 0; t < tb; ++t) {
+        float sum = 0.f;
+        for (int64_t d = 0; d < D; ++d) sum += acc[t][d];
+        y[(t0 + t) * O + o] = sum;
+      }
+    }
+  }
+}
+
+template <typename C, int DT>
+static void dequant_impl(const C* codes, const float* cb, const float* sc, int64_t G, int64_t S, int64_t K,
+                         int64_t Drt, int64_t in_features, int64_t o0, int64_t o1, float* w, int nt) {
+  const int64_t D = DT > 0 ? DT : Drt;
+  constexpr int DM = DT > 0 ? DT : 64;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t o = o0; o < o1; ++o) {
+    const C* c = codes + o * G * S;
+    float* wr = w + (o - o0) * in_features;
+    const float scale = sc[o];
+    int64_t g0 = 0;
+#if defined(__AVX2__)
+    if constexpr (DT == 8) {
+      const __m256 vs = _mm256_set1_ps(scale);
+      const int64_t full = in_features / 8;
+      for (; g0 < full; ++g0) _mm256_storeu_ps(wr + g0 * 8, _mm256_mul_ps(dec8(cb, c + g0 * S, S, K), vs));
+    }
+    if constexpr (DT == 4) {
+      const __m128 vs = _mm_set1_ps(scale);
+      const int64_t full = in_features / 4;
+      for (; g0 < full; ++g0) _mm_storeu_ps(wr + g0 * 4, _mm_mul_ps(dec4(cb, c + g0 * S, S, K), vs));
+    }
+#endif
+    for (int64_t g = g0; g < G; ++g) {
+      float v8[DM];
+      const float* v = cb + (int64_t)c[g * S] * D;
+      for (int64_t d = 0; d < D; ++d) v8[d] = v[d];
+      for (int64_t s = 1; s < S; ++s) {
+        v = cb + (s * K + (int64_t)c[g * S + s]) * D;
+        for (int64_t d = 0; d < D; ++d) v8[d] += v[d];
+      }
+      const int64_t n = std::min(D, in_features - g * D);
+      if (n == D) {
+        for (int64_t d = 0; d < D; ++d) wr[g * D + d] = v8[d] * scale;
+      } else {
+        for (int64_t d = 0; d < n; ++d) wr[g * D + d] = v8[d] * scale;
+      }
+    }
+  }
+}
+
+#if defined(__AVX512BW__)
+// 256-entry int16 table lookup for 32 lanes: T holds the table in 8 registers of 32 entries.
+static inline __m512i lookup256(__m512i idx, const __m512i* T) {
+  const __m512i r0 = _mm512_permutex2var_epi16(T[0], idx, T[1]);
+  const __m512i r1 = _mm512_permutex2var_epi16(T[2], idx, T[3]);
+  const __m512i r2 = _mm512_permutex2var_epi16(T[4], idx, T[5]);
+  const __m512i r3 = _mm512_permutex2var_epi16(T[6], idx, T[7]);
+  const __mmask32 m6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
+  const __mmask32 m7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
+  const __m512i lo = _mm512_mask_blend_epi16(m6, r0, r1);
+  const __m512i hi = _mm512_mask_blend_epi16(m6, r2, r3);
+  return _mm512_mask_blend_epi16(m7, lo, hi);
+}
+
+// One token of the int16-table LUT kernel (K = 256). ct: codes repacked [G*S, Opad] (Opad % 32 == 0).
+// Table rows are quantized to int16 (|v| <= 16383) with one scale per chunk of LUT16_CHUNK rows, so two
+// rows can be summed in int16 before widening; each chunk's int32 sums are rescaled into float y.
+static const int64_t LUT16_CHUNK = 16;
+static void lut16_token(const float* xr, const uint8_t* ct, int64_t Opad, const float* cbT, int64_t G,
+                        int64_t S, int64_t D, float* yo, int nt) {
+  constexpr int64_t K = 256;
+  const int64_t n = G * S;
+  const int64_t nch = (n + LUT16_CHUNK - 1) / LUT16_CHUNK;
+  // Scratch owned by the calling thread (callers may run concurrently); OpenMP workers get raw pointers,
+  // never the thread_local names (which would resolve to the worker's own, empty, copies).
+  static thread_local std::vector<float> tabf_v;
+  static thread_local std::vector<int16_t> tq_v;
+  static thread_local std::vector<float> invq_v;
+  if ((int64_t)tabf_v.size() < n * K) { tabf_v.resize(n * K); tq_v.resize(n * K); }
+  if ((int64_t)invq_v.size() < nch) invq_v.resize(nch);
+  float* const tabf = tabf_v.data();
+  int16_t* const tq = tq_v.data();
+  float* const invq = invq_v.data();
+  // Small problems run on one thread: an OpenMP fork/join costs microseconds (far more when the cores
+  // are shared) and would dominate a 576x576 layer.
+  #pragma omp parallel for num_threads(nt) schedule(static) if (nch >= 64)
+  for (int64_t c = 0; c < nch; ++c) {
+    const int64_t j0 = c * LUT16_CHUNK, j1 = std::min(n, j0 + LUT16_CHUNK);
+    __m512 mv = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t g = j / S, s = j % S;
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 xv = _mm512_set1_ps(xr[g * D + d]);
+        const float* cr = cbT + (s * D + d) * K;
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(cr + 16 * i), acc[i]);
+      }
+      float* row = tabf + j * K;
+      for (int i = 0; i < 16; ++i) {
+        mv = _mm512_max_ps(mv, _mm512_abs_ps(acc[i]));
+        _mm512_storeu_ps(row + 16 * i, acc[i]);
+      }
+    }
+    const float m = _mm512_reduce_max_ps(mv);
+    const float q = m > 0.f ? 16383.f / m : 0.f;
+    invq[c] = m > 0.f ? m / 16383.f : 0.f;
+    const __m512 qv = _mm512_set1_ps(q);
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512i iv = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(tabf + j * K + k), qv));
+        _mm256_storeu_si256((__m256i*)(tq + j * K + k), _mm512_cvtepi32_epi16(iv));
+      }
+  }
+  const int64_t nb = Opad / 32;
+  #pragma omp parallel num_threads(nt) if (nb * n >= 16384)
+  {
+    int tid = 0, nthr = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    nthr = omp_get_num_threads();
+#endif
+    const int64_t b0 = nb * tid / nthr, b1 = nb * (tid + 1) / nthr;
+    const int64_t no = (b1 - b0) * 32;
+    std::vector<int32_t> acc(no);
+    float* y = yo + b0 * 32;
+    for (int64_t i = 0; i < no; ++i) y[i] = 0.f;
+    for (int64_t c = 0; c < nch && no > 0; ++c) {
+      const int64_t j0 = c * LUT16_CHUNK, j1 = std::min(n, j0 + LUT16_CHUNK);
+      std::fill(acc.begin(), acc.end(), 0);
+      for (int64_t j = j0; j < j1; j += 2) {
+        const bool pair = j + 1 < j1;
+        __m512i TA[8], TB[8];
+        for (int i = 0; i < 8; ++i) TA[i] = _mm512_loadu_si512(tq + j * K + 32 * i);
+        if (pair)
+          for (int i = 0; i < 8; ++i) TB[i] = _mm512_loadu_si512(tq + (j + 1) * K + 32 * i);
+        const uint8_t* ca = ct + j * Opad + b0 * 32;
+        const uint8_t* cbp = ct + (j + 1) * Opad + b0 * 32;
+        for (int64_t b = 0; b < b1 - b0; ++b) {
+          __m512i v = lookup256(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(ca + b * 32))), TA);
+          if (pair)
+            v = _mm512_add_epi16(v, lookup256(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(cbp + b * 32))), TB));
+          int32_t* a = acc.data() + b * 32;
+          _mm512_storeu_si512(a, _mm512_add_epi32(_mm512_loadu_si512(a), _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))));
+          _mm512_storeu_si512(a + 16, _mm512_add_epi32(_mm512_loadu_si512(a + 16),
+                                                       _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))));
+        }
+      }
+      const float iq = invq[c];
+      for (int64_t i = 0; i < no; ++i) y[i] += (float)acc[i] * iq;
+    }
+  }
+}
+#endif
+
+struct Prep {
+  std::vector<float> cb, sc, xp;
+};
+static thread_local Prep g_prep;
+
+static void prep(Prep& p, const float* x, int64_t T, const void* cb, int cb_half, const void* sc, int sc_half,
+                 int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features) {
+  p.cb.resize(S * K * D);
+  to_f32(cb, cb_half, S * K * D, p.cb.data());
+  p.sc.resize(O);
+  to_f32(sc, sc_half, O, p.sc.data());
+  if (x) {
+    const int64_t Tp = (T + 7) / 8 * 8;
+    p.xp.resize(Tp * G * D);
+    pad_x(x, T, in_features, G * D, p.xp.data());
+    std::fill(p.xp.begin() + T * G * D, p.xp.end(), 0.f);
+  }
+}
+
+#define DISPATCH_D(FN, C, ...)                                    \
+  do {                                                            \
+    if (D == 8) FN<C, 8>(__VA_ARGS__);                            \
+    else if (D == 4) FN<C, 4>(__VA_ARGS__);                       \
+    else FN<C, 0>(__VA_ARGS__);                                   \
+  } while (0)
+
+extern "C" {
+
+int rvq_abi_version() { return 1; }
+
+float rvq_h2f(uint16_t h) { return h2f(h); }
+
+void rvq_gemv_lut(const float* x, int64_t T, const void* codes, int code16, const void* cb, int cb_half,
+                  const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
+                  int64_t S, int64_t K, int64_t D, int64_t in_features, float* y, int nt) {
+  Prep& p = g_prep;
+  prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
+  if (code16) lut_impl<uint16_t>(p.xp.data(), T, (const uint16_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  else lut_impl<uint8_t>(p.xp.data(), T, (const uint8_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  finish(y, T, O, p.sc.data(), bias, bias_half, nt);
+}
+
+void rvq_gemv_decode(const float* x, int64_t T, const void* codes, int code16, const void* cb, int cb_half,
+                     const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
+                     int64_t S, int64_t K, int64_t D, int64_t in_features, float* y, int nt) {
+  Prep& p = g_prep;
+  prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
+  if (code16) DISPATCH_D(decode_impl, uint16_t, p.xp.data(), T, (const uint16_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  else DISPATCH_D(decode_impl, uint8_t, p.xp.data(), T, (const uint8_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  finish(y, T, O, p.sc.data(), bias, bias_half, nt);
+}
+
+void rvq_dequant_rows(const void* codes, int code16, const void* cb, int cb_half, const void* sc, int sc_half,
+                      int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features,
+                      int64_t o0, int64_t o1, float* w, int nt) {
+  Prep& p = g_prep;
+  prep(p, nullptr, 0, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
+  if (code16) DISPATCH_D(dequant_impl, uint16_t, (const uint16_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
+  else DISPATCH_D(dequant_impl, uint8_t, (const uint8_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
+}
+
+int rvq_has_lut16() {
+#if defined(__AVX512BW__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// ct: codes repacked to [G*S, Opad] uint8; cbT: codebooks as float32 [S, D, 256] (K must be 256).
+// Returns 0, or -1 when not compiled in.
+int rvq_gemv_lut16(const float* x, int64_t T, const uint8_t* ct, int64_t Opad, const float* cbT,
+                   const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
+                   int64_t S, int64_t D, int64_t in_features, float* y, int nt) {
+#if defined(__AVX512BW__)
+  Prep& p = g_prep;
+  p.sc.resize(O);
+  to_f32(sc, sc_half, O, p.sc.data());
+  const int64_t GD = G * D;
+  p.xp.resize(GD);
+  static thread_local std::vector<float> yb;
+  yb.resize(Opad);
+  for (int64_t t = 0; t < T; ++t) {
+    pad_x(x + t * in_features, 1, in_features, GD, p.xp.data());
+    lut16_token(p.xp.data(), ct, Opad, cbT, G, S, D, yb.data(), nt);
+    std::memcpy(y + t * O, yb.data(), O * sizeof(float));
+  }
+  finish(y, T, O, p.sc.data(), bias, bias_half, nt);
+  return 0;
+#else
+  return -1;
+#endif
+}
+
+}  // extern "C"
+"""
