@@ -35,6 +35,7 @@ class RVQConfig:
     kmeans_iters: int = 20  #: Lloyd iterations per stage (at most; stops when under 0.1% of points move)
     kmeans_points: int = 64  #: k-means sample size per codeword (time grows linearly; 128 gains ~2-4% error)
     hessian_weighted: bool = True  #: weight the k-means by diag(H) of the layer inputs
+    beam_width: int = 8  #: codes of all stages chosen jointly by beam search (1 = greedy; cost grows ~linearly)
     error_feedback: bool = True  #: GPTQ-style: code against the output error, push each group's error onward
     # --- what to quantize ------------------------------------------------------------------------
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  #: name substrings never quantized
@@ -64,6 +65,8 @@ class RVQConfig:
              f"kmeans_iters={self.kmeans_iters!r} must be a non-negative integer")
         need(isinstance(self.kmeans_points, int) and self.kmeans_points >= 1,
              f"kmeans_points={self.kmeans_points!r} must be a positive integer (64 is typical)")
+        need(isinstance(self.beam_width, int) and 1 <= self.beam_width <= 256,
+             f"beam_width={self.beam_width!r} is out of range: use 1 (greedy) to 256 (8 is typical)")
         need(isinstance(self.calib_sequences, int) and self.calib_sequences >= 1,
              f"calib_sequences={self.calib_sequences!r} must be a positive integer")
         need(isinstance(self.calib_seq_len, int) and self.calib_seq_len >= 2,

@@ -95,6 +95,7 @@ def quantize(
                 bits=config.bits,
                 kmeans_iters=config.kmeans_iters,
                 kmeans_points=config.kmeans_points,
+                beam=config.beam_width,
                 hessian_weighted=config.hessian_weighted,
                 error_feedback=config.error_feedback,
                 seed=config.seed * 100_003 + layer_index,

@@ -84,3 +84,45 @@ def test_decode_matches_definition():
         for o in range(3)
     ])[:, :7]
     assert torch.allclose(w, expect)
+
+
+def test_beam_search_never_worse_than_greedy():
+    from rvqllm.rvq.residual import encode_rvq
+
+    torch.manual_seed(5)
+    x = torch.randn(3000, 4)
+    books = torch.randn(3, 16, 4) * torch.tensor([1.0, 0.5, 0.25])[:, None, None]
+
+    def err(codes):
+        return ((x - sum(books[s][codes[:, s]] for s in range(3))) ** 2).sum(1)
+
+    greedy, beam = err(encode_rvq(x, books, 1)), err(encode_rvq(x, books, 8))
+    assert torch.all(beam <= greedy + 1e-6)
+    assert beam.mean() < 0.9 * greedy.mean()
+
+
+def _correlated_layer(seed=6, out=48, n_in=64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n_in, generator=g)
+    mix = torch.eye(n_in) + 2.0 * torch.randn(n_in, n_in, generator=g) / n_in**0.5  # strongly correlated
+    x = torch.randn(2048, n_in, generator=g) @ mix * (0.2 + 2 * torch.rand(n_in, generator=g))
+    return w, (x.T @ x).double()
+
+
+def _output_error(q, w, h):
+    e = (q.dequantize() - w).double()
+    return float(torch.trace(e @ h @ e.T))
+
+
+def test_error_feedback_lowers_output_error_on_correlated_inputs():
+    w, h = _correlated_layer()
+    kw = dict(vector_dim=4, stages=2, bits=4, seed=1, beam=1)
+    with_fb = quantize_weight(w, h, error_feedback=True, **kw)
+    without = quantize_weight(w, h, error_feedback=False, **kw)
+    assert _output_error(with_fb, w, h) < 0.9 * _output_error(without, w, h)
+
+
+def test_beam_lowers_output_error_with_feedback():
+    w, h = _correlated_layer(seed=7)
+    kw = dict(vector_dim=4, stages=3, bits=4, seed=1, error_feedback=True)
+    assert _output_error(quantize_weight(w, h, beam=8, **kw), w, h) < _output_error(quantize_weight(w, h, beam=1, **kw), w, h)

@@ -87,6 +87,7 @@ def quantize_weight(
     hessian_weighted: bool = True,
     error_feedback: bool = True,
     kmeans_points: int = 64,
+    beam: int = 1,
     seed: int = 0,
 ) -> RVQWeight:
     """Code ``weight [out, in]`` with ``stages`` residual codebooks of ``2**bits`` entries each.
@@ -118,7 +119,7 @@ def quantize_weight(
     if error_feedback and hessian is not None and hessian.dim() == 2:
         h = torch.zeros(in_pad, in_pad, dtype=torch.float64)
         h[:in_features, :in_features] = hessian.detach().double().cpu()
-        codes = encode_with_feedback(w, h, scales, codebooks)
+        codes = encode_with_feedback(w, h, scales, codebooks, beam=beam)
         return RVQWeight(codes, codebooks, scales, in_features)
 
     codes = torch.empty(out * groups, stages, dtype=torch.long)
@@ -183,20 +184,45 @@ def inverse_hessian_factor(h: Tensor, damp: float = 0.01) -> tuple[Tensor, Tenso
     return torch.linalg.cholesky(hinv, upper=True).float(), dead
 
 
-def encode_rvq(x: Tensor, codebooks: Tensor) -> Tensor:
-    """Greedy residual encoding of ``x [n, d]`` with ``codebooks [S, K, d]`` under plain L2. Returns ``[n, S]``."""
-    stages = codebooks.shape[0]
-    codes = torch.empty(x.shape[0], stages, dtype=torch.long)
+def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1) -> Tensor:
+    """Residual encoding of ``x [n, d]`` with ``codebooks [S, K, d]`` under plain L2. Returns ``[n, S]`` int64.
+
+    ``beam == 1`` is greedy (each stage takes the codeword nearest to what the earlier stages left);
+    ``beam > 1`` keeps the ``beam`` best partial sums after every stage; each vector then gets the better
+    of the best beam and the greedy code, so the result is never worse than greedy.
+    """
+    n = x.shape[0]
+    stages, k, _ = codebooks.shape
+    norms = (codebooks * codebooks).sum(-1)  # [S, K]
+    greedy = torch.empty(n, stages, dtype=torch.long)
     r = x
     for s in range(stages):
-        cb = codebooks[s]
-        idx = ((cb * cb).sum(1)[None, :] - 2.0 * r @ cb.T).argmin(1)
-        codes[:, s] = idx
-        r = r - cb[idx]
-    return codes
+        idx = (norms[s][None, :] - 2.0 * r @ codebooks[s].T).argmin(1)
+        greedy[:, s] = idx
+        r = r - codebooks[s][idx]
+    if beam <= 1 or stages == 1:
+        return greedy
+    greedy_err = (r * r).sum(-1)
+    # beams: residuals [n, B, d], their squared norms [n, B], their codes [n, B, s]
+    res = x[:, None, :]
+    err = (x * x).sum(-1, keepdim=True)
+    codes = torch.zeros(n, 1, 0, dtype=torch.long)
+    for s in range(stages):
+        b = res.shape[1]
+        total = err[:, :, None] + norms[s][None, None, :] - 2.0 * res @ codebooks[s].T  # [n, b, K]
+        keep = min(beam, b * k)
+        best, flat = total.reshape(n, b * k).topk(keep, dim=1, largest=False)
+        parent, word = flat // k, flat % k
+        res = res.gather(1, parent[..., None].expand(-1, -1, res.shape[-1])) - codebooks[s][word]
+        err = best
+        codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, s)), word[..., None]], dim=2)
+    best_err = (res[:, 0] * res[:, 0]).sum(-1)  # topk is sorted: beam 0 is the best
+    return torch.where((best_err <= greedy_err)[:, None], codes[:, 0], greedy)
 
 
-def encode_with_feedback(w: Tensor, h: Tensor, scales: Tensor, codebooks: Tensor, block: int = 128) -> Tensor:
+def encode_with_feedback(
+    w: Tensor, h: Tensor, scales: Tensor, codebooks: Tensor, block: int = 128, beam: int = 1
+) -> Tensor:
     """Choose codes for ``w [out, in_pad]`` against the output error ``tr((W-Q) H (W-Q)^T)``.
 
     Groups of ``d`` columns are coded left to right. Each group is coded under the exact metric of the
@@ -206,7 +232,7 @@ def encode_with_feedback(w: Tensor, h: Tensor, scales: Tensor, codebooks: Tensor
 
     Args:
         w: ``[out, in_pad]`` float32. h: ``[in_pad, in_pad]`` float64 Hessian (padding rows/cols zero).
-        scales: ``[out]``. codebooks: ``[S, K, d]`` (fixed).
+        scales: ``[out]``. codebooks: ``[S, K, d]`` (fixed). beam: see :func:`encode_rvq`.
     Returns:
         codes ``[out, in_pad // d, S]`` int64.
     """
@@ -227,7 +253,7 @@ def encode_with_feedback(w: Tensor, h: Tensor, scales: Tensor, codebooks: Tensor
             g1 = g0 + d
             a = torch.linalg.inv(ub[g0:g1, g0:g1])  # [d, d]: maps an error to its cost coordinates
             target = (wb[:, g0:g1] * inv_s) @ a
-            c = encode_rvq(target, codebooks @ a)
+            c = encode_rvq(target, codebooks @ a, beam)
             codes[:, (b0 + g0) // d] = c
             q = codebooks[torch.arange(stages)[None, :], c].sum(1) * scales[:, None]  # [out, d]
             e = (wb[:, g0:g1] - q) @ a
