@@ -69,9 +69,10 @@ def _state_dict_for_save(model: nn.Module, dtype: torch.dtype | None) -> dict[st
 
 
 def storage_dtype(model: nn.Module) -> torch.dtype | None:
-    """The 16-bit dtype the model came in (its config's ``dtype``), to store unquantized tensors in;
-    ``None`` (keep them as they are) when the config names none or a wider one."""
-    name = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    """The 16-bit dtype the model came in, to store unquantized tensors in: ``model.rvq_source_dtype``
+    (set by :func:`rvqllm.models.load_model`) or else its config's ``dtype``; ``None`` (keep them as
+    they are) when neither names a 16-bit float."""
+    name = getattr(model, "rvq_source_dtype", None) or getattr(model.config, "dtype", None)
     name = str(name).removeprefix("torch.") if name is not None else None
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)
 

@@ -33,14 +33,18 @@ def resolve(spec: str, cache_dir: Path | None = None) -> tuple[str, str | None]:
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, cache_dir: Path | None = None):
     """``(model, tokenizer)`` for a model spec, on CPU in ``dtype``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = resolve(spec, cache_dir)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        source_dtype = getattr(AutoConfig.from_pretrained(where, **kwargs), "dtype", None)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else err.__class__.__name__
         raise RVQError(f"could not load model {spec!r}: {first}") from None
+    # transformers rewrites config.dtype to the dtype we compute in; remember what the weights came in,
+    # so a checkpoint stores its unquantized tensors (embeddings, norms) at that precision again.
+    model.rvq_source_dtype = source_dtype
     return model.eval(), tokenizer
