@@ -114,6 +114,12 @@ class RVQHfQuantizer(HfQuantizer):
             set_module(model, name, QuantizedLinear(
                 spec["in_features"], spec["out_features"], vector_dim=spec["vector_dim"], stages=spec["stages"],
                 bits=spec["bits"], bias=spec["bias"], bias_dtype=float_dtype, device=device))
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if not any(True for _ in parent.parameters(recurse=False)):
+                # transformers re-initialises modules not marked as loaded, and some models' init code
+                # touches ``parent.<child>.weight`` (GPT-2's scaled c_proj init), which a quantized layer
+                # has not; such a parent holds nothing of its own to initialise, so mark it done.
+                parent._is_hf_initialized = True
         model.rvq_layers = {k: dict(v) for k, v in layers.items()}
         return model
 
