@@ -94,11 +94,6 @@ class RVQHfQuantizer(HfQuantizer):
     requires_calibration = True
     quantization_config: RVQQuantizationConfig
 
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        if not self.pre_quantized:
-            raise RVQError("rvq quantization needs calibration: quantize with `rvqllm quantize` or "
-                           "rvqllm.quantize(), then load the saved folder with from_pretrained")
-
     def _process_model_before_weight_loading(self, model: torch.nn.Module, dtype: torch.dtype | None = None,
                                              **kwargs: Any) -> torch.nn.Module:
         layers = self.quantization_config.layers
