@@ -11,10 +11,10 @@ Public API::
     results = rvqllm.evaluate(model, tokenizer, {"kjv": text})
 """
 
+from . import hf
 from .checkpoint import load, save
 from .config import RVQConfig
 from .errors import RVQError
-from . import hf
 from .eval import evaluate
 from .nn import QuantizedLinear
 from .pipeline import quantize
