@@ -50,7 +50,7 @@ def _say(args: argparse.Namespace, *msg: object) -> None:
 def _calibration(args, tokenizer, cfg: RVQConfig):
     from .data import calibration_tokens, load_text
 
-    texts = [load_text(s, split="calib") for s in args.calib]
+    texts = [load_text(s, split="calib", text_column=args.text_column) for s in args.calib]
     return calibration_tokens(texts, tokenizer, cfg.calib_sequences, cfg.calib_seq_len, cfg.seed)
 
 
@@ -97,12 +97,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
 def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[list[dict], list[str]]:
     from .checkpoint import load
-    from .data import load_text
+    from .data import load_text, source_label
     from .eval import evaluate
     from .models import load_model, resolve
     from .size import folder_bytes, summarize
 
-    texts = {Path(s).stem if Path(s).exists() else s.removeprefix("reference:"): load_text(s, "test") for s in args.text}
+    texts = {source_label(s): load_text(s, "test", text_column=args.text_column) for s in args.text}
     bar = _Progress(args.quiet or args.json)
     rows = []
 
@@ -231,8 +231,15 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     return {"quantize": qres, "rows": rows, "table": table}
 
 
+def _preset_description(name: str) -> str:
+    try:
+        return RVQConfig.load(name).description or "(no description)"
+    except RVQError as err:
+        return f"(unreadable: {err})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    presets = ", ".join(available_presets())
+    presets = "; ".join(f"{n}: {_preset_description(n)}" for n in available_presets())
     p = argparse.ArgumentParser(prog="rvqllm", description="Residual vector quantization of Hugging Face causal LMs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -246,15 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default=DEFAULT_PRESET,
                         help=f"preset name ({presets}) or YAML file; more stages/bits cost time and size, gain quality")
         sp.add_argument("--calib", nargs="+", default=["kjv", "shakespeare"],
-                        help="calibration text sources (reference names, files, datasets names)")
+                        help="calibration text sources: reference names (kjv, shakespeare), .txt/.jsonl/.parquet "
+                             "files or data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. "
+                             "wikitext:wikitext-2-raw-v1); text from the domain you care about helps quality")
         sp.add_argument("--calib-sequences", type=int, help="override the preset: calibration sequences "
                         "(time grows linearly; more is steadier)")
-        sp.add_argument("--calib-seq-len", type=int, help="override the preset: tokens per calibration sequence")
-        sp.add_argument("--seed", type=int, help="override the preset's seed")
+        sp.add_argument("--calib-seq-len", type=int, help="override the preset: tokens per calibration sequence "
+                        "(time grows linearly with it; the presets use 512)")
+        sp.add_argument("--seed", type=int, help="override the preset's seed (where calibration windows are drawn, "
+                        "k-means starts); results vary a little with it, never the cost")
         sp.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+        text_column(sp)
+
+    def text_column(sp):
+        if not any(a.dest == "text_column" for a in sp._actions):
+            sp.add_argument("--text-column", default="text",
+                            help="column/field holding the text in .jsonl/.parquet files and datasets (default: text)")
 
     def eval_opts(sp):
-        sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS, help="evaluation texts (reference names, files, datasets names)")
+        text_column(sp)
+        sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS,
+                        help="evaluation texts: reference names (kjv, shakespeare), .txt/.jsonl/.parquet files or "
+                             "data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. wikitext:wikitext-2-raw-v1)")
         sp.add_argument("--context", type=int, default=512, help="tokens per window (ppl-512x64 protocol: 512)")
         sp.add_argument("--windows", type=int, default=64, help="windows per text (ppl-512x64 protocol: 64)")
         sp.add_argument("--tasks", nargs="+", metavar="TASK",
