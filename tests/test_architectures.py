@@ -130,3 +130,20 @@ def test_unknown_fused_experts_layout_is_named():
     block.experts = WeirdExperts()
     with pytest.raises(RVQError, match=r"WeirdExperts holds 3-D parameters \['w_in'\].*module experts"):
         find_linears(block, "layers.0", [])
+
+
+@pytest.mark.unit
+def test_split_experts_compute_what_the_fused_experts_compute():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    torch.manual_seed(0)
+    fused = MixtralExperts(MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=4))
+    nn.init.normal_(fused.gate_up_proj)
+    nn.init.normal_(fused.down_proj)
+    split = SplitExperts.from_fused(fused)
+    x = torch.randn(10, 16)
+    idx = torch.randint(0, 4, (10, 2))
+    w = torch.rand(10, 2)
+    torch.testing.assert_close(split(x, idx, w), fused(x, idx, w), rtol=1e-5, atol=1e-5)
+    assert torch.equal(split.down_proj[3].weight, fused.down_proj[3])
