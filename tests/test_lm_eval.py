@@ -11,7 +11,7 @@ import rvqllm
 from rvqllm.errors import RVQError
 from rvqllm.eval.lm_eval_bridge import NEXT_VERSE, TASKS_DIR, build_next_verse_docs, run_tasks, shipped_tasks
 
-CHEAP = rvqllm.RVQConfig(vector_dim=8, stages=2, bits=6, kmeans_iters=2, error_feedback=False,
+CHEAP = rvqllm.RVQConfig(vector_dim=8, stages=2, bits=4, kmeans_iters=2, error_feedback=False,
                          calib_sequences=4, calib_seq_len=128, calib_batch_size=4)
 
 
