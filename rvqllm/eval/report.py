@@ -68,7 +68,7 @@ def _is_baseline(row: dict, index: int, rows: list[dict]) -> bool:
 
 def plot(rows: list[dict], texts: list[str], path: str | Path, title: str = "") -> Path:
     """PNG: perplexity (log scale) against bits per weight, one colour per text; each checkpoint is a
-    labelled point, the fp16 baseline a dashed horizontal line per text."""
+    point (named beside the first text's), the fp16 baseline a dashed horizontal line per text."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,9 +83,10 @@ def plot(rows: list[dict], texts: list[str], path: str | Path, title: str = "") 
         c = colors[k % len(colors)]
         pts = sorted((r["bpw"], r["ppl"][text], r["model"]) for r in quantized if r["ppl"].get(text) is not None)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c, label=f"rvq, {text}")
-            for x, y, name in pts:
-                ax.annotate(Path(name).name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            # markers only: the checkpoints may come from different configs, not one curve
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=c, label=f"rvq checkpoints, {text}")
+            for x, y, name in pts if k == 0 else []:
+                ax.annotate(Path(name).name, (x, y), textcoords="offset points", xytext=(5, -3), fontsize=7)
         for b in baselines:
             if b["ppl"].get(text) is not None:
                 ax.axhline(b["ppl"][text], color=c, linestyle="--", linewidth=1,
