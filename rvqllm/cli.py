@@ -320,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False) or getattr(args, "json", False):
+        # silence the progress bars of the libraries we drive too (lm-eval's own bars stay: it has no switch)
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
     handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
                 "report": cmd_report}
     try:
