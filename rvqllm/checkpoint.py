@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .arch import set_module
+from .arch import prepare_for_layers, set_module
 from .config import RVQConfig
 from .errors import RVQError
 from .nn import QuantizedLinear
@@ -160,6 +160,7 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         del config.quantization_config
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    prepare_for_layers(model, list(qcfg["layers"]))  # e.g. split fused MoE experts (rvqllm.arch)
     for name, spec in qcfg["layers"].items():
         try:
             model.get_submodule(name)

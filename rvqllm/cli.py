@@ -1,4 +1,4 @@
-"""``rvqllm quantize | eval | info | demo``: the command-line edge.
+"""``rvqllm quantize | eval | info | report | demo``: the command-line edge.
 
 This is the only module that reads the environment or prints; errors a user can cause are printed as
 one line (``error: ...``) with exit code 2, and a traceback only with ``--debug``.
@@ -50,7 +50,7 @@ def _say(args: argparse.Namespace, *msg: object) -> None:
 def _calibration(args, tokenizer, cfg: RVQConfig):
     from .data import calibration_tokens, load_text
 
-    texts = [load_text(s, split="calib") for s in args.calib]
+    texts = [load_text(s, split="calib", text_column=args.text_column) for s in args.calib]
     return calibration_tokens(texts, tokenizer, cfg.calib_sequences, cfg.calib_seq_len, cfg.seed)
 
 
@@ -97,12 +97,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
 def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[list[dict], list[str]]:
     from .checkpoint import load
-    from .data import load_text
+    from .data import load_text, source_label
     from .eval import evaluate
     from .models import load_model, resolve
     from .size import folder_bytes, summarize
 
-    texts = {Path(s).stem if Path(s).exists() else s.removeprefix("reference:"): load_text(s, "test") for s in args.text}
+    texts = {source_label(s): load_text(s, "test", text_column=args.text_column) for s in args.text}
     bar = _Progress(args.quiet or args.json)
     rows = []
 
@@ -111,13 +111,22 @@ def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[l
                        progress=lambda n, d, t: bar(f"ppl {label} {n}", d, t))
         return {k: r.ppl for k, r in res.items()}, {k: r.tokens for k, r in res.items()}
 
+    def tasks(label, model, tok) -> dict:
+        if not getattr(args, "tasks", None):
+            return {}
+        from .eval.lm_eval_bridge import run_tasks
+
+        _say(args, f"lm-eval {', '.join(args.tasks)} on {label} ...")
+        return {"tasks": run_tasks(model, tok, args.tasks, limit=args.task_limit, include_path=args.include_path)}
+
     tokenizer = None
     if baseline:
         model, tokenizer = load_model(baseline)
         ppl, tokens = run("baseline", model, tokenizer)
         where, gguf = resolve(baseline)
         size = folder_bytes(Path(where) / gguf if gguf else where) if Path(where).exists() else None
-        rows.append({"model": f"{baseline} (fp16 baseline)", "bpw": 16.0, "bytes": size, "ppl": ppl, "tokens": tokens})
+        rows.append({"model": f"{baseline} (fp16 baseline)", "bpw": 16.0, "bytes": size, "ppl": ppl, "tokens": tokens,
+                     "baseline": True, **tasks("baseline", model, tokenizer)})
         del model
     for folder in quantized:
         from transformers import AutoTokenizer
@@ -128,7 +137,7 @@ def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[l
             raise RVQError(f"{folder} has no tokenizer files and no --baseline was given to take one from")
         ppl, tokens = run(folder.name, model, tok)
         rows.append({"model": str(folder), "bpw": summarize(model.rvq_layers)["bpw"], "bytes": folder_bytes(folder),
-                     "ppl": ppl, "tokens": tokens})
+                     "ppl": ppl, "tokens": tokens, **tasks(folder.name, model, tok)})
         del model
     return rows, list(texts)
 
@@ -143,6 +152,37 @@ def cmd_eval(args: argparse.Namespace) -> dict:
               f"{args.windows * (args.context - 1)} predicted tokens per text")
         print(table)
     return {"rows": rows, "context": args.context, "windows": args.windows, "table": table}
+
+
+def cmd_report(args: argparse.Namespace) -> dict:
+    """Evaluate checkpoints beside the baseline; write report.md/.json/.png and a README card per checkpoint."""
+    from .eval.report import format_table, plot, write_json, write_model_card
+
+    folders = [Path(d) for d in args.checkpoints]
+    for f in folders:
+        if not (f / "config.json").exists():
+            raise RVQError(f"{f} is not an rvqllm checkpoint folder (no config.json): give folders written by `rvqllm quantize`")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, names = _evaluate_rows(args, folders, args.baseline)
+    protocol = (f"ppl-{args.context}x{args.windows}: context {args.context}, {args.windows} windows, "
+                f"{args.windows * (args.context - 1)} predicted tokens per text")
+    command = "rvqllm " + " ".join(sys.argv[1:]) if sys.argv and "report" in sys.argv else ""
+    table = format_table(rows, names)
+    (out / "report.md").write_text(f"Perplexity {protocol}.\n\n{table}\n" + (f"\nCommand: `{command}`\n" if command else ""))
+    write_json(rows, out / "report.json", protocol=protocol, command=command, texts=names)
+    png = plot(rows, names, out / "report.png", title=f"rvqllm: perplexity vs bits per weight ({protocol.split(':')[0]})")
+    base = next((r for r in rows if r.get("baseline")), None)
+    cards = []
+    if not args.no_card:
+        for folder, row in zip(folders, [r for r in rows if not r.get("baseline")], strict=True):
+            cards.append(str(write_model_card(folder, row, base, protocol, command)))
+    if not args.json:
+        print(f"perplexity: {protocol}")
+        print(table)
+        _say(args, f"wrote {out / 'report.md'}, {out / 'report.json'}, {png}" + (f"; model cards: {', '.join(cards)}" if cards else ""))
+    return {"rows": rows, "table": table, "files": [str(out / "report.md"), str(out / "report.json"), str(png)],
+            "model_cards": cards}
 
 
 def cmd_info(args: argparse.Namespace) -> dict:
@@ -191,8 +231,15 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     return {"quantize": qres, "rows": rows, "table": table}
 
 
+def _preset_description(name: str) -> str:
+    try:
+        return RVQConfig.load(name).description or "(no description)"
+    except RVQError as err:
+        return f"(unreadable: {err})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    presets = ", ".join(available_presets())
+    presets = "; ".join(f"{n}: {_preset_description(n)}" for n in available_presets())
     p = argparse.ArgumentParser(prog="rvqllm", description="Residual vector quantization of Hugging Face causal LMs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -206,17 +253,35 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default=DEFAULT_PRESET,
                         help=f"preset name ({presets}) or YAML file; more stages/bits cost time and size, gain quality")
         sp.add_argument("--calib", nargs="+", default=["kjv", "shakespeare"],
-                        help="calibration text sources (reference names, files, datasets names)")
+                        help="calibration text sources: reference names (kjv, shakespeare), .txt/.jsonl/.parquet "
+                             "files or data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. "
+                             "wikitext:wikitext-2-raw-v1); text from the domain you care about helps quality")
         sp.add_argument("--calib-sequences", type=int, help="override the preset: calibration sequences "
                         "(time grows linearly; more is steadier)")
-        sp.add_argument("--calib-seq-len", type=int, help="override the preset: tokens per calibration sequence")
-        sp.add_argument("--seed", type=int, help="override the preset's seed")
+        sp.add_argument("--calib-seq-len", type=int, help="override the preset: tokens per calibration sequence "
+                        "(time grows linearly with it; the presets use 512)")
+        sp.add_argument("--seed", type=int, help="override the preset's seed (where calibration windows are drawn, "
+                        "k-means starts); results vary a little with it, never the cost")
         sp.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+        text_column(sp)
+
+    def text_column(sp):
+        if not any(a.dest == "text_column" for a in sp._actions):
+            sp.add_argument("--text-column", default="text",
+                            help="column/field holding the text in .jsonl/.parquet files and datasets (default: text)")
 
     def eval_opts(sp):
-        sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS, help="evaluation texts (reference names, files, datasets names)")
+        text_column(sp)
+        sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS,
+                        help="evaluation texts: reference names (kjv, shakespeare), .txt/.jsonl/.parquet files or "
+                             "data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. wikitext:wikitext-2-raw-v1)")
         sp.add_argument("--context", type=int, default=512, help="tokens per window (ppl-512x64 protocol: 512)")
         sp.add_argument("--windows", type=int, default=64, help="windows per text (ppl-512x64 protocol: 64)")
+        sp.add_argument("--tasks", nargs="+", metavar="TASK",
+                        help="lm-eval tasks to run beside perplexity (offline: rvq_kjv_next_verse; hub tasks such "
+                             "as hellaswag need internet); minutes per task on CPU")
+        sp.add_argument("--task-limit", type=int, help="at most this many documents per lm-eval task (quick runs)")
+        sp.add_argument("--include-path", help="folder of your own lm-eval YAML tasks")
 
     q = sub.add_parser("quantize", help="quantize a model and save the checkpoint")
     q.add_argument("model", help="'reference', a model folder, a .gguf file or a hub id")
@@ -229,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", help="the unquantized model ('reference', a folder, a .gguf or a hub id)")
     eval_opts(e)
     common(e)
+
+    r = sub.add_parser("report", help="compare checkpoints and the baseline: markdown table, JSON, PNG plot, "
+                                      "and a README model card in each checkpoint folder")
+    r.add_argument("checkpoints", nargs="+", help="rvqllm checkpoint folders")
+    r.add_argument("--baseline", default="reference", help="the unquantized model (default: the reference)")
+    r.add_argument("--out-dir", default="report", help="folder for report.md, report.json, report.png")
+    r.add_argument("--no-card", action="store_true", help="do not write README.md model cards into the checkpoints")
+    eval_opts(r)
+    common(r)
 
     i = sub.add_parser("info", help="format, bits per weight and size of a checkpoint")
     i.add_argument("checkpoint")
@@ -246,7 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
+    if getattr(args, "quiet", False) or getattr(args, "json", False):
+        # silence the progress bars of the libraries we drive too (lm-eval's own bars stay: it has no switch)
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
+                "report": cmd_report}
     try:
         result = handlers[args.command](args)
     except RVQError as err:

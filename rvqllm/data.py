@@ -5,8 +5,14 @@ A text source is one string:
 - ``kjv`` / ``shakespeare`` (optionally ``reference:kjv``): the offline reference texts; the split
   (``test`` for evaluation, ``calib`` for calibration) is chosen by the caller;
 - a path to a local ``.txt``, ``.jsonl`` (a ``text`` field per line) or ``.parquet`` (a ``text`` column);
-- a ``datasets`` name with optional config and split: ``wikitext:wikitext-2-raw-v1`` or
-  ``wikitext:wikitext-2-raw-v1:test`` (a ``text`` column is read and joined with blank lines).
+- a local folder of data files (``.parquet``/``.jsonl``/``.csv``), read with ``datasets``;
+- a ``datasets`` name with optional config and split: ``wikitext:wikitext-2-raw-v1``,
+  ``wikitext:wikitext-2-raw-v1:test`` or ``allenai/c4:en:validation`` (the ``text`` column, or the one
+  named by ``text_column``, is read and joined with blank lines).
+
+The same three numbers choose the tokens everywhere (:func:`token_batches`): how many sequences, how
+long, and the seed that places them; calibration draws them at seeded offsets, evaluation takes them
+contiguous from the start (the ``ppl-512x64`` protocol, where the seed plays no part).
 """
 
 from __future__ import annotations
@@ -21,23 +27,53 @@ from .errors import RVQError
 from .reference import TEXTS, reference_texts
 
 
-def load_text(source: str, split: str = "test", cache_dir: Path | None = None) -> str:
+def load_text(source: str, split: str = "test", cache_dir: Path | None = None, text_column: str = "text") -> str:
     """The whole text of ``source`` (see module doc). ``split`` is ``test`` or ``calib`` for the reference
     texts and the default ``datasets`` split (``calib`` maps to ``train``)."""
     name = source.removeprefix("reference:")
     if name in TEXTS:
         return reference_texts(cache_dir)[name]["calib" if split in ("calib", "train") else "test"].read_text()
     path = Path(source)
-    if path.exists():
-        return _read_file(path)
-    if source.endswith((".txt", ".jsonl", ".parquet", ".json")) or "/" in source and not source.count(":"):
-        raise RVQError(f"text file {source} not found: check the path")
-    return _read_dataset(source, split)
-
-
-def _read_file(path: Path) -> str:
     if path.is_dir():
-        raise RVQError(f"{path} is a folder: give a .txt, .jsonl or .parquet file")
+        return _read_folder(path, split, text_column)
+    if path.exists():
+        return _read_file(path, text_column)
+    if source.endswith((".txt", ".jsonl", ".parquet", ".json")) or source.startswith((".", "/", "~")):
+        raise RVQError(f"text file {source} not found: check the path")
+    return _read_dataset(source, split, text_column)
+
+
+def source_label(source: str) -> str:
+    """Short name of a source for tables: ``kjv``, a file's stem, or the ``datasets`` name and config."""
+    path = Path(source)
+    if path.exists():
+        return path.stem or path.name
+    parts = source.removeprefix("reference:").split(":")
+    label = parts[0].split("/")[-1]
+    return f"{label}-{parts[1]}" if len(parts) > 1 and parts[1] else label
+
+
+def _column(ds, where: str, text_column: str) -> str:
+    if text_column not in ds.column_names:
+        raise RVQError(f"{where} has no {text_column!r} column (columns: {ds.column_names}): "
+                       "name the text column with --text-column")
+    return "\n\n".join(t for t in ds[text_column] if t)
+
+
+def _read_folder(path: Path, split: str, text_column: str) -> str:
+    from datasets import load_dataset
+
+    kinds = {f.suffix for f in path.iterdir() if f.suffix in (".parquet", ".jsonl", ".json", ".csv", ".txt")}
+    if not kinds:
+        raise RVQError(f"{path} is a folder without .parquet/.jsonl/.csv/.txt files: give a text file or a data folder")
+    try:
+        ds = load_dataset(str(path), split="train")
+    except Exception as err:  # datasets raises many types for unreadable folders
+        raise RVQError(f"could not read data folder {path} ({err.__class__.__name__}): check its files") from None
+    return _column(ds, str(path), text_column)
+
+
+def _read_file(path: Path, text_column: str = "text") -> str:
     if path.suffix in (".jsonl", ".json"):
         texts = []
         with path.open(encoding="utf-8") as f:
@@ -45,24 +81,23 @@ def _read_file(path: Path) -> str:
                 if not line.strip():
                     continue
                 try:
-                    texts.append(json.loads(line)["text"])
+                    texts.append(json.loads(line)[text_column])
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise RVQError(f"{path}:{i} is not a JSON object with a 'text' field: fix that line") from None
+                    raise RVQError(f"{path}:{i} is not a JSON object with a {text_column!r} field: fix that line "
+                                   "or name the field with --text-column") from None
         return "\n\n".join(texts)
     if path.suffix == ".parquet":
         from datasets import load_dataset
 
         ds = load_dataset("parquet", data_files=str(path), split="train")
-        if "text" not in ds.column_names:
-            raise RVQError(f"{path} has no 'text' column (columns: {ds.column_names})")
-        return "\n\n".join(ds["text"])
+        return _column(ds, str(path), text_column)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RVQError(f"{path} is not UTF-8 text: convert it or give a .jsonl/.parquet file") from None
 
 
-def _read_dataset(spec: str, split: str) -> str:
+def _read_dataset(spec: str, split: str, text_column: str = "text") -> str:
     from datasets import load_dataset
 
     parts = spec.split(":")
@@ -75,9 +110,7 @@ def _read_dataset(spec: str, split: str) -> str:
             f"could not load dataset {spec!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:160]}): "
             "check the name/config/split or give a local text file"
         ) from None
-    if "text" not in ds.column_names:
-        raise RVQError(f"dataset {spec!r} has no 'text' column (columns: {ds.column_names})")
-    return "\n\n".join(t for t in ds["text"] if t)
+    return _column(ds, f"dataset {spec!r}", text_column)
 
 
 def calibration_tokens(texts: list[str], tokenizer, n_sequences: int, seq_len: int, seed: int = 0) -> Tensor:
@@ -105,3 +138,22 @@ def calibration_tokens(texts: list[str], tokenizer, n_sequences: int, seq_len: i
         start = int(torch.randint(len(s) - seq_len + 1, (1,), generator=gen))
         rows.append(s[start : start + seq_len])
     return torch.tensor(rows, dtype=torch.long)
+
+
+def token_batches(texts: list[str], tokenizer, n_sequences: int, seq_len: int, seed: int = 0,
+                  purpose: str = "calib") -> Tensor:
+    """``[n_sequences, seq_len]`` int64, the one entry point for both uses with the same three options.
+
+    ``purpose="calib"``: :func:`calibration_tokens` (seeded offsets, spread over ``texts``);
+    ``purpose="eval"``: the first ``n_sequences * seq_len`` tokens of the single text, contiguous
+    (:func:`rvqllm.eval.perplexity.tokenize_windows`; ``seed`` unused).
+    """
+    if purpose == "calib":
+        return calibration_tokens(texts, tokenizer, n_sequences, seq_len, seed)
+    if purpose == "eval":
+        from .eval.perplexity import tokenize_windows
+
+        if len(texts) != 1:
+            raise RVQError("evaluation windows come from one text at a time: pass a list of one text")
+        return tokenize_windows(texts[0], tokenizer, seq_len, n_sequences)
+    raise RVQError(f"purpose must be 'calib' or 'eval', not {purpose!r}")

@@ -1,0 +1,87 @@
+"""Text sources: reference texts, local txt/jsonl/parquet files and data folders (through `datasets`), with the
+same token options (sequences, length, seed) for calibration and evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rvqllm.data import calibration_tokens, load_text, source_label, token_batches
+from rvqllm.errors import RVQError
+
+pytestmark = pytest.mark.unit
+
+LINES = [f"line {i} of the sample text, with a few words." for i in range(300)]
+
+
+class CharTokenizer:
+    """One token per character (enough to test windowing without a real vocabulary)."""
+
+    bos_token_id = None
+    name_or_path = "chars"
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+
+def _write_all(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(LINES))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(LINES)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in LINES))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": LINES}), tmp_path / "a.parquet")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": LINES[:150]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"text": LINES[150:]}), folder / "part-1.parquet")
+    return folder
+
+
+def test_every_local_format_gives_the_same_text(tmp_path):
+    folder = _write_all(tmp_path)
+    want = "\n\n".join(LINES)
+    assert load_text(str(tmp_path / "a.txt")) == want
+    assert load_text(str(tmp_path / "a.jsonl")) == want
+    assert load_text(str(tmp_path / "b.jsonl"), text_column="body") == want
+    assert load_text(str(tmp_path / "a.parquet")) == want
+    assert load_text(str(folder)) == want
+    assert source_label(str(tmp_path / "a.parquet")) == "a" and source_label("reference:kjv") == "kjv"
+    assert source_label("wikitext:wikitext-2-raw-v1:test") == "wikitext-wikitext-2-raw-v1"
+
+
+def test_errors_name_the_problem(tmp_path):
+    _write_all(tmp_path)
+    with pytest.raises(RVQError, match="not found"):
+        load_text(str(tmp_path / "missing.txt"))
+    with pytest.raises(RVQError, match=r"a.jsonl:1 is not a JSON object with a 'body' field"):
+        load_text(str(tmp_path / "a.jsonl"), text_column="body")
+    with pytest.raises(RVQError, match=r"has no 'body' column \(columns: \['text'\]\)"):
+        load_text(str(tmp_path / "a.parquet"), text_column="body")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RVQError, match="folder without"):
+        load_text(str(tmp_path / "empty"))
+
+
+def test_reference_splits_differ(reference):
+    assert load_text("kjv", "test")[:200] != load_text("kjv", "calib")[:200]
+    assert load_text("reference:shakespeare", "calib") == load_text("shakespeare", "train")
+
+
+def test_same_options_for_calibration_and_evaluation():
+    tok = CharTokenizer()
+    text = "\n".join(LINES)
+    calib = token_batches([text], tok, 6, 40, seed=3, purpose="calib")
+    assert calib.shape == (6, 40) and calib.dtype == torch.long
+    assert torch.equal(calib, calibration_tokens([text], tok, 6, 40, seed=3))
+    assert torch.equal(calib, token_batches([text], tok, 6, 40, seed=3))  # seeded: same again
+    assert not torch.equal(calib, token_batches([text], tok, 6, 40, seed=4))
+    ev = token_batches([text], tok, 6, 40, seed=99, purpose="eval")
+    assert torch.equal(ev.reshape(-1), torch.tensor(tok(text)["input_ids"][:240]))  # contiguous, seed unused
+    with pytest.raises(RVQError, match="too few"):
+        token_batches(["short text " * 5], tok, 50, 40)
+    with pytest.raises(RVQError, match="one text at a time"):
+        token_batches([text, text], tok, 2, 40, purpose="eval")
