@@ -34,3 +34,22 @@ def reference():
     from rvqllm.reference import reference_model_dir, reference_texts
 
     return reference_model_dir(), reference_texts()
+
+
+def quantize_reference(preset: str, sequences: int = 16, seq_len: int = 256):
+    """The reference model quantized with a preset on a small calibration set: ``(model, tokenizer)``."""
+    import rvqllm
+    from rvqllm.data import calibration_tokens, load_text
+    from rvqllm.models import load_model
+
+    model, tok = load_model("reference")
+    cfg = rvqllm.RVQConfig.load(preset).replace(calib_sequences=sequences, calib_seq_len=seq_len)
+    texts = [load_text(t, "calib") for t in ("kjv", "shakespeare")]
+    rvqllm.quantize(model, cfg, calibration_tokens(texts, tok, cfg.calib_sequences, cfg.calib_seq_len, cfg.seed))
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def reference_2bit(reference):
+    """The reference model at the 2-bit preset, quantized once per test session (shared, do not modify)."""
+    return quantize_reference("2bit")

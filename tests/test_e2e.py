@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import rvqllm
-from rvqllm.data import calibration_tokens, load_text
+from rvqllm.data import load_text
 from rvqllm.eval import evaluate
 from rvqllm.models import load_model
+from tests.conftest import quantize_reference
 
 pytestmark = pytest.mark.e2e
 
@@ -31,16 +32,8 @@ def baseline_ppl(texts):
     return {k: r.ppl for k, r in evaluate(model, tok, texts, windows=WINDOWS).items()}
 
 
-def _quantize(preset: str):
-    model, tok = load_model("reference")
-    cfg = rvqllm.RVQConfig.load(preset).replace(calib_sequences=16, calib_seq_len=256)
-    calib = calibration_tokens([load_text(t, "calib") for t in TEXTS], tok, cfg.calib_sequences, cfg.calib_seq_len, cfg.seed)
-    rvqllm.quantize(model, cfg, calib)
-    return model, tok
-
-
 def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
-    model, tok = _quantize("4bit")
+    model, tok = quantize_reference("4bit")
     out = rvqllm.save(model, tmp_path / "q4", tok)
     loaded = rvqllm.load(out)
     ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -51,8 +44,8 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
         assert ppl[name] < baseline_ppl[name] * 1.05, (name, ppl[name], baseline_ppl[name])
 
 
-def test_2bit_finite_and_far_better_than_chance(texts, baseline_ppl):
-    model, tok = _quantize("2bit")
+def test_2bit_finite_and_far_better_than_chance(texts, baseline_ppl, reference_2bit):
+    model, tok = reference_2bit
     ppl = {k: r.ppl for k, r in evaluate(model, tok, texts, windows=WINDOWS).items()}
     vocab = model.config.vocab_size
     for name in TEXTS:

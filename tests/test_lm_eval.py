@@ -7,12 +7,8 @@ import json
 import pytest
 import torch
 
-import rvqllm
 from rvqllm.errors import RVQError
 from rvqllm.eval.lm_eval_bridge import NEXT_VERSE, TASKS_DIR, build_next_verse_docs, run_tasks, shipped_tasks
-
-CHEAP = rvqllm.RVQConfig(vector_dim=8, stages=2, bits=4, kmeans_iters=2, error_feedback=False,
-                         calib_sequences=4, calib_seq_len=128, calib_batch_size=4)
 
 
 @pytest.mark.integration
@@ -46,15 +42,12 @@ def test_unknown_task_is_named():
 
 
 @pytest.mark.e2e
-def test_local_task_on_compressed_reference_and_baseline(reference):
-    from rvqllm.data import calibration_tokens, load_text
+def test_local_task_on_compressed_reference_and_baseline(reference_2bit):
     from rvqllm.models import load_model
 
     baseline, tok = load_model("reference")
     base = run_tasks(baseline, tok, [NEXT_VERSE], limit=8)[NEXT_VERSE]
-    model, _ = load_model("reference")
-    calib = calibration_tokens([load_text("kjv", "calib")], tok, CHEAP.calib_sequences, CHEAP.calib_seq_len)
-    rvqllm.quantize(model, CHEAP, calib)
+    model, _ = reference_2bit
     quant = run_tasks(model, tok, [NEXT_VERSE], limit=8)[NEXT_VERSE]
     for r in (base, quant):
         assert r["sample_len"] == 8 and set(r) >= {"acc", "acc_norm"}
