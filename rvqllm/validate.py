@@ -205,12 +205,9 @@ def read_header(path: Path, data: bytes | memoryview) -> tuple[dict[str, TensorE
     return entries, metadata
 
 
-def read_verified_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
-    """Read a checkpoint's safetensors file, checking its header and every stored checksum.
-
-    ``config`` is the parsed ``config.json`` (its checksum is stored in the weights file's metadata).
-    Returns CPU tensors by name (copies; the file is not kept open).
-    """
+def read_checksummed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file written with :func:`checksum_metadata`-style tensor sums, checking its header
+    and every tensor's sha256. Returns ``(CPU tensors by name, metadata)``; the file is not kept open."""
     if not path.is_file():
         raise RVQError(f"{path} is missing: the checkpoint is incomplete; re-create or re-download it")
     try:
@@ -218,15 +215,8 @@ def read_verified_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
     except OSError as err:
         raise RVQError(f"{path} cannot be read ({err.strerror or err}): check the file") from err
     entries, metadata = read_header(path, data)
-    if CONFIG_SUM_KEY not in metadata or TENSOR_SUMS_KEY not in metadata:
+    if TENSOR_SUMS_KEY not in metadata:
         raise RVQError(f"{path} carries no checksums (not written by this rvqllm, or tampered): {_FIX}")
-    try:
-        want_config = config_digest(config)
-    except ValueError:
-        raise RVQError(f"{path.parent}/config.json holds NaN/Infinity: {_FIX}") from None
-    if metadata[CONFIG_SUM_KEY] != want_config:
-        raise RVQError(f"{path.parent}/config.json does not match the checksum stored in {path.name} "
-                       f"(edited or corrupted): {_FIX}")
     try:
         sums = json.loads(metadata[TENSOR_SUMS_KEY])
     except (json.JSONDecodeError, RecursionError):
@@ -248,6 +238,25 @@ def read_verified_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
         else:
             t = torch.empty(0, dtype=dtype)
         tensors[name] = t.reshape(e.shape)
+    return tensors, metadata
+
+
+def read_verified_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's safetensors file, checking its header and every stored checksum.
+
+    ``config`` is the parsed ``config.json`` (its checksum is stored in the weights file's metadata).
+    Returns CPU tensors by name.
+    """
+    tensors, metadata = read_checksummed(path)
+    if CONFIG_SUM_KEY not in metadata:
+        raise RVQError(f"{path} carries no config checksum (not written by this rvqllm, or tampered): {_FIX}")
+    try:
+        want_config = config_digest(config)
+    except ValueError:
+        raise RVQError(f"{path.parent}/config.json holds NaN/Infinity: {_FIX}") from None
+    if metadata[CONFIG_SUM_KEY] != want_config:
+        raise RVQError(f"{path.parent}/config.json does not match the checksum stored in {path.name} "
+                       f"(edited or corrupted): {_FIX}")
     return tensors
 
 
@@ -384,3 +393,52 @@ def validate_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) 
     check_structure(weights, tensors, skeleton, qcfg["layers"])
     check_values(weights, tensors, qcfg["layers"])
     return ValidatedCheckpoint(skeleton, tensors, config, qcfg)
+
+
+# ------------------------------------------------------------------------------------------ inputs to quantize
+def check_vector_dim_fits(vector_dim: int, widths: dict[str, int]) -> None:
+    """Refuse a ``vector_dim`` that divides no layer's input width.
+
+    Zero-padding a few layers up to a multiple of ``vector_dim`` is by design (it costs a little size);
+    but when *no* layer's ``in_features`` is a multiple of it, the value is almost surely a mistake.
+    """
+    if widths and not any(w % vector_dim == 0 for w in widths.values()):
+        distinct = sorted(set(widths.values()))
+        divisors = [d for d in (4, 8, 16, 32, 6, 12, 2) if all(w % d == 0 for w in distinct)]
+        hint = f"e.g. vector_dim={divisors[0]}" if divisors else "a divisor of them"
+        raise RVQError(f"vector_dim={vector_dim} divides no layer's input width (widths {distinct}): "
+                       f"choose {hint}")
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Refuse a model with NaN/Inf in any floating parameter or buffer, naming the first one."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+            raise RVQError(f"{name} of the input model holds NaN/Inf values: the model is corrupt; "
+                           "re-download or re-convert it")
+
+
+def check_causal_behaviour(model: nn.Module, seq_len: int = 8) -> None:
+    """Refuse a model whose outputs at position ``t`` depend on tokens after ``t`` (bidirectional).
+
+    Runs two seeded random sequences that differ only in their last token and compares the logits of
+    every earlier position; a causal LM gives the same values (up to float noise).
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab or vocab < 2:
+        return
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, seq_len), generator=gen)
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1 + int(torch.randint(0, vocab - 1, (1,), generator=gen))) % vocab
+    if other[0, -1] == ids[0, -1]:
+        other[0, -1] = (ids[0, -1] + 1) % vocab
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        a = model(input_ids=ids.to(device), use_cache=False).logits[0, :-1].float()
+        b = model(input_ids=other.to(device), use_cache=False).logits[0, :-1].float()
+    scale = a.abs().max().clamp_min(1e-6)
+    if (a - b).abs().max() > 1e-3 * scale:
+        raise RVQError(f"{type(model).__name__} is not causal: its outputs at a position change with later "
+                       "tokens (bidirectional attention); rvqllm quantizes causal (decoder-only) LMs")
