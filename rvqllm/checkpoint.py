@@ -30,14 +30,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .config import RVQConfig
 from .errors import RVQError
 from .nn import QuantizedLinear
 from .size import model_specs
-from .validate import FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME
+from .validate import FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, write_safetensors
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -198,7 +197,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, *, overwrite: bo
         config = json.loads(config_text)  # exactly what load() will read back
         metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION),
                     **checksum_metadata(tensors, config)}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata)
         del tensors
         (tmp / "config.json").write_text(config_text)
         gen = getattr(model, "generation_config", None)

@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import RVQConfig
 from .errors import RVQError
 from .nn import QuantizedLinear
-from .validate import TENSOR_SUMS_KEY, read_checksummed, tensor_digest
+from .validate import TENSOR_SUMS_KEY, read_checksummed, tensor_digest, write_safetensors
 
 RUN_VERSION = 1
 
@@ -74,7 +73,7 @@ def write_tensors_atomic(path: Path, tensors: dict[str, Tensor], metadata: dict[
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {**(metadata or {}), TENSOR_SUMS_KEY: json.dumps({k: tensor_digest(v) for k, v in tensors.items()})}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(tmp, tensors, meta)
     _atomic_replace(tmp, path)
 
 

@@ -155,6 +155,35 @@ class TensorEntry:
     end: int
 
 
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a standard safetensors file whose bytes depend only on its content.
+
+    (The ``safetensors`` library writes ``__metadata__`` in hash-map order, which changes from process to
+    process; a resumed run must give the same bytes as an uninterrupted one.) Tensors are laid out in
+    name order, the header is compact JSON with sorted keys, space-padded to a multiple of 8 bytes.
+    """
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    pos = 0
+    blobs = []
+    for name in names:
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _TORCH_TO_NAME:
+            raise TypeError(f"tensor {name}: dtype {t.dtype} has no safetensors name")
+        blob = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
+        header[name] = {"dtype": _TORCH_TO_NAME[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [pos, pos + blob.nbytes]}
+        pos += blob.nbytes
+        blobs.append(blob)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+
+
 def read_header(path: Path, data: bytes | memoryview) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Parse and bounds-check a safetensors header. Returns ``(entries by name, metadata)``."""
     size = len(data)

@@ -289,6 +289,23 @@ def test_tampered_checkpoint_is_refused_with_one_line(tamper, bad):
 
 
 @pytest.mark.unit
+def test_weights_file_is_standard_safetensors_with_stable_bytes(ckpt, tmp_path):
+    from safetensors import safe_open
+
+    from rvqllm.validate import write_safetensors
+
+    tensors, _ = read_ckpt(ckpt[0])
+    with safe_open(str(ckpt[0] / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "pt" and sorted(f.keys()) == sorted(tensors)
+    write_safetensors(tmp_path / "a.safetensors", tensors, {"b": "1", "a": "2", "format": "pt"})
+    shuffled = dict(reversed(list(tensors.items())))
+    write_safetensors(tmp_path / "b.safetensors", shuffled, {"format": "pt", "a": "2", "b": "1"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    again = load_file(str(tmp_path / "a.safetensors"))
+    assert all(torch.equal(again[k], t) and again[k].dtype == t.dtype for k, t in tensors.items())
+
+
+@pytest.mark.unit
 def test_kernels_never_see_unvalidated_codes(bad, monkeypatch):
     """The forward op must not run while loading; a bad code fails in validation, before any decode."""
     import rvqllm.nn as qnn
@@ -342,7 +359,7 @@ def test_no_pickle_or_remote_code_in_the_package():
 
 
 # ------------------------------------------------------------------------------------------ 2. atomic saves
-def _half_write_then_enospc(tensors, filename, metadata=None):
+def _half_write_then_enospc(filename, tensors, metadata=None):
     Path(filename).write_bytes(b"\0" * 1000)  # some bytes made it before the disk filled up
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
@@ -353,7 +370,7 @@ def test_full_disk_during_save_keeps_old_checkpoint(ckpt, tmp_path, monkeypatch)
     before = folder_digest(out)
     model = tiny_llama()
     rvqllm.quantize(model, CFG.replace(seed=1), CALIB)
-    monkeypatch.setattr(checkpoint, "save_file", _half_write_then_enospc)
+    monkeypatch.setattr(checkpoint, "write_safetensors", _half_write_then_enospc)
     with pytest.raises(RVQError) as info:
         rvqllm.save(model, out, overwrite=True)
     assert_one_line_error(info.value, "disk is full", "unchanged")
@@ -366,7 +383,7 @@ def test_full_disk_during_save_keeps_old_checkpoint(ckpt, tmp_path, monkeypatch)
 def test_full_disk_during_first_save_leaves_nothing(tmp_path, monkeypatch):
     model = tiny_llama()
     rvqllm.quantize(model, CFG, CALIB)
-    monkeypatch.setattr(checkpoint, "save_file", _half_write_then_enospc)
+    monkeypatch.setattr(checkpoint, "write_safetensors", _half_write_then_enospc)
     with pytest.raises(RVQError, match="nothing was written"):
         rvqllm.save(model, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
@@ -523,6 +540,8 @@ def test_sigkill_then_resume_gives_the_same_bytes(tmp_path):
     res = subprocess.run(_cli("quantize", *common, "--out", str(out), "--resume", "--json"), env=env,
                          check=True, capture_output=True, text=True)
     assert json.loads(res.stdout)["resumed_layers"] == 7 * done
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert folder_digest(out) == folder_digest(full)  # byte-identical, every file
     assert not (tmp_path / "resumed.partial").exists()
     assert folder_digest(model) == model_before  # the input model is never modified
@@ -683,7 +702,7 @@ def test_existing_output_is_refused_and_kept(cli_env, ckpt, tmp_path, capsys):
 def test_full_disk_in_the_cli(cli_env, ckpt, tmp_path, capsys, monkeypatch):
     out = Path(shutil.copytree(ckpt[0], tmp_path / "out"))
     before = folder_digest(out)
-    monkeypatch.setattr(checkpoint, "save_file", _half_write_then_enospc)
+    monkeypatch.setattr(checkpoint, "write_safetensors", _half_write_then_enospc)
     rc, err = run_cli(capsys, *quantize_args(cli_env, out, "--overwrite"))
     assert_clean_failure(rc, err, "disk is full")
     assert folder_digest(out) == before
