@@ -553,10 +553,10 @@ _MEM_SCRIPT = textwrap.dedent("""
     from transformers import LlamaConfig, LlamaForCausalLM
     n, mode, run = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)).eval()
     calib = torch.randint(0, 128, (n, 64), generator=torch.Generator().manual_seed(0))
-    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, kmeans_iters=2, error_feedback=False, calib_batch_size=16)
+    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, kmeans_iters=2, error_feedback=False, calib_batch_size=64)
     rvqllm.quantize(model, cfg, calib, run_dir=run if mode == "disk" else None)
     print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """)
@@ -572,13 +572,13 @@ def _peak_mib(tmp_path: Path, n: int, mode: str) -> float:
 @pytest.mark.integration
 def test_calibration_size_does_not_grow_memory(tmp_path):
     """16x more calibration sequences: the run folder keeps peak memory flat; in memory it grows."""
-    small, large = 32, 512
-    activations_mib = large * 64 * 256 * 4 / 2**20  # one copy of block inputs for the large run: 32 MiB
+    small, large = 64, 1024
+    activations_mib = large * 64 * 64 * 4 / 2**20  # one copy of block inputs for the large run: 16 MiB
     disk_small, disk_large = _peak_mib(tmp_path, small, "disk"), _peak_mib(tmp_path, large, "disk")
     mem_large = _peak_mib(tmp_path, large, "memory")
     print(f"peak RSS MiB: disk n={small}: {disk_small:.0f}, disk n={large}: {disk_large:.0f}, "
           f"memory n={large}: {mem_large:.0f}")
-    assert disk_large - disk_small < 0.25 * activations_mib
+    assert disk_large - disk_small < 0.3 * activations_mib
     assert mem_large - disk_small > 0.75 * activations_mib  # the measurement can see the difference
 
 
