@@ -119,15 +119,15 @@ def _peak_rss_mib() -> float:
 
 
 def _check_input_untouched(model_spec: str, out: Path) -> None:
-    """Refuse an output folder that is, contains or lies inside the input model's folder."""
+    """Refuse an output folder that is or contains the input model, or lies inside its folder."""
     from .models import resolve
 
-    where, _ = resolve(model_spec)
-    src = Path(where)
+    where, gguf = resolve(model_spec)
+    src = Path(where) / gguf if gguf else Path(where)
     if not src.exists():
         return
     src, dst = src.resolve(), out.resolve()
-    if dst == src or dst in src.parents or src in dst.parents:
+    if dst == src or dst in src.parents or (not gguf and src in dst.parents):
         raise RVQError(f"output folder {out} overlaps the input model folder {src}: the input model is never "
                        "modified; choose an output folder outside it")
 
@@ -307,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.strerror or err}{where}: check the path, permissions and free disk space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = " (`rvqllm quantize ... --resume` continues from the last finished block)" \
+            if args.command in ("quantize", "demo") else ""
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
