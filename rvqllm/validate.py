@@ -433,7 +433,7 @@ def check_vector_dim_fits(vector_dim: int, widths: dict[str, int]) -> None:
     """
     if widths and not any(w % vector_dim == 0 for w in widths.values()):
         distinct = sorted(set(widths.values()))
-        divisors = [d for d in (4, 8, 16, 32, 6, 12, 2) if all(w % d == 0 for w in distinct)]
+        divisors = [d for d in (8, 4, 16, 32, 6, 12, 2) if all(w % d == 0 for w in distinct)]
         hint = f"e.g. vector_dim={divisors[0]}" if divisors else "a divisor of them"
         raise RVQError(f"vector_dim={vector_dim} divides no layer's input width (widths {distinct}): "
                        f"choose {hint}")
