@@ -562,11 +562,17 @@ _MEM_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _peak_mib(tmp_path: Path, n: int, mode: str) -> float:
+def _peak_mib(tmp_path: Path, runs: list[tuple[int, str]]) -> list[float]:
+    """Peak RSS (MiB) of one subprocess per ``(n_sequences, mode)``, run side by side."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(n), mode, str(tmp_path / f"run-{n}-{mode}")],
-                         env=env, check=True, capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+    procs = [subprocess.Popen([sys.executable, "-c", _MEM_SCRIPT, str(n), mode, str(tmp_path / f"run-{n}-{mode}")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n, mode in runs]
+    peaks = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+        peaks.append(json.loads(out.strip().splitlines()[-1])["peak_kib"] / 1024)
+    return peaks
 
 
 @pytest.mark.integration
@@ -574,8 +580,7 @@ def test_calibration_size_does_not_grow_memory(tmp_path):
     """16x more calibration sequences: the run folder keeps peak memory flat; in memory it grows."""
     small, large = 64, 1024
     activations_mib = large * 64 * 64 * 4 / 2**20  # one copy of block inputs for the large run: 16 MiB
-    disk_small, disk_large = _peak_mib(tmp_path, small, "disk"), _peak_mib(tmp_path, large, "disk")
-    mem_large = _peak_mib(tmp_path, large, "memory")
+    disk_small, disk_large, mem_large = _peak_mib(tmp_path, [(small, "disk"), (large, "disk"), (large, "memory")])
     print(f"peak RSS MiB: disk n={small}: {disk_small:.0f}, disk n={large}: {disk_large:.0f}, "
           f"memory n={large}: {mem_large:.0f}")
     assert disk_large - disk_small < 0.3 * activations_mib
