@@ -549,7 +549,7 @@ def test_sigkill_then_resume_gives_the_same_bytes(tmp_path):
 
 # ------------------------------------------------------------------------------------------ 4. bounded memory
 _MEM_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch, rvqllm
+    import json, sys, torch, rvqllm
     from transformers import LlamaConfig, LlamaForCausalLM
     n, mode, run = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     torch.manual_seed(0)
@@ -557,13 +557,18 @@ _MEM_SCRIPT = textwrap.dedent("""
         num_attention_heads=4, num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)).eval()
     calib = torch.randint(0, 128, (n, 64), generator=torch.Generator().manual_seed(0))
     cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, kmeans_iters=2, error_feedback=False, calib_batch_size=64)
+    def status(key):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS: import-time peaks do not count
     rvqllm.quantize(model, cfg, calib, run_dir=run if mode == "disk" else None)
-    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"before_kib": before, "peak_kib": status("VmHWM")}))
 """)
 
 
-def _peak_mib(tmp_path: Path, runs: list[tuple[int, str]]) -> list[float]:
-    """Peak RSS (MiB) of one subprocess per ``(n_sequences, mode)``, run side by side."""
+def _growth_mib(tmp_path: Path, runs: list[tuple[int, str]]) -> list[float]:
+    """Peak RSS during ``quantize`` minus RSS before it (MiB), one subprocess per ``(n_sequences, mode)``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", _MEM_SCRIPT, str(n), mode, str(tmp_path / f"run-{n}-{mode}")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n, mode in runs]
@@ -571,20 +576,26 @@ def _peak_mib(tmp_path: Path, runs: list[tuple[int, str]]) -> list[float]:
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
-        peaks.append(json.loads(out.strip().splitlines()[-1])["peak_kib"] / 1024)
+        res = json.loads(out.strip().splitlines()[-1])
+        peaks.append((res["peak_kib"] - res["before_kib"]) / 1024)
     return peaks
 
 
 @pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_calibration_size_does_not_grow_memory(tmp_path):
-    """16x more calibration sequences: the run folder keeps peak memory flat; in memory it grows."""
-    small, large = 64, 1024
-    activations_mib = large * 64 * 64 * 4 / 2**20  # one copy of block inputs for the large run: 16 MiB
-    disk_small, disk_large, mem_large = _peak_mib(tmp_path, [(small, "disk"), (large, "disk"), (large, "memory")])
-    print(f"peak RSS MiB: disk n={small}: {disk_small:.0f}, disk n={large}: {disk_large:.0f}, "
-          f"memory n={large}: {mem_large:.0f}")
-    assert disk_large - disk_small < 0.3 * activations_mib
-    assert mem_large - disk_small > 0.75 * activations_mib  # the measurement can see the difference
+    """32x more calibration sequences: with the run folder the peak stays flat; in memory it grows.
+
+    Allocator noise between runs is a few MiB (measured: +27..+35 MiB for 64..4096 sequences on disk),
+    so the large run holds 32 MiB of activations per copy.
+    """
+    small, large = 64, 2048
+    activations_mib = large * 64 * 64 * 4 / 2**20  # one copy of block inputs for the large run: 32 MiB
+    disk_small, disk_large, mem_large = _growth_mib(tmp_path, [(small, "disk"), (large, "disk"), (large, "memory")])
+    print(f"peak RSS growth during quantize, MiB: disk n={small}: {disk_small:.1f}, disk n={large}: "
+          f"{disk_large:.1f}, memory n={large}: {mem_large:.1f}")
+    assert disk_large - disk_small < 0.5 * activations_mib
+    assert mem_large - disk_small > 1.0 * activations_mib  # in memory: inputs + outputs; the test can tell
 
 
 # ------------------------------------------------------------------------------------------ 5. bad input, tried
