@@ -181,6 +181,7 @@ def quantize(
             store = outputs
         if run is not None:
             run.commit_block(i, {name: model.get_submodule(name) for name in layers})
+        all_layers[i] = dict.fromkeys(layers)  # let the replaced float layers (and their weights) go
     model.rvq_layers = specs
     model.rvq_config = config
     report.seconds = time.perf_counter() - start
