@@ -11,32 +11,32 @@ Folder layout::
                             where layers maps NAME -> {in_features, out_features, vector_dim, stages, bits, bias}
     generation_config.json, tokenizer files
 
-A save writes into a temporary sibling folder and renames it into place, so a crash never leaves a
-folder that looks complete.
+model.safetensors' metadata also holds checksums (sha256 of config.json's canonical JSON and of every
+tensor's bytes); :mod:`rvqllm.validate` checks them and everything else before a tensor is used.
+
+A save writes into a temporary sibling folder, flushes and validates it, then renames it into place,
+so a crash or a full disk never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .arch import prepare_for_layers, set_module
 from .config import RVQConfig
 from .errors import RVQError
 from .nn import QuantizedLinear
 from .size import model_specs
-
-FORMAT_VERSION = 1
-QUANT_METHOD = "rvq"
-WEIGHTS_NAME = "model.safetensors"
+from .validate import FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, write_safetensors
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -77,115 +77,202 @@ def storage_dtype(model: nn.Module) -> torch.dtype | None:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file in ``folder`` and the folder itself to disk (a power cut after the rename then
+    finds the complete new checkpoint, not empty files)."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform/filesystem: the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``). ``False`` where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # filesystem without RENAME_EXCHANGE: caller falls back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _tmp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-"
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary folders that earlier, killed saves to ``out`` left behind (their process is gone)."""
+    for p in out.parent.glob(_tmp_prefix(out) + "*"):
+        pid = p.name[len(_tmp_prefix(out)):].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass  # alive (or not ours to probe): leave it
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that exists unless ``overwrite``; never overwrite what is not a checkpoint.
+
+    ``--overwrite`` replaces an existing rvqllm checkpoint folder (or an empty folder); anything else
+    (a file, a model folder, a home directory) is refused, so a typo cannot delete a user's data.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise RVQError(f"output folder {out} exists: choose another folder or pass --overwrite")
+    if out.is_symlink() or not out.is_dir():
+        raise RVQError(f"output path {out} exists and is not a folder: remove it yourself or choose another folder")
+    if any(out.iterdir()):
+        try:
+            config = json.loads((out / "config.json").read_text())
+            ok = isinstance(config, dict) and isinstance(config.get("quantization_config"), dict) and \
+                config["quantization_config"].get("quant_method") == QUANT_METHOD
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise RVQError(f"refusing to overwrite {out}: it is not an rvqllm checkpoint folder; "
+                           "remove it yourself or choose another folder")
+
+
 def save(model: nn.Module, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False,
          dtype: torch.dtype | None = None) -> Path:
     """Save a quantized model (and its tokenizer) to ``out_dir`` atomically. Returns the folder.
 
     Unquantized tensors are stored in ``dtype`` (default: the 16-bit dtype the model's config names, so
     a model loaded from fp16 and computed in fp32 is stored in fp16 again, losslessly; else as they are).
+
+    Everything is written to a temporary sibling folder, flushed to disk, validated exactly as
+    :func:`load` validates it, and only then renamed into place (an existing checkpoint is swapped out
+    atomically). A crash or a full disk at any moment leaves either the old folder or the complete new
+    one; a failed write raises :class:`RVQError` and removes the temporary folder.
     """
+    from .validate import checksum_metadata, validate_checkpoint
+
     out = Path(out_dir)
     dtype = dtype or storage_dtype(model)
-    if out.exists() and not overwrite:
-        raise RVQError(f"output folder {out} exists: choose another folder or pass --overwrite")
+    check_output_folder(out, overwrite)
     qcfg = quantization_config(model)
     if not qcfg["layers"]:
         raise RVQError("the model has no quantized layers to save: run rvqllm.quantize first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}-", dir=out.parent))
         tmp.chmod(0o755)
         tensors = _state_dict_for_save(model, dtype)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quant_method": QUANT_METHOD,
-                                                            "format_version": str(FORMAT_VERSION)})
         config = model.config.to_dict()
         config["quantization_config"] = qcfg
         if dtype is not None:
             config["dtype"] = str(dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        config = json.loads(config_text)  # exactly what load() will read back
+        metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION),
+                    **checksum_metadata(tensors, config)}
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata)
+        del tensors
+        (tmp / "config.json").write_text(config_text)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        validate_checkpoint(tmp)  # never publish a checkpoint that would not load
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, out):
+                pass  # tmp now holds the old checkpoint; removed below
+            else:
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if err.errno == errno.ENOSPC:
+            reason += " (the disk is full: free space or choose another folder)"
+        state = "the existing checkpoint is unchanged" if out.exists() else "nothing was written"
+        raise RVQError(f"could not save the checkpoint to {out}: {reason}; {state}") from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def read_quantization_config(folder: str | Path) -> dict:
-    """The ``quantization_config`` of a checkpoint folder, checked for method and format version."""
-    path = Path(folder) / "config.json"
-    if not path.exists():
-        raise RVQError(f"{folder} is not an rvqllm checkpoint (no config.json): give a folder written by `rvqllm quantize`")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RVQError(f"{path} is not valid JSON: the checkpoint is corrupt; re-create or re-download it") from None
-    q = config.get("quantization_config")
-    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
-        raise RVQError(f"{folder} is not an rvqllm checkpoint (no quantization_config with quant_method 'rvq')")
-    version = q.get("format_version")
-    if version != FORMAT_VERSION:
-        raise RVQError(
-            f"{folder} has checkpoint format version {version!r}; this rvqllm reads version {FORMAT_VERSION}: "
-            "upgrade rvqllm or re-quantize the model"
-        )
-    return q
+    """The ``quantization_config`` of a checkpoint folder, checked for method, format version and layer specs
+    (the tensors are checked by :func:`load` / :func:`rvqllm.validate.validate_checkpoint`)."""
+    from .validate import check_quantization_config, read_config
+
+    return check_quantization_config(read_config(folder), folder)
 
 
 def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
-    """Load an rvqllm checkpoint as a ready ``transformers`` model.
+    """Load an rvqllm checkpoint as a ready ``transformers`` model, after validating all of it
+    (:func:`rvqllm.validate.validate_checkpoint`: checksums, shapes, dtypes, code ranges, finite values).
 
     Unquantized parameters (embeddings, norms, lm_head) are cast to ``dtype``; quantized layers keep
-    their stored codes, fp16 codebooks and fp16 scales and decode on the fly.
+    their stored codes, fp16 codebooks and fp16 scales and decode on the fly. Nothing in the folder is
+    executed: safetensors only, no pickle, no remote code.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
+
+    from .validate import validate_checkpoint
 
     folder = Path(folder)
-    qcfg = read_quantization_config(folder)
-    weights = folder / WEIGHTS_NAME
-    if not weights.exists():
-        raise RVQError(f"{weights} is missing: the checkpoint is incomplete; re-create or re-download it")
-    config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    prepare_for_layers(model, list(qcfg["layers"]))  # e.g. split fused MoE experts (rvqllm.arch)
-    for name, spec in qcfg["layers"].items():
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise RVQError(f"checkpoint lists quantized layer {name!r}, which this model has not: the config is corrupt") from None
-        args = {k: spec[k] for k in ("vector_dim", "stages", "bits", "bias")}
-        set_module(model, name, QuantizedLinear(spec["in_features"], spec["out_features"], bias_dtype=dtype, **args))
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises several types for damaged files
-        raise RVQError(f"{weights} cannot be read ({err.__class__.__name__}): the file is corrupt; re-create or re-download it") from None
+    checked = validate_checkpoint(folder, dtype)
+    model, qcfg, tensors = checked.skeleton, checked.quantization_config, checked.tensors
     quantized_buffers = {f"{n}.{b}" for n in qcfg["layers"] for b in ("codes", "codebooks", "scales")}
     for k, t in tensors.items():
         if k not in quantized_buffers and t.is_floating_point():
             tensors[k] = t.to(dtype)
     result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise RVQError(f"{weights} holds tensor {result.unexpected_keys[0]!r} that the model has no place for: the checkpoint does not match its config")
+    if result.unexpected_keys:  # validate_checkpoint already refused these; kept as a guard
+        raise RVQError(f"{folder} holds tensor {result.unexpected_keys[0]!r} that the model has no place for")
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing += [n for n, b in model.named_buffers() if b.is_meta]
     if missing:
-        raise RVQError(f"{weights} lacks tensor {missing[0]!r}: the checkpoint is incomplete; re-create or re-download it")
+        raise RVQError(f"{folder}/{WEIGHTS_NAME} lacks tensor {missing[0]!r}: the checkpoint is incomplete; "
+                       "re-create or re-download it")
     model.rvq_layers = qcfg["layers"]
     model.rvq_config = RVQConfig.from_dict(qcfg["rvq_config"]) if qcfg.get("rvq_config") else None
     if (folder / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise RVQError(f"{folder}/generation_config.json is invalid ({err.__class__.__name__}): "
+                           "fix or delete that file") from None
     return model.to(device).eval()

@@ -63,17 +63,27 @@ def _load_config(args) -> RVQConfig:
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict:
+    import shutil
+
     import torch
 
-    from .checkpoint import save
+    from .checkpoint import check_output_folder, save
     from .models import load_model
     from .pipeline import quantize
+    from .resume import run_dir_for
     from .size import folder_bytes, model_specs, summarize
 
     cfg = _load_config(args)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise RVQError(f"output folder {out} exists: choose another folder or pass --overwrite")
+    check_output_folder(out, args.overwrite)
+    _check_input_untouched(args.model, out)
+    run_dir = run_dir_for(out)
+    resume = getattr(args, "resume", False)
+    if run_dir.exists() and not resume and not args.overwrite:
+        raise RVQError(f"an interrupted run left {run_dir}: pass --resume to continue it, "
+                       "or --overwrite to start over")
+    if resume and not (run_dir / "run.json").is_file():
+        _say(args, f"no interrupted run in {run_dir}: starting from the first block")
     torch.manual_seed(cfg.seed)
     _say(args, f"loading {args.model} ...")
     model, tokenizer = load_model(args.model)
@@ -81,18 +91,45 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     _say(args, f"calibration: {calib.shape[0]} sequences x {calib.shape[1]} tokens from {', '.join(args.calib)}")
     bar = _Progress(args.quiet or args.json)
     t0 = time.perf_counter()
-    report = quantize(model, cfg, calib, progress=lambda name, d, n: bar("quantize", d, n, name))
+    report = quantize(model, cfg, calib, progress=lambda name, d, n: bar("quantize", d, n, name),
+                      run_dir=run_dir, resume=resume)
     seconds = time.perf_counter() - t0
     save(model, out, tokenizer, overwrite=args.overwrite)
+    shutil.rmtree(run_dir, ignore_errors=True)
     summary = summarize(model_specs(model))
     result = {
         "out": str(out), "config": cfg.to_dict(), "quantize_seconds": round(seconds, 1),
         "threads": torch.get_num_threads(), "calib_tokens": report.calib_tokens,
         "bpw": summary["bpw"], "bytes": folder_bytes(out), "layers": summary["layers"],
+        "resumed_layers": sum(1 for r in report.layers.values() if r.get("resumed")),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
     }
     _say(args, f"saved {out}: {summary['layers']} layers at {summary['bpw']:.3f} bpw, "
-               f"{result['bytes'] / 2**20:.1f} MiB, quantized in {seconds:.0f} s on {result['threads']} threads")
+               f"{result['bytes'] / 2**20:.1f} MiB, quantized in {seconds:.0f} s on {result['threads']} threads, "
+               f"peak memory {result['peak_rss_mib']:.0f} MiB")
     return result
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _check_input_untouched(model_spec: str, out: Path) -> None:
+    """Refuse an output folder that is or contains the input model, or lies inside its folder."""
+    from .models import resolve
+
+    where, gguf = resolve(model_spec)
+    src = Path(where) / gguf if gguf else Path(where)
+    if not src.exists():
+        return
+    src, dst = src.resolve(), out.resolve()
+    if dst == src or dst in src.parents or (not gguf and src in dst.parents):
+        raise RVQError(f"output folder {out} overlaps the input model folder {src}: the input model is never "
+                       "modified; choose an output folder outside it")
 
 
 def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[list[dict], list[str]]:
@@ -190,6 +227,11 @@ def cmd_info(args: argparse.Namespace) -> dict:
     from .size import folder_bytes, layer_bpw, summarize
 
     q = read_quantization_config(args.checkpoint)
+    if args.verify:
+        from .validate import validate_checkpoint
+
+        checked = validate_checkpoint(args.checkpoint)
+        _say(args, f"verified: {len(checked.tensors)} tensors, checksums, shapes, dtypes, code ranges, finite values")
     s = summarize(q["layers"])
     info = {"folder": args.checkpoint, "format_version": q["format_version"], "config": q.get("rvq_config", {}),
             **s, "bytes": folder_bytes(args.checkpoint)}
@@ -247,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
         sp.add_argument("--json", action="store_true", help="print one JSON object with the results")
-        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     def quant_opts(sp):
         sp.add_argument("--config", default=DEFAULT_PRESET,
@@ -262,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(time grows linearly with it; the presets use 512)")
         sp.add_argument("--seed", type=int, help="override the preset's seed (where calibration windows are drawn, "
                         "k-means starts); results vary a little with it, never the cost")
-        sp.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace the output folder (an rvqllm checkpoint) and any interrupted run of it")
+        sp.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from its last finished decoder block (<out>.partial/)")
         text_column(sp)
 
     def text_column(sp):
@@ -307,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="format, bits per weight and size of a checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--layers", action="store_true", help="one line per quantized layer")
+    i.add_argument("--verify", action="store_true", help="validate every tensor (as loading does)")
     common(i)
 
     d = sub.add_parser("demo", help="quantize the built-in reference model and compare it with fp16")
@@ -337,8 +383,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the environment (disk full, permissions, a vanished file), not a bug
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}: check the path, permissions and free disk space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = " (`rvqllm quantize ... --resume` continues from the last finished block)" \
+            if args.command in ("quantize", "demo") else ""
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))

@@ -17,6 +17,7 @@ How it plugs in (transformers 5 quantizer API):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,6 +121,14 @@ class RVQHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         from .config import RVQConfig
+        from .validate import check_values
+
+        # transformers read the tensors itself (no checksum pass on this path: use rvqllm.load or
+        # `rvqllm info DIR --verify` for that); still, no kernel may ever see an out-of-range code or a
+        # non-finite codebook/scale, so check every quantized layer that is in memory.
+        loaded = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and not m.codes.is_meta}
+        tensors = {f"{n}.{b}": getattr(m, b) for n, m in loaded.items() for b in ("codes", "codebooks", "scales")}
+        check_values(Path("from_pretrained"), tensors, {n: m.spec() for n, m in loaded.items()})
 
         cfg = self.quantization_config.rvq_config
         model.rvq_config = RVQConfig.from_dict(cfg) if cfg else None

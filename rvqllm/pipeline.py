@@ -11,16 +11,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .arch import check_causal_lm, find_blocks, find_linears, linear_weight, set_module
-from .calibration import HessianCollector, capture_block_inputs, run_block
+from .calibration import HessianCollector, capture_block_inputs
 from .config import RVQConfig
 from .errors import RVQError
 from .nn import QuantizedLinear
+from .resume import MemoryActivations, RunDir, run_fingerprint
 from .rvq import quantize_weight
+from .validate import check_causal_behaviour, check_finite_parameters, check_vector_dim_fits
 
 
 @dataclass
@@ -37,11 +40,46 @@ def _check_weight(name: str, w: Tensor) -> None:
         raise RVQError(f"layer {name} has NaN/Inf weights: the input model is corrupt; re-download or re-convert it")
 
 
+def _same_kwargs(a: object, b: object) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype \
+            and torch.equal(a, b)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_kwargs(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_kwargs(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def _capture(model: nn.Module, first_block: nn.Module, batches: list[Tensor], store) -> list[dict]:
+    """Block 0's inputs, one batch at a time: hidden states go to ``store`` (unless it is ``None``), the
+    other block arguments (positions, masks; equal for same-shaped batches, so shared) are returned."""
+    kwargs: list[dict] = []
+    for j, ids in enumerate(batches):
+        (inp,) = capture_block_inputs(model, first_block, [ids])
+        if store is not None:
+            store.put(j, inp.hidden)
+        same = next((k for k in kwargs if _same_kwargs(k, inp.kwargs)), None)
+        kwargs.append(same if same is not None else inp.kwargs)
+    return kwargs
+
+
+def _forward_block(block: nn.Module, inputs, kwargs: list[dict], outputs) -> None:
+    """Run every batch of ``inputs`` through ``block``; its outputs go to ``outputs`` (one batch in memory)."""
+    with torch.no_grad():
+        for j, kw in enumerate(kwargs):
+            out = block(inputs.get(j), **kw)
+            outputs.put(j, (out[0] if isinstance(out, tuple | list) else out).detach())
+
+
 def quantize(
     model: nn.Module,
     config: RVQConfig,
     calibration: Tensor,
     progress: Callable[[str, int, int], None] | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> QuantizeReport:
     """Quantize ``model``'s decoder-block linear layers in place.
 
@@ -50,6 +88,12 @@ def quantize(
         config: the :class:`RVQConfig`.
         calibration: ``[n_sequences, seq_len]`` int64 token ids.
         progress: optional ``callback(layer_name, done, total)``.
+        run_dir: optional run folder (:mod:`rvqllm.resume`). With it, progress is committed after every
+            decoder block and the calibration activations live on disk (memory holds one batch of them,
+            whatever ``calib_sequences``); without it, activations stay in memory.
+        resume: continue the run that ``run_dir`` holds (same model, config and calibration, else
+            :class:`RVQError`); the result is bit-identical to an uninterrupted run. Without it,
+            ``run_dir`` is wiped first.
     Returns:
         a :class:`QuantizeReport`; the quantization parameters of each layer are also kept on the model
         as ``model.rvq_layers`` (used by :func:`rvqllm.checkpoint.save`).
@@ -69,21 +113,43 @@ def quantize(
     for layers in all_layers.values():
         for name, module in layers.items():
             _check_weight(name, linear_weight(module))
+    check_finite_parameters(model)
+    check_vector_dim_fits(config.vector_dim, {n: linear_weight(m).shape[1] for v in all_layers.values()
+                                              for n, m in v.items()})
+    check_causal_behaviour(model)
 
     bs = config.calib_batch_size
     batches = [calibration[i : i + bs] for i in range(0, calibration.shape[0], bs)]
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    run = None
+    if run_dir is not None:
+        names = [list(all_layers[i]) for i in range(len(blocks))]
+        run = RunDir.open(run_dir, run_fingerprint(model, config, calibration, names), resume=resume)
+    start_block = run.blocks_done if run is not None else 0
+    resumed = run.resumable_inputs(len(batches)) if run is not None else None
+    store = resumed if resumed is not None else (run.inputs(0) if run is not None else MemoryActivations())
+    kwargs = _capture(model, blocks[0], batches, None if resumed is not None else store)
     report = QuantizeReport(calib_tokens=int(calibration.numel()))
     specs: dict[str, dict] = dict(getattr(model, "rvq_layers", {}))
     done = 0
     layer_index = 0
+    for i in range(start_block):  # blocks an interrupted run already committed
+        for name, qlayer in run.restore_block(i, all_layers[i]).items():
+            set_module(model, name, qlayer)
+            specs[name] = qlayer.spec()
+            report.layers[name] = {**qlayer.spec(), "seconds": 0.0, "resumed": True}
+            layer_index += 1
+            done += 1
+            if progress is not None:
+                progress(name, done, total)
     for i, block in enumerate(blocks):
+        if i < start_block:
+            continue
         layers = all_layers[i]
         with HessianCollector(layers) as collector:
             with torch.no_grad():
-                for inp in inputs:
+                for j, kw in enumerate(kwargs):
                     collector.new_pass()
-                    block(inp.hidden, **inp.kwargs)
+                    block(store.get(j), **kw)
         for name, module in layers.items():
             t0 = time.perf_counter()
             weight = linear_weight(module).detach()
@@ -110,7 +176,14 @@ def quantize(
             if progress is not None:
                 progress(name, done, total)
         del collector
-        inputs = run_block(block, inputs)
+        last = i + 1 == len(blocks)
+        if not last:
+            outputs = run.inputs(i + 1) if run is not None else MemoryActivations()
+            _forward_block(block, store, kwargs, outputs)
+            store = outputs
+        if run is not None:
+            run.commit_block(i, {name: model.get_submodule(name) for name in layers})
+        all_layers[i] = dict.fromkeys(layers)  # let the replaced float layers (and their weights) go
     model.rvq_layers = specs
     model.rvq_config = config
     report.seconds = time.perf_counter() - start

@@ -1,0 +1,474 @@
+"""Checkpoint validation: loading *is* validation.
+
+A checkpoint folder may come from a stranger. Nothing in it is executed (safetensors only, no pickle,
+no ``trust_remote_code``) and no tensor reaches a kernel before it has passed, in this order:
+
+1. ``config.json`` parses; ``quantization_config`` names method ``rvq`` and a known format version;
+   every layer spec has integer fields in range (:func:`check_layer_spec`).
+2. The safetensors header is parsed by hand (:func:`read_header`) with bounds checks: header length
+   within the file, known dtypes, ``data_offsets`` that match each shape and tile the data area exactly.
+   A truncated or padded file fails here, naming the tensor.
+3. Checksums stored at save time in the safetensors metadata match: sha256 of ``config.json``'s content
+   (canonical JSON) and sha256 of every tensor's raw bytes (:func:`checksum_metadata`).
+4. The model skeleton built from the config (on the meta device, no memory) says which tensors must be
+   present, with which shape and dtype; each quantized layer's spec must match the layer it replaces.
+   Missing, unexpected, mis-shaped or mis-typed tensors fail, naming the tensor.
+5. Values: every code index is below its codebook size ``2**bits``; codebooks, scales and every other
+   floating tensor are finite.
+
+Checksums alone only catch accidents (anyone can recompute them), so 4 and 5 are checked independently.
+Every failure is an :class:`RVQError` with one line naming the file or tensor and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import RVQError
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "rvq"
+WEIGHTS_NAME = "model.safetensors"
+#: safetensors metadata keys holding the checksums
+TENSOR_SUMS_KEY = "rvq_tensor_sha256"
+CONFIG_SUM_KEY = "rvq_config_sha256"
+#: refuse headers above this size before reading them (a real header is a few hundred KiB at most)
+MAX_HEADER_BYTES = 64 * 2**20
+
+#: safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1), "U8": (torch.uint8, 1), "I8": (torch.int8, 1), "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2), "I32": (torch.int32, 4), "U32": (torch.uint32, 4), "I64": (torch.int64, 8),
+    "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2), "F32": (torch.float32, 4), "F64": (torch.float64, 8),
+}
+FLOAT_NAMES = {"F16", "BF16", "F32", "F64"}
+_TORCH_TO_NAME = {v[0]: k for k, v in DTYPES.items()}
+_FIX = "the checkpoint is corrupt or tampered; re-create or re-download it"
+
+#: allowed ranges of a quantized layer's spec fields (RVQConfig's ranges)
+SPEC_RANGES = {"vector_dim": (1, 64), "stages": (1, 8), "bits": (1, 16),
+               "in_features": (1, 2**31 - 1), "out_features": (1, 2**31 - 1)}
+
+
+# ------------------------------------------------------------------------------------------ checksums
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's raw bytes as safetensors stores them (C order, little endian)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical bytes of a JSON value (sorted keys, no spaces), as the config checksum sees it."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def config_digest(config: dict) -> str:
+    """sha256 (hex) of a ``config.json`` dict's canonical JSON."""
+    return hashlib.sha256(canonical_json(config)).hexdigest()
+
+
+def checksum_metadata(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, str]:
+    """The safetensors metadata entries that :func:`read_verified_tensors` checks on load.
+
+    ``config`` must be the dict exactly as it will be read back from ``config.json`` (JSON round-tripped).
+    """
+    sums = {name: tensor_digest(t) for name, t in sorted(tensors.items())}
+    return {TENSOR_SUMS_KEY: json.dumps(sums, sort_keys=True), CONFIG_SUM_KEY: config_digest(config)}
+
+
+# ------------------------------------------------------------------------------------------ config
+def read_config(folder: str | Path) -> dict:
+    """``config.json`` of a checkpoint folder as a dict (checked to be a JSON object)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise RVQError(f"checkpoint {folder} {what}: give a folder written by `rvqllm quantize`")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise RVQError(f"{folder} is not an rvqllm checkpoint (no config.json): give a folder written by `rvqllm quantize`")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
+        raise RVQError(f"{path} is not valid JSON: {_FIX}") from None
+    if not isinstance(config, dict):
+        raise RVQError(f"{path} is not a JSON object: {_FIX}")
+    return config
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def check_layer_spec(name: str, spec: Any) -> dict:
+    """Raise unless ``spec`` is ``{in_features, out_features, vector_dim, stages, bits: int, bias: bool}`` in range."""
+    if not isinstance(spec, dict):
+        raise RVQError(f"config.json: quantized layer {name!r} has no spec object: {_FIX}")
+    for key, (lo, hi) in SPEC_RANGES.items():
+        v = spec.get(key)
+        if type(v) is not int or not lo <= v <= hi:
+            raise RVQError(f"config.json: quantized layer {name!r} has {key}={v!r}, not an integer in {lo}..{hi}: {_FIX}")
+    if type(spec.get("bias")) is not bool:
+        raise RVQError(f"config.json: quantized layer {name!r} has bias={spec.get('bias')!r}, not true/false: {_FIX}")
+    return spec
+
+
+def check_quantization_config(config: dict, folder: str | Path) -> dict:
+    """The validated ``quantization_config`` of a parsed ``config.json``."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise RVQError(f"{folder} is not an rvqllm checkpoint (no quantization_config with quant_method 'rvq')")
+    version = q.get("format_version")
+    if version != FORMAT_VERSION or type(version) is not int:
+        raise RVQError(
+            f"{folder} has checkpoint format version {version!r}; this rvqllm reads version {FORMAT_VERSION}: "
+            "upgrade rvqllm or re-quantize the model"
+        )
+    layers = q.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise RVQError(f"{folder}/config.json: quantization_config lists no quantized layers: {_FIX}")
+    for name, spec in layers.items():
+        check_layer_spec(name, spec)
+    if not isinstance(q.get("rvq_config", {}), dict):
+        raise RVQError(f"{folder}/config.json: quantization_config.rvq_config is not an object: {_FIX}")
+    return q
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+@dataclass
+class TensorEntry:
+    """One tensor as the safetensors header describes it (offsets are absolute file positions)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a standard safetensors file whose bytes depend only on its content.
+
+    (The ``safetensors`` library writes ``__metadata__`` in hash-map order, which changes from process to
+    process; a resumed run must give the same bytes as an uninterrupted one.) Tensors are laid out in
+    name order, the header is compact JSON with sorted keys, space-padded to a multiple of 8 bytes.
+    """
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    pos = 0
+    blobs = []
+    for name in names:
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _TORCH_TO_NAME:
+            raise TypeError(f"tensor {name}: dtype {t.dtype} has no safetensors name")
+        blob = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
+        header[name] = {"dtype": _TORCH_TO_NAME[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [pos, pos + blob.nbytes]}
+        pos += blob.nbytes
+        blobs.append(blob)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+
+
+def read_header(path: Path, data: bytes | memoryview) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and bounds-check a safetensors header. Returns ``(entries by name, metadata)``."""
+    size = len(data)
+    if size < 8:
+        raise RVQError(f"{path} is truncated ({size} bytes, no header): {_FIX}")
+    n = int.from_bytes(bytes(data[:8]), "little")
+    if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
+        raise RVQError(f"{path}: header length {n} does not fit the file of {size} bytes (truncated?): {_FIX}")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"), parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
+        raise RVQError(f"{path}: the header is not valid JSON: {_FIX}") from None
+    if not isinstance(header, dict):
+        raise RVQError(f"{path}: the header is not a JSON object: {_FIX}")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise RVQError(f"{path}: the header's __metadata__ is not a string map: {_FIX}")
+    start = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    for name, e in header.items():
+        if not isinstance(e, dict):
+            raise RVQError(f"{path}: tensor {name!r} has no header entry object: {_FIX}")
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if dtype not in DTYPES:
+            raise RVQError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}: {_FIX}")
+        if not isinstance(shape, list) or not all(type(s) is int and 0 <= s < 2**40 for s in shape) or len(shape) > 8:
+            raise RVQError(f"{path}: tensor {name!r} has an invalid shape {shape!r}: {_FIX}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise RVQError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}: {_FIX}")
+        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        if offsets[1] - offsets[0] != nbytes:
+            raise RVQError(f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but shape {shape} "
+                           f"of {dtype} needs {nbytes}: {_FIX}")
+        entries[name] = TensorEntry(name, dtype, tuple(shape), start + offsets[0], start + offsets[1])
+    pos = start
+    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin != pos:
+            what = "overlaps another tensor" if e.begin < pos else "leaves a gap before it"
+            raise RVQError(f"{path}: tensor {e.name!r} {what} in the data area: {_FIX}")
+        pos = e.end
+    if pos != size:
+        if pos > size:
+            last = max(entries.values(), key=lambda e: e.end)
+            raise RVQError(f"{path} is truncated: tensor {last.name!r} ends at byte {last.end} "
+                           f"but the file has {size} bytes: {_FIX}")
+        raise RVQError(f"{path} has {size - pos} unexpected trailing bytes after the last tensor: {_FIX}")
+    return entries, metadata
+
+
+def read_checksummed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file written with :func:`checksum_metadata`-style tensor sums, checking its header
+    and every tensor's sha256. Returns ``(CPU tensors by name, metadata)``; the file is not kept open."""
+    if not path.is_file():
+        raise RVQError(f"{path} is missing: the checkpoint is incomplete; re-create or re-download it")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RVQError(f"{path} cannot be read ({err.strerror or err}): check the file") from err
+    entries, metadata = read_header(path, data)
+    if TENSOR_SUMS_KEY not in metadata:
+        raise RVQError(f"{path} carries no checksums (not written by this rvqllm, or tampered): {_FIX}")
+    try:
+        sums = json.loads(metadata[TENSOR_SUMS_KEY])
+    except (json.JSONDecodeError, RecursionError):
+        raise RVQError(f"{path}: the stored tensor checksums are not valid JSON: {_FIX}") from None
+    if not isinstance(sums, dict):
+        raise RVQError(f"{path}: the stored tensor checksums are not a map: {_FIX}")
+    for name in sorted(set(sums) - set(entries)):
+        raise RVQError(f"{path} lacks tensor {name!r} (listed in its checksums): {_FIX}")
+    view = memoryview(data)
+    tensors = {}
+    for name, e in entries.items():
+        if name not in sums:
+            raise RVQError(f"{path}: tensor {name!r} has no stored checksum: {_FIX}")
+        if hashlib.sha256(view[e.begin : e.end]).hexdigest() != sums[name]:
+            raise RVQError(f"{path}: tensor {name!r} does not match its stored checksum (corrupted bytes): {_FIX}")
+        dtype = DTYPES[e.dtype][0]
+        if e.end > e.begin:
+            t = torch.frombuffer(bytearray(view[e.begin : e.end]), dtype=dtype)
+        else:
+            t = torch.empty(0, dtype=dtype)
+        tensors[name] = t.reshape(e.shape)
+    return tensors, metadata
+
+
+def read_verified_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's safetensors file, checking its header and every stored checksum.
+
+    ``config`` is the parsed ``config.json`` (its checksum is stored in the weights file's metadata).
+    Returns CPU tensors by name.
+    """
+    tensors, metadata = read_checksummed(path)
+    if CONFIG_SUM_KEY not in metadata:
+        raise RVQError(f"{path} carries no config checksum (not written by this rvqllm, or tampered): {_FIX}")
+    try:
+        want_config = config_digest(config)
+    except ValueError:
+        raise RVQError(f"{path.parent}/config.json holds NaN/Infinity: {_FIX}") from None
+    if metadata[CONFIG_SUM_KEY] != want_config:
+        raise RVQError(f"{path.parent}/config.json does not match the checksum stored in {path.name} "
+                       f"(edited or corrupted): {_FIX}")
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------ structure
+def expected_tensors(skeleton: nn.Module) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], list[list[str]]]:
+    """What a checkpoint of ``skeleton`` (a meta-device model with its quantized layers in place) holds.
+
+    Returns ``(name -> (shape, dtype), alias groups)``: names in one alias group share one tensor (tied
+    weights), and the checkpoint stores exactly one of them.
+    """
+    groups: dict[int, list[str]] = {}
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, t in skeleton.state_dict(keep_vars=True).items():
+        spec[name] = (tuple(t.shape), t.dtype)
+        groups.setdefault(id(t), []).append(name)
+    return spec, list(groups.values())
+
+
+def check_structure(path: Path, tensors: dict[str, torch.Tensor], skeleton: nn.Module, quantized: dict[str, dict]) -> None:
+    """Every expected tensor present once, nothing unexpected, right shapes and dtypes.
+
+    Quantized buffers must have their exact dtype (codes uint8/int16 by bits, codebooks and scales fp16);
+    other floating tensors may be stored in any float dtype (they are cast on load); integer buffers exact.
+    """
+    from .rvq import code_dtype
+
+    spec, groups = expected_tensors(skeleton)
+    exact = {}
+    for name, s in quantized.items():
+        exact[f"{name}.codes"] = code_dtype(s["bits"])
+        exact[f"{name}.codebooks"] = torch.float16
+        exact[f"{name}.scales"] = torch.float16
+    for name in tensors:
+        if name not in spec:
+            raise RVQError(f"{path} holds tensor {name!r}, which the model has no place for: "
+                           f"the checkpoint does not match its config; {_FIX}")
+    for group in groups:
+        present = [n for n in group if n in tensors]
+        if not present:
+            raise RVQError(f"{path} lacks tensor {group[0]!r}: the checkpoint is incomplete; {_FIX}")
+        if len(present) > 1:
+            raise RVQError(f"{path} stores tied tensor {present[1]!r} twice (also as {present[0]!r}): {_FIX}")
+    for name, t in tensors.items():
+        shape, dtype = spec[name]
+        if tuple(t.shape) != shape:
+            raise RVQError(f"{path}: tensor {name!r} has shape {list(t.shape)} but the config makes it "
+                           f"{list(shape)}: the config disagrees with the tensors; {_FIX}")
+        want = exact.get(name)
+        if want is not None and t.dtype != want:
+            raise RVQError(f"{path}: tensor {name!r} is {_TORCH_TO_NAME.get(t.dtype, t.dtype)}, "
+                           f"expected {_TORCH_TO_NAME[want]}: {_FIX}")
+        if want is None and dtype.is_floating_point != t.dtype.is_floating_point:
+            raise RVQError(f"{path}: tensor {name!r} is {_TORCH_TO_NAME.get(t.dtype, t.dtype)}, "
+                           f"expected a {'float' if dtype.is_floating_point else 'integer'} tensor: {_FIX}")
+        if want is None and not dtype.is_floating_point and t.dtype != dtype:
+            raise RVQError(f"{path}: tensor {name!r} is {_TORCH_TO_NAME.get(t.dtype, t.dtype)}, "
+                           f"expected {_TORCH_TO_NAME.get(dtype, dtype)}: {_FIX}")
+
+
+def check_values(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[str, dict]) -> None:
+    """Every code index below ``2**bits``; every floating tensor (codebooks, scales, the rest) finite."""
+    for name, s in quantized.items():
+        codes = tensors[f"{name}.codes"]
+        if s["bits"] < 16 and codes.numel():
+            idx = codes.long() & 0xFFFF if codes.dtype == torch.int16 else codes.long()
+            k = 1 << s["bits"]
+            bad = (idx >= k).nonzero()
+            if len(bad):
+                at = bad[0].tolist()
+                raise RVQError(f"{path}: tensor '{name}.codes' holds code {int(idx[tuple(at)])} at {at}, past the "
+                               f"codebook size {k} (bits={s['bits']}): {_FIX}")
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+            raise RVQError(f"{path}: tensor {name!r} holds NaN or Inf values: {_FIX}")
+
+
+# ------------------------------------------------------------------------------------------ all of it
+@dataclass
+class ValidatedCheckpoint:
+    """A checkpoint that passed every check: the meta-device skeleton with quantized layers in place,
+    the tensors to load into it, and the parsed configs."""
+
+    skeleton: nn.Module
+    tensors: dict[str, torch.Tensor]
+    config: dict
+    quantization_config: dict
+
+
+def validate_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> ValidatedCheckpoint:
+    """Run every check on a checkpoint folder (see the module doc); raise :class:`RVQError` on the first failure.
+
+    The returned skeleton's non-quantized parameters are on the meta device in ``dtype``; the caller
+    assigns the returned tensors (``load_state_dict(..., assign=True)``).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .arch import is_conv1d, is_linear, prepare_for_layers, set_module
+    from .nn import QuantizedLinear
+
+    folder = Path(folder)
+    config = read_config(folder)
+    qcfg = check_quantization_config(config, folder)
+    weights = folder / WEIGHTS_NAME
+    tensors = read_verified_tensors(weights, config)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
+        raise RVQError(f"{folder}/config.json is not a model config transformers can build ({first}): {_FIX}") from None
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    try:
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
+        raise RVQError(f"{folder}/config.json does not describe a causal LM rvqllm can load ({first}): {_FIX}") from None
+    prepare_for_layers(skeleton, list(qcfg["layers"]))  # e.g. split fused MoE experts (rvqllm.arch)
+    for name, spec in qcfg["layers"].items():
+        try:
+            module = skeleton.get_submodule(name)
+        except AttributeError:
+            raise RVQError(f"{folder}/config.json lists quantized layer {name!r}, which the model has not: {_FIX}") from None
+        if not is_linear(module):
+            raise RVQError(f"{folder}/config.json lists quantized layer {name!r}, which is a "
+                           f"{type(module).__name__}, not a linear layer: {_FIX}")
+        out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if is_conv1d(module) else module.weight.shape
+        if (spec["out_features"], spec["in_features"]) != (out_f, in_f):
+            raise RVQError(f"{folder}/config.json says layer {name!r} is {spec['out_features']}x{spec['in_features']} "
+                           f"but the model config makes it {out_f}x{in_f}: {_FIX}")
+        args = {k: spec[k] for k in ("vector_dim", "stages", "bits", "bias")}
+        set_module(skeleton, name, QuantizedLinear(in_f, out_f, bias_dtype=dtype, device="meta", **args))
+    skeleton.tie_weights()
+    check_structure(weights, tensors, skeleton, qcfg["layers"])
+    check_values(weights, tensors, qcfg["layers"])
+    return ValidatedCheckpoint(skeleton, tensors, config, qcfg)
+
+
+# ------------------------------------------------------------------------------------------ inputs to quantize
+def check_vector_dim_fits(vector_dim: int, widths: dict[str, int]) -> None:
+    """Refuse a ``vector_dim`` that divides no layer's input width.
+
+    Zero-padding a few layers up to a multiple of ``vector_dim`` is by design (it costs a little size);
+    but when *no* layer's ``in_features`` is a multiple of it, the value is almost surely a mistake.
+    """
+    if widths and not any(w % vector_dim == 0 for w in widths.values()):
+        distinct = sorted(set(widths.values()))
+        divisors = [d for d in (8, 4, 16, 32, 6, 12, 2) if all(w % d == 0 for w in distinct)]
+        hint = f"e.g. vector_dim={divisors[0]}" if divisors else "a divisor of them"
+        raise RVQError(f"vector_dim={vector_dim} divides no layer's input width (widths {distinct}): "
+                       f"choose {hint}")
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Refuse a model with NaN/Inf in any floating parameter or buffer, naming the first one."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+            raise RVQError(f"{name} of the input model holds NaN/Inf values: the model is corrupt; "
+                           "re-download or re-convert it")
+
+
+def check_causal_behaviour(model: nn.Module, seq_len: int = 8) -> None:
+    """Refuse a model whose outputs at position ``t`` depend on tokens after ``t`` (bidirectional).
+
+    Runs two seeded random sequences that differ only in their last token and compares the logits of
+    every earlier position; a causal LM gives the same values (up to float noise).
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab or vocab < 2:
+        return
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, seq_len), generator=gen)
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1 + int(torch.randint(0, vocab - 1, (1,), generator=gen))) % vocab
+    if other[0, -1] == ids[0, -1]:
+        other[0, -1] = (ids[0, -1] + 1) % vocab
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        a = model(input_ids=ids.to(device), use_cache=False).logits[0, :-1].float()
+        b = model(input_ids=other.to(device), use_cache=False).logits[0, :-1].float()
+    scale = a.abs().max().clamp_min(1e-6)
+    if (a - b).abs().max() > 1e-3 * scale:
+        raise RVQError(f"{type(model).__name__} is not causal: its outputs at a position change with later "
+                       "tokens (bidirectional attention); rvqllm quantizes causal (decoder-only) LMs")
