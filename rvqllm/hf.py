@@ -17,6 +17,7 @@ How it plugs in (transformers 5 quantizer API):
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,9 @@ class RVQHfQuantizer(HfQuantizer):
 
         cfg = self.quantization_config.rvq_config
         model.rvq_config = RVQConfig.from_dict(cfg) if cfg else None
+        # One on-disk format: save_pretrained writes through rvqllm.save (checksums, atomic swap), which
+        # replaces an existing rvqllm checkpoint or empty folder and refuses anything else.
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -140,6 +144,18 @@ class RVQHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _save_pretrained(model: torch.nn.Module, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+    """``save_pretrained`` of a model loaded through this quantizer: :func:`rvqllm.save` (extra transformers
+    options such as sharding or ``push_to_hub`` are not supported for rvq checkpoints)."""
+    from .checkpoint import save
+
+    unsupported = sorted(k for k, v in kwargs.items() if v and k in {"push_to_hub", "max_shard_size"})
+    if unsupported:
+        raise RVQError(f"save_pretrained options {unsupported} are not supported for rvq checkpoints: "
+                       "save to a folder, then upload it")
+    save(model, save_directory, overwrite=Path(save_directory).exists())
 
 
 def register() -> None:
