@@ -255,7 +255,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     from .eval.report import format_table
 
     args.model = "reference"
-    out = Path(args.out)
+    out = Path(args.out or f"out/smollm2-135m-{Path(args.config).stem}")
+    args.out = str(out)
     if out.exists() and (out / "config.json").exists() and not args.overwrite:
         _say(args, f"{out} exists: re-using it (pass --overwrite to quantize again)")
         qres = None
@@ -356,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(i)
 
     d = sub.add_parser("demo", help="quantize the built-in reference model and compare it with fp16")
-    d.add_argument("--out", default="out/smollm2-135m-2bit", help="checkpoint folder")
+    d.add_argument("--out", help="checkpoint folder (default: out/smollm2-135m-<preset>)")
     quant_opts(d)
     eval_opts(d)
     common(d)
