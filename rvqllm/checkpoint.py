@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import RVQConfig
 from .errors import RVQError
+from .fsutil import fsync_path
 from .nn import QuantizedLinear
 from .size import model_specs
 from .validate import FORMAT_VERSION, QUANT_METHOD, WEIGHTS_NAME, write_safetensors
@@ -87,20 +88,7 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform/filesystem: the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_path(folder)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -218,7 +206,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, *, overwrite: bo
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_path(out.parent)
     except OSError as err:
         reason = err.strerror or str(err)
         if err.errno == errno.ENOSPC:

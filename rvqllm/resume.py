@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .config import RVQConfig
 from .errors import RVQError
+from .fsutil import fsync_path
 from .nn import QuantizedLinear
 from .validate import TENSOR_SUMS_KEY, read_checksummed, tensor_digest, write_safetensors
 
@@ -42,23 +43,10 @@ RUN_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------ atomic files
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_replace(tmp: Path, final: Path) -> None:
-    _fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
