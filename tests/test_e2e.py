@@ -41,8 +41,9 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     ppl = {k: r.ppl for k, r in evaluate(loaded, tok, texts, windows=WINDOWS).items()}
     # A regression bound, not the goal: the issue asks for "within a few percent"; the 4-bit preset
-    # measured x1.07-x1.26 on this quick protocol (docs/RESULTS.md), and closing that gap is the
-    # quality work (block fine-tuning) still open.
+    # measures x1.13 (KJV) / x1.06 (Shakespeare) on ppl-512x64 (docs/RESULTS.md), and the first
+    # 8 windows are harder on it (an earlier, greedy-coded run measured x1.26 / x1.09 there). Closing
+    # that gap is the quality work still open (block fine-tuning).
     for name in TEXTS:
         assert ppl[name] < baseline_ppl[name] * 1.35, (name, ppl[name], baseline_ppl[name])
 
