@@ -196,6 +196,17 @@ static inline float hsum4(__m128 a) {
 }
 #endif
 
+// One weight vector in float32: the sum over stages of its codewords (generic vector dim D).
+template <typename C>
+static inline void decode_vec(const float* cb, const C* c, int64_t S, int64_t K, int64_t D, float* out) {
+  const float* v = cb + (int64_t)c[0] * D;
+  for (int64_t d = 0; d < D; ++d) out[d] = v[d];
+  for (int64_t s = 1; s < S; ++s) {
+    v = cb + (s * K + (int64_t)c[s]) * D;
+    for (int64_t d = 0; d < D; ++d) out[d] += v[d];
+  }
+}
+
 // xp is [Tpad, G*D] with Tpad a multiple of 8 (rows past T are zero).
 template <typename C, int DT>
 static void decode_impl(const float* xp, int64_t T, const C* codes, const float* cb, const float* sc,
@@ -258,12 +269,7 @@ static void decode_impl(const float* xp, int64_t T, const C* codes, const float*
         for (int d = 0; d < DM; ++d) acc[t][d] = 0.f;
       for (int64_t g = 0; g < G; ++g) {
         float w[DM];
-        const float* v = cb + (int64_t)c[g * S] * D;
-        for (int64_t d = 0; d < D; ++d) w[d] = v[d];
-        for (int64_t s = 1; s < S; ++s) {
-          v = cb + (s * K + (int64_t)c[g * S + s]) * D;
-          for (int64_t d = 0; d < D; ++d) w[d] += v[d];
-        }
+        decode_vec(cb, c + g * S, S, K, D, w);
         for (int64_t t = 0; t < tb; ++t) {
           const float* xr = xp + (t0 + t) * GD + g * D;
           for (int64_t d = 0; d < D; ++d) acc[t][d] += w[d] * xr[d];
@@ -303,12 +309,7 @@ static void dequant_impl(const C* codes, const float* cb, const float* sc, int64
 #endif
     for (int64_t g = g0; g < G; ++g) {
       float v8[DM];
-      const float* v = cb + (int64_t)c[g * S] * D;
-      for (int64_t d = 0; d < D; ++d) v8[d] = v[d];
-      for (int64_t s = 1; s < S; ++s) {
-        v = cb + (s * K + (int64_t)c[g * S + s]) * D;
-        for (int64_t d = 0; d < D; ++d) v8[d] += v[d];
-      }
+      decode_vec(cb, c + g * S, S, K, D, v8);
       const int64_t n = std::min(D, in_features - g * D);
       if (n == D) {
         for (int64_t d = 0; d < D; ++d) wr[g * D + d] = v8[d] * scale;
