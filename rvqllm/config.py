@@ -37,6 +37,10 @@ class RVQConfig:
     hessian_weighted: bool = True  #: weight the k-means by diag(H) of the layer inputs
     beam_width: int = 8  #: codes of all stages chosen jointly by beam search (1 = greedy; cost grows ~linearly)
     error_feedback: bool = True  #: GPTQ-style: code against the output error, push each group's error onward
+    # --- block fine-tuning (rvqllm.finetune) -----------------------------------------------------------
+    finetune_epochs: int = 0  #: Adam passes over the calibration batches per block (0 = off)
+    finetune_lr: float = 1e-3  #: Adam learning rate for codebooks, scale gains, biases and norms
+    finetune_batch: int = 2  #: calibration sequences per Adam step
     # --- what to quantize ------------------------------------------------------------------------
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  #: name substrings never quantized
     # --- calibration -----------------------------------------------------------------------------
@@ -67,6 +71,12 @@ class RVQConfig:
              f"kmeans_points={self.kmeans_points!r} must be a positive integer (64 is typical)")
         need(isinstance(self.beam_width, int) and 1 <= self.beam_width <= 256,
              f"beam_width={self.beam_width!r} is out of range: use 1 (greedy) to 256 (8 is typical)")
+        need(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 0,
+             f"finetune_epochs={self.finetune_epochs!r} must be a non-negative integer (0 turns fine-tuning off)")
+        need(isinstance(self.finetune_lr, int | float) and 0 < self.finetune_lr < 1,
+             f"finetune_lr={self.finetune_lr!r} is out of range: use a positive number below 1 (1e-3 is typical)")
+        need(isinstance(self.finetune_batch, int) and self.finetune_batch >= 1,
+             f"finetune_batch={self.finetune_batch!r} must be a positive integer (sequences per step)")
         need(isinstance(self.calib_sequences, int) and self.calib_sequences >= 1,
              f"calib_sequences={self.calib_sequences!r} must be a positive integer")
         need(isinstance(self.calib_seq_len, int) and self.calib_seq_len >= 2,

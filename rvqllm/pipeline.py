@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from .arch import check_causal_lm, find_blocks, find_linears, linear_weight, set_module
 from .calibration import HessianCollector, capture_block_inputs
+from .checkpoint import storage_dtype
 from .config import RVQConfig
 from .errors import RVQError
+from .finetune import finetune_block
 from .nn import QuantizedLinear
 from .resume import MemoryActivations, RunDir, run_fingerprint
 from .rvq import quantize_weight
@@ -31,6 +33,7 @@ class QuantizeReport:
     """What a quantization run did: per-layer specs and timings."""
 
     layers: dict[str, dict] = field(default_factory=dict)
+    blocks: dict[int, dict] = field(default_factory=dict)  #: per block: fine-tuning errors and time
     seconds: float = 0.0
     calib_tokens: int = 0
 
@@ -70,6 +73,11 @@ def _forward_block(block: nn.Module, inputs, kwargs: list[dict], outputs) -> Non
         for j, kw in enumerate(kwargs):
             out = block(inputs.get(j), **kw)
             outputs.put(j, (out[0] if isinstance(out, tuple | list) else out).detach())
+
+
+def block_params(block: nn.Module, prefix: str) -> dict[str, Tensor]:
+    """The float parameters of a block (norm weights...), by their model-level names."""
+    return {f"{prefix}.{n}": p.detach() for n, p in block.named_parameters() if p.is_floating_point()}
 
 
 def quantize(
@@ -133,7 +141,11 @@ def quantize(
     done = 0
     layer_index = 0
     for i in range(start_block):  # blocks an interrupted run already committed
-        for name, qlayer in run.restore_block(i, all_layers[i]).items():
+        restored, params = run.restore_block(i, all_layers[i])
+        for name, t in params.items():  # float parameters that block fine-tuning changed
+            with torch.no_grad():
+                model.get_parameter(name).copy_(t)
+        for name, qlayer in restored.items():
             set_module(model, name, qlayer)
             specs[name] = qlayer.spec()
             report.layers[name] = {**qlayer.spec(), "seconds": 0.0, "resumed": True}
@@ -145,11 +157,14 @@ def quantize(
         if i < start_block:
             continue
         layers = all_layers[i]
+        targets = MemoryActivations() if config.finetune_epochs > 0 else None
         with HessianCollector(layers) as collector:
             with torch.no_grad():
                 for j, kw in enumerate(kwargs):
                     collector.new_pass()
-                    block(store.get(j), **kw)
+                    out = block(store.get(j), **kw)
+                    if targets is not None:  # the float block's outputs: what fine-tuning aims at
+                        targets.put(j, (out[0] if isinstance(out, tuple | list) else out).detach())
         for name, module in layers.items():
             t0 = time.perf_counter()
             weight = linear_weight(module).detach()
@@ -176,13 +191,22 @@ def quantize(
             if progress is not None:
                 progress(name, done, total)
         del collector
+        if targets is not None:
+            t0 = time.perf_counter()
+            before, after = finetune_block(block, store, targets, kwargs, epochs=config.finetune_epochs,
+                                           lr=config.finetune_lr, micro_batch=config.finetune_batch,
+                                           storage_dtype=storage_dtype(model))
+            report.blocks[i] = {"error_before": before, "error_after": after,
+                                "finetune_seconds": round(time.perf_counter() - t0, 3)}
+            del targets
         last = i + 1 == len(blocks)
         if not last:
             outputs = run.inputs(i + 1) if run is not None else MemoryActivations()
             _forward_block(block, store, kwargs, outputs)
             store = outputs
         if run is not None:
-            run.commit_block(i, {name: model.get_submodule(name) for name in layers})
+            run.commit_block(i, {name: model.get_submodule(name) for name in layers},
+                             block_params(block, f"{prefix}.{i}") if config.finetune_epochs > 0 else {})
         all_layers[i] = dict.fromkeys(layers)  # let the replaced float layers (and their weights) go
     model.rvq_layers = specs
     model.rvq_config = config

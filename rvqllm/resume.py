@@ -40,6 +40,7 @@ from .nn import QuantizedLinear
 from .validate import TENSOR_SUMS_KEY, read_checksummed, tensor_digest, write_safetensors
 
 RUN_VERSION = 1
+PARAM_PREFIX = "block_param::"  #: key prefix of the float parameters a committed block carries
 
 
 # ------------------------------------------------------------------------------------------ atomic files
@@ -213,12 +214,13 @@ class RunDir:
         return store
 
     # -- layers ------------------------------------------------------------------------------------
-    def commit_block(self, i: int, layers: dict[str, QuantizedLinear]) -> None:
-        """Persist block ``i``'s quantized layers, then mark blocks ``0..i`` done, then drop its inputs.
+    def commit_block(self, i: int, layers: dict[str, QuantizedLinear], params: dict[str, Tensor] | None = None) -> None:
+        """Persist block ``i``'s quantized layers (and the float ``params`` that fine-tuning changed, by
+        model-level name), then mark blocks ``0..i`` done, then drop its inputs.
 
         Block ``i + 1``'s inputs must already be complete in :meth:`inputs` ``(i + 1)``.
         """
-        tensors = {}
+        tensors = {f"{PARAM_PREFIX}{name}": t for name, t in (params or {}).items()}
         for name, layer in layers.items():
             for key, t in layer.state_dict().items():
                 tensors[f"{name}.{key}"] = t
@@ -228,8 +230,9 @@ class RunDir:
         self.blocks_done = i + 1
         shutil.rmtree(self._inputs_path(i), ignore_errors=True)
 
-    def restore_block(self, i: int, names: Iterable[str]) -> dict[str, QuantizedLinear]:
-        """Block ``i``'s quantized layers as written by :meth:`commit_block`, in the order of ``names``."""
+    def restore_block(self, i: int, names: Iterable[str]) -> tuple[dict[str, QuantizedLinear], dict[str, Tensor]]:
+        """Block ``i``'s quantized layers as written by :meth:`commit_block`, in the order of ``names``,
+        and its float parameters (empty unless fine-tuning changed them)."""
         path = self._layers_path(self.path, i)
         tensors, metadata = read_checksummed(path)
         try:
@@ -252,7 +255,8 @@ class RunDir:
                 raise RVQError(f"{path}: layer {name} does not match its spec; "
                                "the run folder is damaged; pass --overwrite to start over") from None
             out[name] = layer
-        return out
+        params = {k.removeprefix(PARAM_PREFIX): t for k, t in tensors.items() if k.startswith(PARAM_PREFIX)}
+        return out, params
 
     def finish(self) -> None:
         """Delete the run folder (after the final checkpoint is safely saved)."""
