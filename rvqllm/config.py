@@ -41,6 +41,9 @@ class RVQConfig:
     finetune_epochs: int = 0  #: Adam passes over the calibration batches per block (0 = off)
     finetune_lr: float = 1e-3  #: Adam learning rate for codebooks, scale gains, biases and norms
     finetune_batch: int = 2  #: calibration sequences per Adam step
+    # --- mixed precision (rvqllm.mixed) ----------------------------------------------------------------
+    bpw_budget: float | None = None  #: all-in bpw for the whole model; layers get candidate shapes by sensitivity
+    mixed_candidates: list[dict] = field(default_factory=list)  #: code shapes {vector_dim, stages, bits} to pick from
     # --- what to quantize ------------------------------------------------------------------------
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  #: name substrings never quantized
     # --- calibration -----------------------------------------------------------------------------
@@ -83,6 +86,15 @@ class RVQConfig:
              f"calib_seq_len={self.calib_seq_len!r} must be an integer of at least 2")
         need(isinstance(self.calib_batch_size, int) and self.calib_batch_size >= 1,
              f"calib_batch_size={self.calib_batch_size!r} must be a positive integer")
+        need(self.bpw_budget is None or (isinstance(self.bpw_budget, int | float) and self.bpw_budget > 0),
+             f"bpw_budget={self.bpw_budget!r} must be a positive number of bits per weight (or null for off)")
+        need(isinstance(self.mixed_candidates, list) and all(
+            isinstance(c, dict) and set(c) == {"vector_dim", "stages", "bits"} for c in self.mixed_candidates),
+             "mixed_candidates must be a list of {vector_dim, stages, bits} mappings")
+        need(self.bpw_budget is None or len(self.mixed_candidates) > 0,
+             "bpw_budget needs mixed_candidates: list the code shapes the layers may use")
+        for c in self.mixed_candidates:
+            RVQConfig(vector_dim=c["vector_dim"], stages=c["stages"], bits=c["bits"])  # same range checks
         need(isinstance(self.skip, list) and all(isinstance(s, str) for s in self.skip),
              "skip must be a list of module-name substrings, e.g. [lm_head]")
 

@@ -22,6 +22,7 @@ from .checkpoint import storage_dtype
 from .config import RVQConfig
 from .errors import RVQError
 from .finetune import finetune_block
+from .mixed import allocate, fisher_sensitivity
 from .nn import QuantizedLinear
 from .resume import MemoryActivations, RunDir, run_fingerprint
 from .rvq import quantize_weight
@@ -80,6 +81,17 @@ def block_params(block: nn.Module, prefix: str) -> dict[str, Tensor]:
     return {f"{prefix}.{n}": p.detach() for n, p in block.named_parameters() if p.is_floating_point()}
 
 
+def _mixed_plan(model: nn.Module, config: RVQConfig, all_layers: dict[int, dict], batches: list[Tensor]
+                ) -> dict[str, dict]:
+    """Code shape per layer for ``config.bpw_budget`` (:mod:`rvqllm.mixed`), from the loss sensitivity
+    measured on the first calibration batch with the float model, before any layer is replaced (a
+    resumed run measures it again on the same float model and data, so it gets the same plan)."""
+    layers = {n: m for v in all_layers.values() for n, m in v.items()}
+    sens = fisher_sensitivity(model, layers, batches[:1])
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
+    return allocate(shapes, sens, config.mixed_candidates, float(config.bpw_budget))
+
+
 def quantize(
     model: nn.Module,
     config: RVQConfig,
@@ -122,8 +134,9 @@ def quantize(
         for name, module in layers.items():
             _check_weight(name, linear_weight(module))
     check_finite_parameters(model)
-    check_vector_dim_fits(config.vector_dim, {n: linear_weight(m).shape[1] for v in all_layers.values()
-                                              for n, m in v.items()})
+    widths = {n: linear_weight(m).shape[1] for v in all_layers.values() for n, m in v.items()}
+    for c in config.mixed_candidates if config.bpw_budget is not None else [config.to_dict()]:
+        check_vector_dim_fits(c["vector_dim"], widths)
     check_causal_behaviour(model)
 
     bs = config.calib_batch_size
@@ -137,6 +150,7 @@ def quantize(
     store = resumed if resumed is not None else (run.inputs(0) if run is not None else MemoryActivations())
     kwargs = _capture(model, blocks[0], batches, None if resumed is not None else store)
     report = QuantizeReport(calib_tokens=int(calibration.numel()))
+    plan = _mixed_plan(model, config, all_layers, batches) if config.bpw_budget is not None else {}
     specs: dict[str, dict] = dict(getattr(model, "rvq_layers", {}))
     done = 0
     layer_index = 0
@@ -168,12 +182,13 @@ def quantize(
         for name, module in layers.items():
             t0 = time.perf_counter()
             weight = linear_weight(module).detach()
+            shape = plan.get(name, {"vector_dim": config.vector_dim, "stages": config.stages, "bits": config.bits})
             q = quantize_weight(
                 weight,
                 collector.hessians.get(name),
-                vector_dim=config.vector_dim,
-                stages=config.stages,
-                bits=config.bits,
+                vector_dim=shape["vector_dim"],
+                stages=shape["stages"],
+                bits=shape["bits"],
                 kmeans_iters=config.kmeans_iters,
                 kmeans_points=config.kmeans_points,
                 beam=config.beam_width,
@@ -182,7 +197,7 @@ def quantize(
                 seed=config.seed * 100_003 + layer_index,
             )
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-            qlayer = QuantizedLinear.from_rvq(q, config.bits, bias).to(weight.device)
+            qlayer = QuantizedLinear.from_rvq(q, shape["bits"], bias).to(weight.device)
             set_module(model, name, qlayer)
             specs[name] = qlayer.spec()
             report.layers[name] = {**qlayer.spec(), "seconds": round(time.perf_counter() - t0, 3)}
