@@ -89,6 +89,7 @@ def quantize_weight(
     kmeans_points: int = 64,
     beam: int = 1,
     seed: int = 0,
+    refits: int = 0,
 ) -> RVQWeight:
     """Code ``weight [out, in]`` with ``stages`` residual codebooks of ``2**bits`` entries each.
 
@@ -97,6 +98,9 @@ def quantize_weight(
     Hessian, the codes are then chosen group by group against the layer's output error, pushing each
     group's error onto the columns not yet coded (:func:`encode_with_feedback`).
     The k-means of each stage runs on a seeded sample of ``kmeans_points`` vectors per codeword.
+    ``refits > 0`` follows the k-means with that many rounds of joint codebook re-fitting on the sample
+    (:func:`learn_codebooks`, encoding with ``beam``); the codes are then chosen with ``beam`` on the
+    non-feedback path too (with ``refits == 0`` that path stays greedy, as before).
     Deterministic for a given ``seed``.
     """
     w = weight.detach().float().cpu()
@@ -115,18 +119,22 @@ def quantize_weight(
     wt = (col.reshape(1, groups, d) * scales.pow(2).reshape(out, 1, 1)).reshape(out * groups, d)
 
     k = 1 << bits
-    codebooks = learn_codebooks(x, wt, stages, k, kmeans_iters, seed, kmeans_points)
+    codebooks = learn_codebooks(x, wt, stages, k, kmeans_iters, seed, kmeans_points, refits=refits, beam=beam)
     if error_feedback and hessian is not None and hessian.dim() == 2:
         h = torch.zeros(in_pad, in_pad, dtype=torch.float64)
         h[:in_features, :in_features] = hessian.detach().double().cpu()
         codes = encode_with_feedback(w, h, scales, codebooks, beam=beam)
         return RVQWeight(codes, codebooks, scales, in_features)
 
-    codes = torch.empty(out * groups, stages, dtype=torch.long)
-    residual = x.clone()
-    for s in range(stages):
-        codes[:, s] = assign(residual, wt, codebooks[s])
-        residual -= codebooks[s][codes[:, s]]
+    if refits > 0:  # the re-fitted codebooks are tuned to beam search, not to greedy stage-by-stage coding
+        codes = encode_rvq_chunked(x, codebooks, beam, wt)
+        residual = x - codebooks[torch.arange(stages)[None, :], codes].sum(1)
+    else:
+        codes = torch.empty(out * groups, stages, dtype=torch.long)
+        residual = x.clone()
+        for s in range(stages):
+            codes[:, s] = assign(residual, wt, codebooks[s])
+            residual -= codebooks[s][codes[:, s]]
     # least-squares refit of each row's scale to its chosen codes (weighted like the k-means)
     unit = (x - residual).reshape(out, in_pad)
     num = (unit * w * col).sum(1)
@@ -137,16 +145,31 @@ def quantize_weight(
 
 
 def learn_codebooks(
-    x: Tensor, wt: Tensor, stages: int, k: int, iters: int, seed: int, points_per_code: int = 64
+    x: Tensor,
+    wt: Tensor,
+    stages: int,
+    k: int,
+    iters: int,
+    seed: int,
+    points_per_code: int = 64,
+    *,
+    refits: int = 0,
+    beam: int = 1,
 ) -> Tensor:
-    """Stage-by-stage weighted k-means on a sample of the vectors.
+    """Stage-by-stage weighted k-means on a sample of the vectors, then optional joint re-fits.
 
     Args:
         x: ``[n, d]`` vectors. wt: ``[n, d]`` their error weights. k: codewords per stage.
         points_per_code: the sample holds ``points_per_code * k`` vectors (all of them if fewer).
+        refits: rounds of alternating optimisation after the k-means (0: none), starting from the greedy
+            codes of the k-means: :func:`rvqllm.rvq.refit.refine_codebooks` (weighted beam encoding under
+            the sample's own ``wt``, then a joint least-squares re-fit of all stages). The weighted error
+            on the sample never increases from round to round.
+        beam: beam width of the encoding inside the re-fit rounds (unused when ``refits == 0``); use the
+            width the final codes will be chosen with, since the re-fitted codebooks are tuned to it.
     Returns:
         codebooks ``[stages, k, d]`` float32, fp16-exact. Stage ``s`` is fitted to what stages ``< s``
-        leave of the sample, coded greedily with the rounded codebooks.
+        leave of the sample, coded greedily with the rounded codebooks (then re-fitted as above).
     """
     gen = torch.Generator().manual_seed(seed)
     n, d = x.shape
@@ -154,11 +177,19 @@ def learn_codebooks(
     pick = torch.randperm(n, generator=gen)[:m] if m < n else torch.arange(n)
     residual, w = x[pick].clone(), wt[pick]
     codebooks = torch.empty(stages, k, d)
+    codes = torch.empty(m, stages, dtype=torch.long)
     for s in range(stages):
         centers, _ = weighted_kmeans(residual, w, k, iters, seed=seed * 1000 + s, max_points=m)
         centers = to_fp16_exact(centers)
         codebooks[s] = centers
-        residual -= centers[assign(residual, w, centers)]
+        codes[:, s] = assign(residual, w, centers)
+        residual -= centers[codes[:, s]]
+    if refits <= 0:
+        return codebooks
+
+    from .refit import refine_codebooks  # refit imports this module
+
+    codebooks, _ = refine_codebooks(x[pick], w, codebooks, refits, beam=beam, codes=codes)
     return codebooks
 
 
@@ -184,40 +215,75 @@ def inverse_hessian_factor(h: Tensor, damp: float = 0.01) -> tuple[Tensor, Tenso
     return torch.linalg.cholesky(hinv, upper=True).float(), dead
 
 
-def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1) -> Tensor:
-    """Residual encoding of ``x [n, d]`` with ``codebooks [S, K, d]`` under plain L2. Returns ``[n, S]`` int64.
+def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = None) -> Tensor:
+    """Residual encoding of ``x [n, d]`` with ``codebooks [S, K, d]``. Returns ``[n, S]`` int64.
 
+    The error is plain L2, or with ``wt [n, d]`` (non-negative) the weighted
+    ``sum_j wt[n, j] * (x[n, j] - xhat[n, j])^2``; its expansion
+    ``err(r) + wt @ c^2 - 2 (wt * r) @ c`` costs the same as the unweighted one.
     ``beam == 1`` is greedy (each stage takes the codeword nearest to what the earlier stages left);
     ``beam > 1`` keeps the ``beam`` best partial sums after every stage; each vector then gets the better
     of the best beam and the greedy code, so the result is never worse than greedy.
+    The whole ``[n, beam, K]`` score block is materialised: chunk large inputs (:func:`encode_rvq_chunked`).
     """
     n = x.shape[0]
     stages, k, _ = codebooks.shape
-    norms = (codebooks * codebooks).sum(-1)  # [S, K]
+    if wt is None:
+        norms = (codebooks * codebooks).sum(-1)  # [S, K]
+
+        def word_norms(s: int) -> Tensor:  # [1, K]
+            return norms[s][None, :]
+
+        def weigh(r: Tensor) -> Tensor:
+            return r
+    else:
+        wsq = wt @ (codebooks * codebooks).transpose(1, 2)  # [S, n, K]: sum_j wt[n, j] * c[k, j]^2
+
+        def word_norms(s: int) -> Tensor:  # [n, K]
+            return wsq[s]
+
+        def weigh(r: Tensor) -> Tensor:  # r [n, d] or [n, b, d]
+            return r * (wt if r.dim() == 2 else wt[:, None, :])
+
     greedy = torch.empty(n, stages, dtype=torch.long)
     r = x
     for s in range(stages):
-        idx = (norms[s][None, :] - 2.0 * r @ codebooks[s].T).argmin(1)
+        idx = (word_norms(s) - 2.0 * weigh(r) @ codebooks[s].T).argmin(1)
         greedy[:, s] = idx
         r = r - codebooks[s][idx]
     if beam <= 1 or stages == 1:
         return greedy
-    greedy_err = (r * r).sum(-1)
-    # beams: residuals [n, B, d], their squared norms [n, B], their codes [n, B, s]
+    greedy_err = (weigh(r) * r).sum(-1)
+    # beams: residuals [n, B, d], their (weighted) squared norms [n, B], their codes [n, B, s]
     res = x[:, None, :]
-    err = (x * x).sum(-1, keepdim=True)
+    err = (weigh(x) * x).sum(-1, keepdim=True)
     codes = torch.zeros(n, 1, 0, dtype=torch.long)
     for s in range(stages):
         b = res.shape[1]
-        total = err[:, :, None] + norms[s][None, None, :] - 2.0 * res @ codebooks[s].T  # [n, b, K]
+        total = err[:, :, None] + word_norms(s)[:, None, :] - 2.0 * weigh(res) @ codebooks[s].T  # [n, b, K]
         keep = min(beam, b * k)
         best, flat = total.reshape(n, b * k).topk(keep, dim=1, largest=False)
         parent, word = flat // k, flat % k
         res = res.gather(1, parent[..., None].expand(-1, -1, res.shape[-1])) - codebooks[s][word]
         err = best
         codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, s)), word[..., None]], dim=2)
-    best_err = (res[:, 0] * res[:, 0]).sum(-1)  # topk is sorted: beam 0 is the best
+    best_err = (weigh(res[:, 0]) * res[:, 0]).sum(-1)  # topk is sorted: beam 0 is the best
     return torch.where((best_err <= greedy_err)[:, None], codes[:, 0], greedy)
+
+
+def encode_rvq_chunked(
+    x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = None, max_elems: int = 1 << 23
+) -> Tensor:
+    """:func:`encode_rvq` over row chunks of ``x [n, d]`` (``wt [n, d]`` likewise), each holding at most
+    ``max_elems`` entries of the ``[rows, beam, K]`` score block. Returns ``[n, S]`` int64."""
+    n = x.shape[0]
+    step = max(1, max_elems // (max(beam, 1) * codebooks.shape[1]))
+    if n <= step:
+        return encode_rvq(x, codebooks, beam, wt)
+    return torch.cat([
+        encode_rvq(x[i : i + step], codebooks, beam, None if wt is None else wt[i : i + step])
+        for i in range(0, n, step)
+    ])
 
 
 def encode_with_feedback(
