@@ -37,6 +37,7 @@ class RVQConfig:
     hessian_weighted: bool = True  #: weight the k-means by diag(H) of the layer inputs
     beam_width: int = 8  #: codes of all stages chosen jointly by beam search (1 = greedy; cost grows ~linearly)
     error_feedback: bool = True  #: GPTQ-style: code against the output error, push each group's error onward
+    codebook_refits: int = 0  #: rounds of joint least-squares codebook re-fit to beam-searched codes (0 = off)
     # --- block fine-tuning (rvqllm.finetune) -----------------------------------------------------------
     finetune_epochs: int = 0  #: Adam passes over the calibration batches per block (0 = off)
     finetune_lr: float = 1e-3  #: Adam learning rate for codebooks, scale gains, biases and norms
@@ -74,6 +75,8 @@ class RVQConfig:
              f"kmeans_points={self.kmeans_points!r} must be a positive integer (64 is typical)")
         need(isinstance(self.beam_width, int) and 1 <= self.beam_width <= 256,
              f"beam_width={self.beam_width!r} is out of range: use 1 (greedy) to 256 (8 is typical)")
+        need(isinstance(self.codebook_refits, int) and self.codebook_refits >= 0,
+             f"codebook_refits={self.codebook_refits!r} must be a non-negative integer (0 turns re-fitting off)")
         need(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 0,
              f"finetune_epochs={self.finetune_epochs!r} must be a non-negative integer (0 turns fine-tuning off)")
         need(isinstance(self.finetune_lr, int | float) and 0 < self.finetune_lr < 1,

@@ -194,6 +194,7 @@ def quantize(
                 beam=config.beam_width,
                 hessian_weighted=config.hessian_weighted,
                 error_feedback=config.error_feedback,
+                refits=config.codebook_refits,
                 seed=config.seed * 100_003 + layer_index,
             )
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None

@@ -261,8 +261,10 @@ def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = 
     for s in range(stages):
         b = res.shape[1]
         total = err[:, :, None] + word_norms(s)[:, None, :] - 2.0 * weigh(res) @ codebooks[s].T  # [n, b, K]
-        keep = min(beam, b * k)
-        best, flat = total.reshape(n, b * k).topk(keep, dim=1, largest=False)
+        if s + 1 < stages:
+            best, flat = total.reshape(n, b * k).topk(min(beam, b * k), dim=1, largest=False)
+        else:  # the last stage only needs the best one (min is much cheaper than topk)
+            best, flat = total.reshape(n, b * k).min(dim=1, keepdim=True)
         parent, word = flat // k, flat % k
         res = res.gather(1, parent[..., None].expand(-1, -1, res.shape[-1])) - codebooks[s][word]
         err = best

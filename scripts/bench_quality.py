@@ -1,0 +1,204 @@
+"""Quality benchmark: perplexity against bits per weight on the reference model (PROTOCOL.md).
+
+Calibrates on the KJV-OT + Shakespeare calibration splits and evaluates ppl-512x``windows`` on the
+KJV-NT and Shakespeare test splits, for:
+
+- ``fp16``: the baseline;
+- ``rtn2`` / ``rtn3`` / ``rtn4``: round-to-nearest scalar quantization, group 128, fp16 scale + zero (the floor);
+- ``preset:NAME``: an rvqllm preset (``configs/NAME.yaml``), with its quantization wall time;
+- ``ablate:NAME``: each technique of preset NAME flipped in turn (off when the preset has it on), one row
+  each, with its ppl and its quantization wall time (the cost of the technique);
+- ``rd``: the Gaussian rate-distortion benchmark of the RVQ core (``scripts/bench_rd.py``).
+
+Every finished row is appended to ``--results`` (JSON lines) at once, so runs can be split over
+processes (one per core, ``OMP_NUM_THREADS=1``) and a killed run keeps what it measured; ``--table``
+prints the markdown tables from results files without running anything.
+
+    python scripts/bench_quality.py --rows fp16 rtn2 rtn3 rtn4 preset:2bit --results out/quality.jsonl
+    python scripts/bench_quality.py --rows ablate:2bit --calib-seqs 16 --calib-len 256 --windows 8 \\
+        --results out/ablation.jsonl
+    python scripts/bench_quality.py --table out/quality.jsonl out/ablation.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_rd beside this file
+
+TEXTS = ("kjv", "shakespeare")
+LABEL = {"kjv": "KJV-NT", "shakespeare": "Shakespeare"}
+
+#: technique -> (config field, value that turns it off, value that turns it on)
+TECHNIQUES = {
+    "block fine-tuning": ("finetune_epochs", 0, 2),
+    "beam search (8)": ("beam_width", 1, 8),
+    "error feedback": ("error_feedback", False, True),
+    "diag(H)-weighted k-means": ("hessian_weighted", False, True),
+    "codebook re-fit": ("codebook_refits", 0, 2),
+    "Hadamard rotation": ("rotate", False, True),
+}
+
+
+def _evaluate(model, tok, windows: int) -> dict[str, dict]:
+    from rvqllm.data import load_text
+    from rvqllm.eval import evaluate
+
+    res = evaluate(model, tok, {t: load_text(t, "test") for t in TEXTS}, windows=windows)
+    return {t: {"ppl": r.ppl, "tokens": r.tokens} for t, r in res.items()}
+
+
+def _quantized_row(cfg, args) -> dict:
+    import rvqllm
+    from rvqllm.data import calibration_tokens, load_text
+    from rvqllm.models import load_model
+    from rvqllm.size import summarize
+
+    model, tok = load_model("reference")
+    cfg = cfg.replace(calib_sequences=args.calib_seqs or cfg.calib_sequences,
+                      calib_seq_len=args.calib_len or cfg.calib_seq_len)
+    calib = calibration_tokens([load_text(t, "calib") for t in TEXTS], tok, cfg.calib_sequences,
+                               cfg.calib_seq_len, cfg.seed)
+    t0 = time.perf_counter()
+    report = rvqllm.quantize(model, cfg, calib)
+    seconds = time.perf_counter() - t0
+    finetune = sum(b.get("finetune_seconds", 0.0) for b in report.blocks.values())
+    size = summarize(model.rvq_layers)
+    return {"bpw": size["bpw"], "quantize_seconds": seconds, "finetune_seconds": finetune,
+            "calib": f"{cfg.calib_sequences}x{cfg.calib_seq_len}", "ppl": _evaluate(model, tok, args.windows)}
+
+
+def run_row(row: str, args, emit) -> None:
+    """Measure one row spec; ``emit(result)`` gets each result as soon as it is measured (an ablation
+    gives one per technique)."""
+    from rvqllm.baselines import rtn_quantize_
+    from rvqllm.config import RVQConfig
+    from rvqllm.models import load_model
+
+    base = {"row": row, "windows": args.windows, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    if row == "fp16":
+        model, tok = load_model("reference")
+        emit({**base, "method": "fp16 baseline", "bpw": 16.0, "ppl": _evaluate(model, tok, args.windows)})
+        return
+    if row.startswith("rtn"):
+        bits = int(row[3:])
+        model, tok = load_model("reference")
+        info = rtn_quantize_(model, bits, 128)
+        emit({**base, "method": f"round-to-nearest {bits}-bit, g128", "bpw": info["bpw"],
+              "ppl": _evaluate(model, tok, args.windows)})
+        return
+    if row.startswith("preset:"):
+        name = row.split(":", 1)[1]
+        emit({**base, "method": f"rvqllm {name}", **_quantized_row(RVQConfig.load(name), args)})
+        return
+    if row.startswith("ablate:"):
+        name = row.split(":", 1)[1]
+        cfg = RVQConfig.load(name)
+        emit({**base, "method": f"rvqllm {name}", "change": "none (the preset)", **_quantized_row(cfg, args)})
+        known = set(cfg.to_dict())
+        for tech, (field, off, on) in TECHNIQUES.items():
+            if field not in known:
+                continue
+            is_on = getattr(cfg, field) not in (off, None)
+            change = f"{tech} off" if is_on else f"{tech} on (not in the preset)"
+            row_cfg = cfg.replace(**{field: off if is_on else on})
+            emit({**base, "method": f"rvqllm {name}", "change": change, **_quantized_row(row_cfg, args)})
+        return
+    if row == "rd":
+        import bench_rd
+
+        emit({**base, "method": "gaussian-rd", "rd": bench_rd.run(args.rd_train, args.rd_test, 0)})
+        return
+    raise SystemExit(f"unknown row {row!r}: use fp16, rtn2/rtn3/rtn4, preset:NAME, ablate:NAME or rd")
+
+
+def _append(path: Path | None, result: dict) -> None:
+    line = json.dumps(result)
+    print(line, flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(line + "\n")
+
+
+def _ppl_cells(r: dict, fp16: dict | None) -> str:
+    cells = []
+    for t in TEXTS:
+        p = r["ppl"][t]["ppl"]
+        ratio = f" (x{p / fp16[t]:.2f})" if fp16 and t in fp16 else ""
+        cells.append(f"{p:.2f}{ratio}")
+    return " | ".join(cells)
+
+
+def tables(results: list[dict]) -> str:
+    """Markdown tables (ppl vs bpw, ablation, Gaussian RD) from result dicts."""
+    lines = []
+    for windows in sorted({r["windows"] for r in results if "ppl" in r}):
+        rs = [r for r in results if r.get("windows") == windows and "ppl" in r]
+        fp = next((r for r in rs if r["method"] == "fp16 baseline"), None)
+        fp16 = {t: fp["ppl"][t]["ppl"] for t in TEXTS} if fp else None
+        main = [r for r in rs if "change" not in r]
+        if main:
+            lines += [f"### ppl-512x{windows} against bpw (block linears, all-in)", "",
+                      f"| method | calibration | bpw | {LABEL['kjv']} | {LABEL['shakespeare']} | quantize wall s |",
+                      "|---|---|---|---|---|---|"]
+            for r in sorted(main, key=lambda r: (r["bpw"], r["method"])):
+                wall = f"{r['quantize_seconds']:.0f}" if "quantize_seconds" in r else "-"
+                lines.append(f"| {r['method']} | {r.get('calib', '-')} | {r['bpw']:.3f} | {_ppl_cells(r, fp16)} | "
+                             f"{wall} |")
+            lines.append("")
+        abl = [r for r in rs if "change" in r]
+        if abl:
+            lines += [f"### Ablation (ppl-512x{windows})", "",
+                      f"| preset | change | calibration | bpw | {LABEL['kjv']} | {LABEL['shakespeare']} | "
+                      "quantize wall s | of which fine-tuning s |", "|---|---|---|---|---|---|---|---|"]
+            for r in abl:
+                lines.append(f"| {r['method']} | {r['change']} | {r['calib']} | {r['bpw']:.3f} | "
+                             f"{_ppl_cells(r, fp16)} | {r['quantize_seconds']:.0f} | {r['finetune_seconds']:.0f} |")
+            lines.append("")
+    for r in results:
+        if r.get("method") == "gaussian-rd":
+            lines += ["### RVQ core on a unit Gaussian source at 2 bits per dimension (codebooks not counted)", "",
+                      "| configuration | MSE per dimension | seconds |", "|---|---|---|"]
+            lines += [f"| {x['name']} | {x['mse']:.4f} | {x['seconds']:.1f} |" for x in r["rd"]]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="*", default=[], help="fp16 rtn2 rtn3 rtn4 preset:NAME ablate:NAME rd")
+    ap.add_argument("--windows", type=int, default=64, help="512-token windows per test text (64 = ppl-512x64)")
+    ap.add_argument("--calib-seqs", type=int, default=None, help="override the presets' calibration sequences")
+    ap.add_argument("--calib-len", type=int, default=None, help="override the presets' calibration length")
+    ap.add_argument("--rd-train", type=int, default=1 << 16)
+    ap.add_argument("--rd-test", type=int, default=1 << 15)
+    ap.add_argument("--results", type=Path, default=None, help="append each row as a JSON line here")
+    ap.add_argument("--table", type=Path, nargs="*", default=None, help="print tables from these results files")
+    args = ap.parse_args()
+    if args.table is not None:
+        results = [json.loads(line) for p in args.table for line in p.read_text().splitlines() if line.strip()]
+        print(tables(results))
+        return
+    if not args.rows:
+        ap.error("give --rows to measure or --table to print")
+    done: list[dict] = []
+
+    def emit(result: dict) -> None:
+        _append(args.results, result)
+        done.append(result)
+
+    for row in args.rows:
+        run_row(row, args, emit)
+    print(tables(done))
+
+
+if __name__ == "__main__":
+    main()
