@@ -42,6 +42,7 @@ class RVQConfig:
     finetune_epochs: int = 0  #: Adam passes over the calibration batches per block (0 = off)
     finetune_lr: float = 1e-3  #: Adam learning rate for codebooks, scale gains, biases and norms
     finetune_batch: int = 2  #: calibration sequences per Adam step
+    finetune_target: str = "block"  #: "block": the float block on the same inputs; "model": the float model's activations
     # --- mixed precision (rvqllm.mixed) ----------------------------------------------------------------
     bpw_budget: float | None = None  #: all-in bpw for the whole model; layers get candidate shapes by sensitivity
     mixed_candidates: list[dict] = field(default_factory=list)  #: code shapes {vector_dim, stages, bits} to pick from
@@ -83,6 +84,8 @@ class RVQConfig:
              f"finetune_lr={self.finetune_lr!r} is out of range: use a positive number below 1 (1e-3 is typical)")
         need(isinstance(self.finetune_batch, int) and self.finetune_batch >= 1,
              f"finetune_batch={self.finetune_batch!r} must be a positive integer (sequences per step)")
+        need(self.finetune_target in ("block", "model"),
+             f"finetune_target={self.finetune_target!r} is unknown: use 'block' or 'model'")
         need(isinstance(self.calib_sequences, int) and self.calib_sequences >= 1,
              f"calib_sequences={self.calib_sequences!r} must be a positive integer")
         need(isinstance(self.calib_seq_len, int) and self.calib_seq_len >= 2,

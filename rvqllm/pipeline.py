@@ -149,6 +149,10 @@ def quantize(
     resumed = run.resumable_inputs(len(batches)) if run is not None else None
     store = resumed if resumed is not None else (run.inputs(0) if run is not None else MemoryActivations())
     kwargs = _capture(model, blocks[0], batches, None if resumed is not None else store)
+    # the float model's activations, followed alongside the quantized ones when fine-tuning aims at them
+    fp_store = None
+    if config.finetune_epochs > 0 and config.finetune_target == "model":
+        fp_store = run.resumable_inputs(len(batches), "fp") if resumed is not None else store
     report = QuantizeReport(calib_tokens=int(calibration.numel()))
     plan = _mixed_plan(model, config, all_layers, batches) if config.bpw_budget is not None else {}
     specs: dict[str, dict] = dict(getattr(model, "rvq_layers", {}))
@@ -171,13 +175,18 @@ def quantize(
         if i < start_block:
             continue
         layers = all_layers[i]
-        targets = MemoryActivations() if config.finetune_epochs > 0 else None
+        targets = None
+        if fp_store is not None:  # the float block on the float model's inputs: also the next fp inputs
+            targets = run.inputs(i + 1, "fp") if run is not None else MemoryActivations()
+            _forward_block(block, fp_store, kwargs, targets)
+        elif config.finetune_epochs > 0:
+            targets = MemoryActivations()
         with HessianCollector(layers) as collector:
             with torch.no_grad():
                 for j, kw in enumerate(kwargs):
                     collector.new_pass()
                     out = block(store.get(j), **kw)
-                    if targets is not None:  # the float block's outputs: what fine-tuning aims at
+                    if targets is not None and fp_store is None:  # the float block on these same inputs
                         targets.put(j, (out[0] if isinstance(out, tuple | list) else out).detach())
         for name, module in layers.items():
             t0 = time.perf_counter()
@@ -214,6 +223,7 @@ def quantize(
                                            storage_dtype=storage_dtype(model))
             report.blocks[i] = {"error_before": before, "error_after": after,
                                 "finetune_seconds": round(time.perf_counter() - t0, 3)}
+            fp_store = targets if fp_store is not None else None
             del targets
         last = i + 1 == len(blocks)
         if not last:

@@ -40,6 +40,7 @@ from .nn import QuantizedLinear
 from .validate import TENSOR_SUMS_KEY, read_checksummed, tensor_digest, write_safetensors
 
 RUN_VERSION = 1
+STREAMS = ("in", "fp")  #: activation streams a run folder may hold per block
 PARAM_PREFIX = "block_param::"  #: key prefix of the float parameters a committed block carries
 
 
@@ -187,26 +188,29 @@ class RunDir:
     def _layers_path(path: Path, i: int) -> Path:
         return path / f"layers-{i:04d}.safetensors"
 
-    def _inputs_path(self, i: int) -> Path:
-        return self.path / f"in-{i:04d}"
+    def _inputs_path(self, i: int, stream: str = "in") -> Path:
+        return self.path / f"{stream}-{i:04d}"
 
     def _remove_uncommitted(self) -> None:
-        keep = {"run.json", "progress.json", self._inputs_path(self.blocks_done).name}
+        keep = {"run.json", "progress.json"} | {self._inputs_path(self.blocks_done, s).name for s in STREAMS}
         keep |= {self._layers_path(self.path, i).name for i in range(self.blocks_done)}
         for p in self.path.iterdir():
             if p.name not in keep:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     # -- activations -------------------------------------------------------------------------------
-    def inputs(self, i: int) -> DiskActivations:
-        """The store of block ``i``'s inputs (block ``blocks_done``'s are readable after a resume)."""
-        return DiskActivations(self._inputs_path(i))
+    def inputs(self, i: int, stream: str = "in") -> DiskActivations:
+        """The store of block ``i``'s inputs (block ``blocks_done``'s are readable after a resume).
 
-    def resumable_inputs(self, n_batches: int) -> DiskActivations | None:
+        ``stream`` is ``"in"`` (what the quantized model feeds the block) or ``"fp"`` (what the float
+        model feeds it, kept when fine-tuning aims at the float model's activations)."""
+        return DiskActivations(self._inputs_path(i, stream))
+
+    def resumable_inputs(self, n_batches: int, stream: str = "in") -> DiskActivations | None:
         """Block ``blocks_done``'s committed inputs, or ``None`` when there are none to resume from."""
         if self.blocks_done == 0:
             return None
-        store = DiskActivations(self._inputs_path(self.blocks_done)) if self.blocks_done < len(
+        store = DiskActivations(self._inputs_path(self.blocks_done, stream)) if self.blocks_done < len(
             self.fingerprint["layers"]) else MemoryActivations()  # all blocks done: no inputs are read
         if isinstance(store, DiskActivations) and not store.complete(n_batches):
             raise RVQError(f"the run folder {self.path} lacks the inputs of block {self.blocks_done}: "
@@ -228,7 +232,8 @@ class RunDir:
         write_tensors_atomic(self._layers_path(self.path, i), tensors, {"specs": json.dumps(specs)})
         write_json_atomic(self.path / "progress.json", {"blocks_done": i + 1})
         self.blocks_done = i + 1
-        shutil.rmtree(self._inputs_path(i), ignore_errors=True)
+        for stream in STREAMS:
+            shutil.rmtree(self._inputs_path(i, stream), ignore_errors=True)
 
     def restore_block(self, i: int, names: Iterable[str]) -> tuple[dict[str, QuantizedLinear], dict[str, Tensor]]:
         """Block ``i``'s quantized layers as written by :meth:`commit_block`, in the order of ``names``,

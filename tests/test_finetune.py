@@ -98,9 +98,10 @@ def test_pipeline_with_finetuning_saves_what_it_computes(calib_ids, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def test_resume_with_finetuning_is_bit_identical(calib_ids, tmp_path):
+@pytest.mark.parametrize("target", ["block", "model"])
+def test_resume_with_finetuning_is_bit_identical(calib_ids, tmp_path, target):
     cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, finetune_epochs=2, calib_batch_size=4,
-                           kmeans_iters=3)
+                           kmeans_iters=3, finetune_target=target)
     whole = tiny_llama()
     rvqllm.quantize(whole, cfg, calib_ids)
 
@@ -118,3 +119,27 @@ def test_resume_with_finetuning_is_bit_identical(calib_ids, tmp_path):
     rvqllm.quantize(resumed, cfg, calib_ids, run_dir=tmp_path / "run", resume=True)
     for (k, a), (k2, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b), k
+
+
+def test_model_target_aims_at_the_float_models_activations(calib_ids):
+    """With finetune_target="model", block 1's target is the float model's block-1 output (what the float
+    model computes from the float block 0), not the float block 1 applied to the quantized block 0's output."""
+    from rvqllm.finetune import _relative_error
+
+    float_model = tiny_llama()
+    _, fblocks = find_blocks(float_model)
+    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, finetune_epochs=1, calib_batch_size=8,
+                           kmeans_iters=3, finetune_target="model")
+    model = tiny_llama()
+    report = rvqllm.quantize(model, cfg, calib_ids)
+    qblocks = model.model.layers
+    (inp,) = capture_block_inputs(float_model, fblocks[0], [calib_ids])
+    with torch.no_grad():
+        fp1 = fblocks[1](fblocks[0](inp.hidden, **inp.kwargs), **inp.kwargs)
+        q0 = qblocks[0](inp.hidden, **inp.kwargs)
+    store_in, store_fp = MemoryActivations(), MemoryActivations()
+    store_in.put(0, q0)
+    store_fp.put(0, fp1)
+    # the quantized block 1 (after tuning) on the quantized inputs, measured against the float model's activations
+    assert _relative_error(qblocks[1], store_in, store_fp, [inp.kwargs]) == pytest.approx(
+        report.blocks[1]["error_after"], rel=1e-5)
