@@ -8,6 +8,10 @@ codes each vector by its nearest codeword; stage ``s`` codes the residual left b
 
 Codebooks and scales are rounded to fp16 (the stored precision) *before* the codes that use them are
 chosen, so the decoded checkpoint is exactly what was optimised.
+
+With ``rotate=True`` the matrix coded is ``W R`` (``R`` a random sign flip + block Hadamard over the
+padded width, :mod:`.rotation`) against the rotated Hessian ``R^T H R``; the layer then computes
+``(W R)(R^T x)``. :meth:`RVQWeight.dequantize` always returns the weight in the original basis.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import rotation
 from .kmeans import assign, weighted_kmeans
 
 
@@ -29,16 +34,29 @@ class RVQWeight:
         codebooks: ``[stages, 2**bits, vector_dim]`` float32.
         scales: ``[out]`` float32.
         in_features: the original input width (``<= in_groups * vector_dim``; the rest is padding).
+        signs: ``None`` (no rotation), or ``[in_groups * vector_dim]`` int8 ±1: the codes then describe
+            ``W R`` over the padded width, ``R`` as in :mod:`.rotation`.
+        rotation_block: the Hadamard block of the rotation (0 when there is none).
     """
 
     codes: Tensor
     codebooks: Tensor
     scales: Tensor
     in_features: int
+    signs: Tensor | None = None
+    rotation_block: int = 0
+
+    @property
+    def coded_width(self) -> int:
+        """``in_groups * vector_dim``: the width the codes cover (the rotation's width when rotated)."""
+        return self.codes.shape[1] * self.codebooks.shape[-1]
 
     def dequantize(self) -> Tensor:
-        """``[out, in_features]`` float32 reconstruction."""
-        return decode(self.codes, self.codebooks, self.scales, self.in_features)
+        """``[out, in_features]`` float32 reconstruction, in the original (unrotated) basis."""
+        if self.signs is None:
+            return decode(self.codes, self.codebooks, self.scales, self.in_features)
+        w = decode(self.codes, self.codebooks, self.scales, self.coded_width)
+        return rotation.unrotate(w, self.signs, self.rotation_block)[:, : self.in_features]
 
 
 def decode(codes: Tensor, codebooks: Tensor, scales: Tensor, in_features: int) -> Tensor:
@@ -90,6 +108,8 @@ def quantize_weight(
     beam: int = 1,
     seed: int = 0,
     refits: int = 0,
+    rotate: bool = False,
+    rotation_max_block: int = rotation.MAX_BLOCK,
 ) -> RVQWeight:
     """Code ``weight [out, in]`` with ``stages`` residual codebooks of ``2**bits`` entries each.
 
@@ -102,7 +122,16 @@ def quantize_weight(
     (:func:`learn_codebooks`, encoding with ``beam``); the codes are then chosen with ``beam`` on the
     non-feedback path too (with ``refits == 0`` that path stays greedy, as before).
     Deterministic for a given ``seed``.
+
+    With ``rotate``, ``W R`` is coded against ``R^T H R`` instead (``R`` over the width padded to a
+    multiple of ``vector_dim``, signs drawn from ``seed``, Hadamard blocks of at most
+    ``rotation_max_block``); the result carries the signs and block (see :mod:`.rotation`).
     """
+    if rotate:
+        return _quantize_rotated(weight, hessian, vector_dim=vector_dim, stages=stages, bits=bits,
+                                 kmeans_iters=kmeans_iters, hessian_weighted=hessian_weighted,
+                                 error_feedback=error_feedback, kmeans_points=kmeans_points, beam=beam,
+                                 seed=seed, refits=refits, max_block=rotation_max_block)
     w = weight.detach().float().cpu()
     out, in_features = w.shape
     d = vector_dim
@@ -142,6 +171,30 @@ def quantize_weight(
     refit = torch.where(den > 0, num / den.clamp_min(1e-30), scales)
     scales = to_fp16_exact(torch.where(refit.abs() > 0, refit, scales))
     return RVQWeight(codes.reshape(out, groups, stages), codebooks, scales, in_features)
+
+
+def _quantize_rotated(weight: Tensor, hessian: Tensor | None, *, vector_dim: int, seed: int, max_block: int,
+                      **kw) -> RVQWeight:
+    """:func:`quantize_weight` of ``W R`` against ``R^T H R`` over the padded width."""
+    w = weight.detach().float().cpu()
+    out, in_features = w.shape
+    n = -(-in_features // vector_dim) * vector_dim
+    block = rotation.block_size(n, max_block)
+    signs = rotation.random_signs(n, seed)
+    w = rotation.rotate(torch.nn.functional.pad(w, (0, n - in_features)), signs, block)
+    h = None
+    if hessian is not None:
+        full = hessian.detach().double().cpu()
+        if full.dim() == 1:
+            full = torch.diag(full)
+        h = torch.zeros(n, n, dtype=torch.float64)
+        h[:in_features, :in_features] = full
+        h = rotation.rotate_hessian(h, signs, block)
+        h = (h + h.T) / 2
+        if hessian.dim() == 1:  # a diagonal in, a diagonal out (no error feedback without the full matrix)
+            h = h.diagonal().clone()
+    q = quantize_weight(w, h, vector_dim=vector_dim, seed=seed, **kw)
+    return RVQWeight(q.codes, q.codebooks, q.scales, in_features, signs, block)
 
 
 def learn_codebooks(
