@@ -239,7 +239,8 @@ def cmd_info(args: argparse.Namespace) -> dict:
         print(f"{args.checkpoint}: rvq format v{q['format_version']}, {s['layers']} quantized layers, "
               f"{s['weights']:,} weights")
         print(f"bpw {s['bpw']:.4f} = codes {s['codes_bpw']:.4f} + codebooks {s['codebooks_bpw']:.4f} "
-              f"+ scales {s['scales_bpw']:.4f}; weights on disk {info['bytes'] / 2**20:.2f} MiB")
+              f"+ scales {s['scales_bpw']:.4f}" + (f" + signs {s['signs_bpw']:.4f}" if s["signs_bpw"] else "")
+              + f"; weights on disk {info['bytes'] / 2**20:.2f} MiB")
         print("config: " + ", ".join(f"{k}={v}" for k, v in q.get("rvq_config", {}).items() if k != "description"))
         if args.layers:
             for name, spec in q["layers"].items():

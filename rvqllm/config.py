@@ -38,6 +38,7 @@ class RVQConfig:
     beam_width: int = 8  #: codes of all stages chosen jointly by beam search (1 = greedy; cost grows ~linearly)
     error_feedback: bool = True  #: GPTQ-style: code against the output error, push each group's error onward
     codebook_refits: int = 0  #: rounds of joint least-squares codebook re-fit to beam-searched codes (0 = off)
+    rotate: bool = False  #: code W R, R a random sign flip + block Hadamard, applied to x at run time (docs/ROTATION.md)
     # --- block fine-tuning (rvqllm.finetune) -----------------------------------------------------------
     finetune_epochs: int = 0  #: Adam passes over the calibration batches per block (0 = off)
     finetune_lr: float = 1e-3  #: Adam learning rate for codebooks, scale gains, biases and norms
@@ -78,6 +79,7 @@ class RVQConfig:
              f"beam_width={self.beam_width!r} is out of range: use 1 (greedy) to 256 (8 is typical)")
         need(isinstance(self.codebook_refits, int) and self.codebook_refits >= 0,
              f"codebook_refits={self.codebook_refits!r} must be a non-negative integer (0 turns re-fitting off)")
+        need(isinstance(self.rotate, bool), f"rotate={self.rotate!r} must be true or false")
         need(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 0,
              f"finetune_epochs={self.finetune_epochs!r} must be a non-negative integer (0 turns fine-tuning off)")
         need(isinstance(self.finetune_lr, int | float) and 0 < self.finetune_lr < 1,

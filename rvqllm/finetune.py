@@ -35,7 +35,7 @@ class _TrainableRVQ(nn.Module):
     def __init__(self, layer: QuantizedLinear) -> None:
         super().__init__()
         self._layer = (layer,)  # held outside the module tree: the swap must not see it as a child
-        self.in_features = layer.in_features
+        self.in_features = layer.op_in_features  # the coded width in a rotated layer (forward rotates x)
         self.out_features = layer.out_features
         self.codebooks = nn.Parameter(layer.codebooks.detach().float().clone())
         self.log_gain = nn.Parameter(torch.zeros(layer.out_features))
@@ -59,6 +59,7 @@ class _TrainableRVQ(nn.Module):
         return w * self.scales()[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self._layer[0].rotate_input(x)
         return nn.functional.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()

@@ -108,9 +108,7 @@ class RVQHfQuantizer(HfQuantizer):
                 raise RVQError(f"checkpoint lists quantized layer {name!r}, which {type(model).__name__} has not: "
                                "the config does not match the model class") from None
             device = next(old.parameters(), torch.empty(0, device="meta")).device
-            set_module(model, name, QuantizedLinear(
-                spec["in_features"], spec["out_features"], vector_dim=spec["vector_dim"], stages=spec["stages"],
-                bits=spec["bits"], bias=spec["bias"], bias_dtype=float_dtype, device=device))
+            set_module(model, name, QuantizedLinear.from_spec(spec, bias_dtype=float_dtype, device=device))
             parent = model.get_submodule(name.rpartition(".")[0])
             if not any(True for _ in parent.parameters(recurse=False)):
                 # transformers re-initialises modules not marked as loaded, and some models' init code
@@ -128,7 +126,8 @@ class RVQHfQuantizer(HfQuantizer):
         # `rvqllm info DIR --verify` for that); still, no kernel may ever see an out-of-range code or a
         # non-finite codebook/scale, so check every quantized layer that is in memory.
         loaded = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and not m.codes.is_meta}
-        tensors = {f"{n}.{b}": getattr(m, b) for n, m in loaded.items() for b in ("codes", "codebooks", "scales")}
+        tensors = {f"{n}.{b}": getattr(m, b) for n, m in loaded.items() for b in ("codes", "codebooks", "scales", "signs")
+                   if getattr(m, b) is not None}
         check_values(Path("from_pretrained"), tensors, {n: m.spec() for n, m in loaded.items()})
 
         cfg = self.quantization_config.rvq_config

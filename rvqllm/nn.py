@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import dequantize, rvq_linear
-from .rvq import RVQWeight, code_dtype, pack
+from .rvq import RVQWeight, code_dtype, pack, rotation
 
 
 class QuantizedLinear(nn.Module):
@@ -17,6 +17,12 @@ class QuantizedLinear(nn.Module):
         codebooks: ``[stages, 2**bits, vector_dim]`` fp16.
         scales: ``[out_features]`` fp16.
         bias: ``[out_features]`` (the original layer's dtype), or absent.
+        signs: ``[in_groups * vector_dim]`` int8 ±1, only in a rotated layer (``hadamard_block > 0``).
+
+    A rotated layer holds the codes of ``W R`` (``R`` = sign flip + block Hadamard over the padded width,
+    :mod:`rvqllm.rvq.rotation`); its forward computes ``x' = x R`` (zero-padded to the coded width) and
+    runs the same op on ``x'``. A layer without rotation has no ``signs`` buffer and no ``hadamard_block``
+    spec field, so its checkpoint entry is exactly what it was before rotations existed.
     """
 
     def __init__(
@@ -30,6 +36,7 @@ class QuantizedLinear(nn.Module):
         bias: bool,
         bias_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        hadamard_block: int = 0,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -37,6 +44,7 @@ class QuantizedLinear(nn.Module):
         self.vector_dim = vector_dim
         self.stages = stages
         self.bits = bits
+        self.hadamard_block = hadamard_block
         groups = -(-in_features // vector_dim)
         self.register_buffer("codes", torch.zeros(out_features, groups, stages, dtype=code_dtype(bits), device=device))
         self.register_buffer(
@@ -47,6 +55,18 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
         else:
             self.bias = None
+        if hadamard_block:
+            self.register_buffer("signs", torch.ones(groups * vector_dim, dtype=torch.int8, device=device))
+        else:
+            self.signs = None
+
+    @classmethod
+    def from_spec(cls, spec: dict, *, bias_dtype: torch.dtype = torch.float16,
+                  device: torch.device | str | None = None) -> QuantizedLinear:
+        """An empty layer (buffers to be loaded) from a checkpoint's per-layer spec (see :meth:`spec`)."""
+        return cls(spec["in_features"], spec["out_features"], vector_dim=spec["vector_dim"], stages=spec["stages"],
+                   bits=spec["bits"], bias=spec["bias"], bias_dtype=bias_dtype, device=device,
+                   hadamard_block=spec.get("hadamard_block", 0))
 
     @classmethod
     def from_rvq(cls, q: RVQWeight, bits: int, bias: Tensor | None) -> QuantizedLinear:
@@ -60,7 +80,10 @@ class QuantizedLinear(nn.Module):
             bits=bits,
             bias=bias is not None,
             bias_dtype=bias.dtype if bias is not None else torch.float16,
+            hadamard_block=q.rotation_block if q.signs is not None else 0,
         )
+        if q.signs is not None:
+            layer.signs.copy_(q.signs)
         layer.codes.copy_(pack(q.codes, bits))
         layer.codebooks.copy_(q.codebooks.half())
         layer.scales.copy_(q.scales.half())
@@ -68,16 +91,41 @@ class QuantizedLinear(nn.Module):
             layer.bias.copy_(bias.detach())
         return layer
 
+    @property
+    def op_in_features(self) -> int:
+        """The input width the op sees: ``in_features``, or the coded (padded) width in a rotated layer."""
+        return self.codes.shape[1] * self.vector_dim if self.signs is not None else self.in_features
+
+    def rotate_input(self, x: Tensor) -> Tensor:
+        """``x R`` (zero-padded to the coded width) in a rotated layer; ``x`` itself otherwise.
+
+        Computed in float32 on CPU for 16-bit inputs (CPU half matmuls are slow), else in ``x.dtype``;
+        returned in ``x.dtype``."""
+        if self.signs is None:
+            return x
+        pad = self.op_in_features - x.shape[-1]
+        xf = x.float() if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else x
+        if pad:
+            xf = torch.nn.functional.pad(xf, (0, pad))
+        return rotation.rotate(xf, self.signs, self.hadamard_block).to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        return rvq_linear(x, self.codes, self.codebooks, self.scales, self.bias, self.in_features)
+        if self.signs is not None:
+            x = self.rotate_input(x)
+        return rvq_linear(x, self.codes, self.codebooks, self.scales, self.bias, self.op_in_features)
 
     def dequantized_weight(self) -> Tensor:
-        """``[out_features, in_features]`` float32, for tests and analysis (forward goes through the op)."""
-        return dequantize(self.codes, self.codebooks, self.scales, self.in_features)
+        """``[out_features, in_features]`` float32 in the original basis, for tests and analysis (forward
+        goes through the op)."""
+        w = dequantize(self.codes, self.codebooks, self.scales, self.op_in_features)
+        if self.signs is None:
+            return w
+        return rotation.unrotate(w, self.signs, self.hadamard_block)[:, : self.in_features]
 
     def spec(self) -> dict[str, int]:
-        """The per-layer parameters a checkpoint stores to rebuild this module."""
-        return {
+        """The per-layer parameters a checkpoint stores to rebuild this module (``hadamard_block`` only
+        in a rotated layer)."""
+        spec = {
             "in_features": self.in_features,
             "out_features": self.out_features,
             "vector_dim": self.vector_dim,
@@ -85,9 +133,13 @@ class QuantizedLinear(nn.Module):
             "bits": self.bits,
             "bias": self.bias is not None,
         }
+        if self.signs is not None:
+            spec["hadamard_block"] = self.hadamard_block
+        return spec
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, vector_dim={self.vector_dim}, "
             f"stages={self.stages}, bits={self.bits}, bias={self.bias is not None}"
+            + (f", hadamard_block={self.hadamard_block}" if self.signs is not None else "")
         )

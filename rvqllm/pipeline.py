@@ -205,6 +205,7 @@ def quantize(
                 error_feedback=config.error_feedback,
                 refits=config.codebook_refits,
                 seed=config.seed * 100_003 + layer_index,
+                rotate=config.rotate,
             )
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
             qlayer = QuantizedLinear.from_rvq(q, shape["bits"], bias).to(weight.device)

@@ -250,9 +250,7 @@ class RunDir:
             if not isinstance(spec, dict):
                 raise RVQError(f"{path} lacks layer {name}: the run folder is damaged; pass --overwrite to start over")
             bias = tensors.get(f"{name}.bias")
-            layer = QuantizedLinear(spec["in_features"], spec["out_features"], vector_dim=spec["vector_dim"],
-                                    stages=spec["stages"], bits=spec["bits"], bias=spec["bias"],
-                                    bias_dtype=bias.dtype if bias is not None else torch.float16)
+            layer = QuantizedLinear.from_spec(spec, bias_dtype=bias.dtype if bias is not None else torch.float16)
             state = {k.removeprefix(f"{name}."): t for k, t in tensors.items() if k.startswith(f"{name}.")}
             try:
                 layer.load_state_dict(state, strict=True)

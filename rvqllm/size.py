@@ -1,8 +1,8 @@
 """Exact size accounting (shared/PROTOCOL.md, "Bits per weight").
 
 A quantized layer's bits are everything stored to decode its weight, in the dtype it is stored in:
-codes (uint8 or int16 per code), codebooks (fp16) and scales (fp16). A bias is not a weight and is
-reported apart. bpw = those bits / (out_features * in_features).
+codes (uint8 or int16 per code), codebooks (fp16), scales (fp16) and, in a rotated layer, its signs
+(int8, one per coded input column). A bias is not a weight and is reported apart. bpw = those bits / (out_features * in_features).
 """
 
 from __future__ import annotations
@@ -24,23 +24,25 @@ def layer_bits(spec: dict) -> dict[str, int]:
         "codes": out * groups * s * code_bits,
         "codebooks": s * (1 << b) * d * 16,
         "scales": out * 16,
+        "signs": groups * d * 8 if spec.get("hadamard_block") else 0,
         "weights": out * inp,
     }
 
 
 def layer_bpw(spec: dict) -> float:
     parts = layer_bits(spec)
-    return (parts["codes"] + parts["codebooks"] + parts["scales"]) / parts["weights"]
+    return (parts["codes"] + parts["codebooks"] + parts["scales"] + parts["signs"]) / parts["weights"]
 
 
 def summarize(specs: dict[str, dict]) -> dict:
-    """Totals over quantized layers: ``{"layers", "weights", "bits", "bpw", "codes_bpw", "codebooks_bpw", "scales_bpw"}``."""
-    totals = {"codes": 0, "codebooks": 0, "scales": 0, "weights": 0}
+    """Totals over quantized layers: ``{"layers", "weights", "bits", "bpw", "codes_bpw", "codebooks_bpw",
+    "scales_bpw", "signs_bpw"}`` (``signs_bpw`` is 0 without rotated layers)."""
+    totals = {"codes": 0, "codebooks": 0, "scales": 0, "signs": 0, "weights": 0}
     for spec in specs.values():
         for k, v in layer_bits(spec).items():
             totals[k] += v
     w = max(totals["weights"], 1)
-    bits = totals["codes"] + totals["codebooks"] + totals["scales"]
+    bits = totals["codes"] + totals["codebooks"] + totals["scales"] + totals["signs"]
     return {
         "layers": len(specs),
         "weights": totals["weights"],
@@ -49,6 +51,7 @@ def summarize(specs: dict[str, dict]) -> dict:
         "codes_bpw": totals["codes"] / w,
         "codebooks_bpw": totals["codebooks"] / w,
         "scales_bpw": totals["scales"] / w,
+        "signs_bpw": totals["signs"] / w,
     }
 
 

@@ -13,8 +13,8 @@ no ``trust_remote_code``) and no tensor reaches a kernel before it has passed, i
 4. The model skeleton built from the config (on the meta device, no memory) says which tensors must be
    present, with which shape and dtype; each quantized layer's spec must match the layer it replaces.
    Missing, unexpected, mis-shaped or mis-typed tensors fail, naming the tensor.
-5. Values: every code index is below its codebook size ``2**bits``; codebooks, scales and every other
-   floating tensor are finite.
+5. Values: every code index is below its codebook size ``2**bits``; a rotated layer's signs are
+   exactly ±1; codebooks, scales and every other floating tensor are finite.
 
 Checksums alone only catch accidents (anyone can recompute them), so 4 and 5 are checked independently.
 Every failure is an :class:`RVQError` with one line naming the file or tensor and what is wrong.
@@ -56,6 +56,8 @@ _FIX = "the checkpoint is corrupt or tampered; re-create or re-download it"
 #: allowed ranges of a quantized layer's spec fields (RVQConfig's ranges)
 SPEC_RANGES = {"vector_dim": (1, 64), "stages": (1, 8), "bits": (1, 16),
                "in_features": (1, 2**31 - 1), "out_features": (1, 2**31 - 1)}
+#: largest Hadamard block a rotated layer's spec may name (optional field ``hadamard_block``)
+MAX_HADAMARD_BLOCK = 1 << 16
 
 
 # ------------------------------------------------------------------------------------------ checksums
@@ -119,6 +121,12 @@ def check_layer_spec(name: str, spec: Any) -> dict:
             raise RVQError(f"config.json: quantized layer {name!r} has {key}={v!r}, not an integer in {lo}..{hi}: {_FIX}")
     if type(spec.get("bias")) is not bool:
         raise RVQError(f"config.json: quantized layer {name!r} has bias={spec.get('bias')!r}, not true/false: {_FIX}")
+    if "hadamard_block" in spec:  # optional: the layer is rotated (rvqllm.rvq.rotation)
+        b = spec["hadamard_block"]
+        width = -(-spec["in_features"] // spec["vector_dim"]) * spec["vector_dim"]
+        if type(b) is not int or not 1 <= b <= MAX_HADAMARD_BLOCK or b & (b - 1) or width % b:
+            raise RVQError(f"config.json: quantized layer {name!r} has hadamard_block={b!r}, not a power of two "
+                           f"dividing its coded width {width}: {_FIX}")
     return spec
 
 
@@ -357,6 +365,13 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[s
                 at = bad[0].tolist()
                 raise RVQError(f"{path}: tensor '{name}.codes' holds code {int(idx[tuple(at)])} at {at}, past the "
                                f"codebook size {k} (bits={s['bits']}): {_FIX}")
+        signs = tensors.get(f"{name}.signs") if s.get("hadamard_block") else None
+        if signs is not None:
+            bad = ((signs != 1) & (signs != -1)).nonzero()
+            if len(bad):
+                at = bad[0].tolist()
+                raise RVQError(f"{path}: tensor '{name}.signs' holds {signs[tuple(at)].item()} at {at}, not +1 or -1 "
+                               f"(a rotation's signs): {_FIX}")
     for name, t in tensors.items():
         if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
             raise RVQError(f"{path}: tensor {name!r} holds NaN or Inf values: {_FIX}")
@@ -417,8 +432,7 @@ def validate_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) 
         if (spec["out_features"], spec["in_features"]) != (out_f, in_f):
             raise RVQError(f"{folder}/config.json says layer {name!r} is {spec['out_features']}x{spec['in_features']} "
                            f"but the model config makes it {out_f}x{in_f}: {_FIX}")
-        args = {k: spec[k] for k in ("vector_dim", "stages", "bits", "bias")}
-        set_module(skeleton, name, QuantizedLinear(in_f, out_f, bias_dtype=dtype, device="meta", **args))
+        set_module(skeleton, name, QuantizedLinear.from_spec(spec, bias_dtype=dtype, device="meta"))
     skeleton.tie_weights()
     check_structure(weights, tensors, skeleton, qcfg["layers"])
     check_values(weights, tensors, qcfg["layers"])

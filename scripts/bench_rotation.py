@@ -10,7 +10,8 @@ Variants: ``plain``; ``rot-in bN`` (inputs rotated, Hadamard blocks of at most N
 (rows rotated too: ``R_o^T W R_i`` is coded and ``y = R_o (What'' x')``; the output error is invariant
 under ``R_o``, so it is measured the same way).
 
-    python scripts/bench_rotation.py /tmp/layers_h.pt [--presets 2bit 3bit 4bit] [--json out.json]
+    python scripts/bench_rotation.py /tmp/layers_h.pt [--presets 2bit 3bit 4bit] [--variants ...]
+        [--no-error-feedback] [--json out.json]
 
 To capture such a file, see ``capture`` in scripts/bench_layer_techniques.py.
 """
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--json", help="write per-layer errors and CPU seconds here")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-error-feedback", action="store_true", help="code without error feedback (diagonal weighting only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = torch.load(args.layers)
@@ -76,6 +78,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for preset in args.presets:
         cfg = RVQConfig.load(preset)
+        if args.no_error_feedback:
+            cfg = cfg.replace(error_feedback=False)
         res = results[preset] = {}
         for vname in args.variants:
             errs, t0 = {}, time.process_time()

@@ -78,9 +78,8 @@ def hadamard(v: Tensor, block: int) -> Tensor:
     """``H_b / sqrt(b)`` applied to every block of ``block`` consecutive entries of ``v``'s last dim."""
     if block == 1:
         return v
-    n = v.shape[-1]
     h = hadamard_matrix(block, v.dtype, v.device)
-    return (v.reshape(*v.shape[:-1], n // block, block) @ h).reshape(v.shape)
+    return (v.reshape(-1, block) @ h).reshape(v.shape)
 
 
 def _signs_like(signs: Tensor, v: Tensor) -> Tensor:
