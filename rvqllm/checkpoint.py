@@ -5,10 +5,12 @@ Folder layout::
     model.safetensors       every tensor of the model; for each quantized layer NAME:
                             NAME.codes [out, in_groups, stages] uint8|int16,
                             NAME.codebooks [stages, 2**bits, vector_dim] fp16,
-                            NAME.scales [out] fp16, NAME.bias [out] (if any)
+                            NAME.scales [out] fp16, NAME.bias [out] (if any),
+                            NAME.signs [in_groups * vector_dim] int8 ±1 (rotated layers only)
     config.json             the model's transformers config plus
                             quantization_config = {quant_method: "rvq", format_version, rvq_config, layers}
                             where layers maps NAME -> {in_features, out_features, vector_dim, stages, bits, bias}
+                            plus hadamard_block (power of two) for a rotated layer (docs/ROTATION.md)
     generation_config.json, tokenizer files
 
 model.safetensors' metadata also holds checksums (sha256 of config.json's canonical JSON and of every

@@ -80,6 +80,8 @@ class RVQConfig:
         need(isinstance(self.codebook_refits, int) and self.codebook_refits >= 0,
              f"codebook_refits={self.codebook_refits!r} must be a non-negative integer (0 turns re-fitting off)")
         need(isinstance(self.rotate, bool), f"rotate={self.rotate!r} must be true or false")
+        need(not self.rotate or self.error_feedback is True,
+             "rotate=true needs error_feedback=true (without it rotation raises the output error, docs/ROTATION.md)")
         need(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 0,
              f"finetune_epochs={self.finetune_epochs!r} must be a non-negative integer (0 turns fine-tuning off)")
         need(isinstance(self.finetune_lr, int | float) and 0 < self.finetune_lr < 1,

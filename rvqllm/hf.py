@@ -67,7 +67,8 @@ class RVQQuantizationConfig(QuantizationConfigMixin):
     """``config.json``'s ``quantization_config`` for an rvqllm checkpoint.
 
     Fields: ``format_version`` (int), ``rvq_config`` (the :class:`~rvqllm.RVQConfig` as a dict),
-    ``layers`` (``{qualified name: {in_features, out_features, vector_dim, stages, bits, bias}}``).
+    ``layers`` (``{qualified name: {in_features, out_features, vector_dim, stages, bits, bias}}``, plus
+    ``hadamard_block`` for a rotated layer).
     """
 
     def __init__(self, format_version: int = FORMAT_VERSION, rvq_config: dict | None = None,

@@ -103,15 +103,15 @@ class QuantizedLinear(nn.Module):
         returned in ``x.dtype``."""
         if self.signs is None:
             return x
-        pad = self.op_in_features - x.shape[-1]
+        pad = self.codes.shape[1] * self.vector_dim - x.shape[-1]
         xf = x.float() if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else x
         if pad:
             xf = torch.nn.functional.pad(xf, (0, pad))
-        return rotation.rotate(xf, self.signs, self.hadamard_block).to(x.dtype)
+        xr = rotation.rotate(xf, self.signs, self.hadamard_block)
+        return xr if xr.dtype == x.dtype else xr.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.signs is not None:
-            x = self.rotate_input(x)
+        x = self.rotate_input(x)
         return rvq_linear(x, self.codes, self.codebooks, self.scales, self.bias, self.op_in_features)
 
     def dequantized_weight(self) -> Tensor:

@@ -74,15 +74,15 @@ def test_rotated_layer_forward_equals_dequantized_matmul(in_features, bias):
 
 
 def test_rotation_lowers_error_with_huge_outlier_input_columns():
-    """Known answer: a few input channels carry huge activations (a shared factor, as "massive
-    activations" do). Without rotation their columns dominate the error; rotating spreads them and,
-    coded with error feedback at the same code size, the output error drops by ~25% (0.70-0.79 over
-    seeds 0-3)."""
+    """Known answer: three of 64 input channels carry huge activations (a shared factor, as LLMs'
+    "massive activations" do). Rotating spreads them over the whole block and, coded with error feedback
+    at the same code size, the output error drops by ~15-30% (ratio 0.73 for this data; 0.69-0.86 over
+    other seeds). Without error feedback rotation *raises* it (7x here; docs/ROTATION.md)."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 128, generator=g)
-    x = torch.randn(2048, 128, generator=g)
-    x[:, [5, 40, 77, 100]] += 20 * torch.randn(2048, 1, generator=g)
+    x = torch.randn(2048, 64, generator=g)
+    x[:, [5, 23, 40]] += 20 * torch.randn(2048, 1, generator=g)
     h = (x.T @ x).double()
+    w = torch.randn(128, 64, generator=g)
 
     def out_err(q):
         e = (w - q.dequantize()).double()
@@ -90,8 +90,9 @@ def test_rotation_lowers_error_with_huge_outlier_input_columns():
 
     kw = dict(vector_dim=4, stages=2, bits=4, kmeans_iters=10, beam=4, error_feedback=True, seed=1)
     plain, rotated = quantize_weight(w, h, **kw), quantize_weight(w, h, rotate=True, **kw)
+    assert rotated.rotation_block == 64
     assert rotated.codes.shape == plain.codes.shape and rotated.codebooks.shape == plain.codebooks.shape
-    assert out_err(rotated) < 0.85 * out_err(plain)
+    assert out_err(rotated) < 0.9 * out_err(plain)
 
 
 def test_rotation_is_deterministic_and_seeded():
@@ -107,6 +108,8 @@ def test_config_rotate_is_validated():
     assert rvqllm.RVQConfig().rotate is False
     with pytest.raises(RVQError, match="rotate"):
         rvqllm.RVQConfig(rotate="yes")
+    with pytest.raises(RVQError, match="error_feedback=true"):
+        rvqllm.RVQConfig(rotate=True, error_feedback=False)
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +221,30 @@ def test_finetuning_a_rotated_block_keeps_forward_consistent():
     assert layer.signs is not None
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T, rtol=1e-4, atol=1e-4)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resumed_rotated_run_is_bit_identical(rotated, tmp_path):
+    """--resume rebuilds rotated layers (signs, hadamard_block) from the run folder."""
+    folder, logits = rotated
+    run = tmp_path / "run"
+
+    def stop_in_block_1(name, done, total):
+        if name.startswith("model.layers.1."):
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        rvqllm.quantize(tiny_llama(), CFG, CALIB, stop_in_block_1, run_dir=run)
+    resumed = tiny_llama()
+    report = rvqllm.quantize(resumed, CFG, CALIB, run_dir=run, resume=True)
+    assert sum(1 for r in report.layers.values() if r.get("resumed")) == 7
+    assert all(r["hadamard_block"] > 0 for r in report.layers.values())
+    ref = rvqllm.load(folder)
+    with torch.no_grad():
+        assert torch.equal(resumed(IDS).logits, logits)
+    for name, m in resumed.named_modules():
+        if isinstance(m, QuantizedLinear):
+            assert torch.equal(m.signs, ref.get_submodule(name).signs), name

@@ -131,7 +131,8 @@ def model_card(folder: str | Path, row: dict, baseline: dict | None, protocol: s
         "",
         "## Size",
         f"- {s['layers']} quantized layers, {s['weights']:,} weights: **{s['bpw']:.3f} bpw** all-in "
-        f"(codes {s['codes_bpw']:.3f} + codebooks {s['codebooks_bpw']:.3f} + scales {s['scales_bpw']:.3f})",
+        f"(codes {s['codes_bpw']:.3f} + codebooks {s['codebooks_bpw']:.3f} + scales {s['scales_bpw']:.3f}"
+        + (f" + signs {s['signs_bpw']:.3f}" if s.get("signs_bpw") else "") + ")",
         f"- weights on disk: {_mib(row.get('bytes'))}" + (f" (fp16 baseline {_mib(baseline.get('bytes'))})" if baseline else ""),
         "",
         "## Config",

@@ -23,14 +23,12 @@ to the sign flip alone, which is orthogonal and harmless but spreads nothing.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 #: largest Hadamard block (a power of two). Bigger blocks spread outliers further but cost more per token
 #: (the transform is a ``[.., b] @ [b, b]`` matmul per block); see docs/ROTATION.md for the measurement.
-MAX_BLOCK = 256
+MAX_BLOCK = 64
 #: added to the layer's quantization seed to draw its signs (the signs are stored, so only determinism matters)
 SIGN_SEED_OFFSET = 0x5EED
 
@@ -50,28 +48,28 @@ def random_signs(n: int, seed: int) -> Tensor:
     return (torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1).to(torch.int8)
 
 
-@functools.lru_cache(maxsize=32)
-def _hadamard_cpu(b: int, dtype: torch.dtype) -> Tensor:
+def _sylvester(b: int) -> Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / b**0.5).to(dtype)
+    return h / b**0.5
 
 
-_DEVICE_CACHE: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+_CACHE: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
 def hadamard_matrix(b: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-    """The orthonormal ``b x b`` Sylvester Hadamard matrix ``H_b / sqrt(b)`` (symmetric, its own inverse)."""
-    if b < 1 or b & (b - 1):
-        raise ValueError(f"Hadamard block {b} is not a power of two")
-    device = torch.device(device)
-    if device.type == "cpu":
-        return _hadamard_cpu(b, dtype)
+    """The orthonormal ``b x b`` Sylvester Hadamard matrix ``H_b / sqrt(b)`` (symmetric, its own inverse).
+
+    Cached per ``(b, dtype, device)``: callers must not modify it."""
+    device = torch.device(device) if not isinstance(device, torch.device) else device
     key = (b, dtype, device)
-    if key not in _DEVICE_CACHE:
-        _DEVICE_CACHE[key] = _hadamard_cpu(b, dtype).to(device)
-    return _DEVICE_CACHE[key]
+    h = _CACHE.get(key)
+    if h is None:
+        if b < 1 or b & (b - 1):
+            raise ValueError(f"Hadamard block {b} is not a power of two")
+        h = _CACHE[key] = _sylvester(b).to(device=device, dtype=dtype)
+    return h
 
 
 def hadamard(v: Tensor, block: int) -> Tensor:
@@ -82,18 +80,18 @@ def hadamard(v: Tensor, block: int) -> Tensor:
     return (v.reshape(-1, block) @ h).reshape(v.shape)
 
 
-def _signs_like(signs: Tensor, v: Tensor) -> Tensor:
-    return signs.to(device=v.device, dtype=v.dtype)
-
-
 def rotate(v: Tensor, signs: Tensor, block: int) -> Tensor:
-    """``v R`` for row vectors ``v [..., n]``: ``W' = rotate(W)``, ``x' = rotate(x)``."""
-    return hadamard(v * _signs_like(signs, v), block)
+    """``v R`` for row vectors ``v [..., n]`` (float): ``W' = rotate(W)``, ``x' = rotate(x)``."""
+    if signs.device != v.device:
+        signs = signs.to(v.device)
+    return hadamard(v * signs, block)  # int8 signs promote to v's float dtype
 
 
 def unrotate(v: Tensor, signs: Tensor, block: int) -> Tensor:
     """``v R^T`` (the inverse of :func:`rotate`): ``W = unrotate(W')``."""
-    return hadamard(v, block) * _signs_like(signs, v)
+    if signs.device != v.device:
+        signs = signs.to(v.device)
+    return hadamard(v, block) * signs
 
 
 def rotate_hessian(h: Tensor, signs: Tensor, block: int) -> Tensor:
