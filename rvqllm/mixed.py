@@ -70,6 +70,7 @@ def allocate(
     sensitivity: dict[str, float],
     candidates: list[dict],
     budget_bpw: float,
+    rotate: bool = False,
 ) -> dict[str, dict]:
     """Pick a candidate code shape per layer so the total bpw stays within ``budget_bpw``.
 
@@ -78,6 +79,7 @@ def allocate(
         sensitivity: ``{layer: S}`` (:func:`fisher_sensitivity`).
         candidates: code shapes, each ``{"vector_dim", "stages", "bits"}``.
         budget_bpw: all-in bits per weight over these layers.
+        rotate: the layers will be rotated (their stored signs count against the budget).
     Returns:
         ``{layer: candidate}`` (the dicts of ``candidates``).
     Raises:
@@ -89,9 +91,9 @@ def allocate(
     def bits(name: str, c: dict) -> int:
         out, inp = shapes[name]
         spec = {"out_features": out, "in_features": inp, "vector_dim": c["vector_dim"], "stages": c["stages"],
-                "bits": c["bits"]}
+                "bits": c["bits"], **({"hadamard_block": 1} if rotate else {})}
         p = layer_bits(spec)
-        return p["codes"] + p["codebooks"] + p["scales"]
+        return p["codes"] + p["codebooks"] + p["scales"] + p["signs"]
 
     weights = sum(o * i for o, i in shapes.values())
     budget = budget_bpw * weights

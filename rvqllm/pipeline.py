@@ -89,7 +89,7 @@ def _mixed_plan(model: nn.Module, config: RVQConfig, all_layers: dict[int, dict]
     layers = {n: m for v in all_layers.values() for n, m in v.items()}
     sens = fisher_sensitivity(model, layers, batches[:1])
     shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
-    return allocate(shapes, sens, config.mixed_candidates, float(config.bpw_budget))
+    return allocate(shapes, sens, config.mixed_candidates, float(config.bpw_budget), rotate=config.rotate)
 
 
 def quantize(

@@ -248,3 +248,31 @@ def test_resumed_rotated_run_is_bit_identical(rotated, tmp_path):
     for name, m in resumed.named_modules():
         if isinstance(m, QuantizedLinear):
             assert torch.equal(m.signs, ref.get_submodule(name).signs), name
+
+
+def test_mixed_precision_budget_counts_the_signs():
+    from rvqllm.mixed import allocate
+    from rvqllm.size import summarize
+
+    low, high = {"vector_dim": 8, "stages": 1, "bits": 8}, {"vector_dim": 8, "stages": 2, "bits": 8}
+    shapes = {f"l{i}": (64, 512) for i in range(6)}  # narrow outputs: the signs cost 8/64 = 0.125 bpw
+    sens = {f"l{i}": float(10**i) for i in range(6)}
+
+    def bpw(plan, rotate):
+        return summarize({n: {"out_features": o, "in_features": i, **plan[n], **({"hadamard_block": 64} if rotate else {})}
+                          for n, (o, i) in shapes.items()})["bpw"]
+
+    budget = bpw(dict.fromkeys(shapes, high), rotate=False)
+    assert allocate(shapes, sens, [low, high], budget) == dict.fromkeys(shapes, high)
+    plan = allocate(shapes, sens, [low, high], budget, rotate=True)
+    assert plan != dict.fromkeys(shapes, high) and bpw(plan, rotate=True) <= budget
+
+
+def test_rotation_composes_with_codebook_refits():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(512, 64, generator=g)
+    h = (x.T @ x).double()
+    q = quantize_weight(w, h, vector_dim=4, stages=2, bits=4, kmeans_iters=3, beam=2, refits=1, seed=0, rotate=True)
+    assert q.signs is not None
+    assert float((q.dequantize() - w).pow(2).mean()) < 0.5 * float(w.pow(2).mean())
