@@ -258,7 +258,7 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         raise RVQError(f"{folder}/{WEIGHTS_NAME} lacks tensor {missing[0]!r}: the checkpoint is incomplete; "
                        "re-create or re-download it")
     model.rvq_layers = qcfg["layers"]
-    model.rvq_config = RVQConfig.from_dict(qcfg["rvq_config"]) if qcfg.get("rvq_config") else None
+    model.rvq_config = RVQConfig.from_dict(qcfg["rvq_config"], strict=False) if qcfg.get("rvq_config") else None
     if (folder / "generation_config.json").exists():
         try:
             model.generation_config = GenerationConfig.from_pretrained(folder)

@@ -117,9 +117,14 @@ class RVQConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RVQConfig:
+    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> RVQConfig:
+        """Build from a mapping. ``strict=False`` (used when reading a checkpoint's recorded recipe) drops
+        fields this version does not know, so a checkpoint written by a newer rvqllm still loads; the
+        layers themselves are described by their own specs, which are always checked strictly."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
+        if not strict:
+            return cls(**{k: v for k, v in data.items() if k in known})
         if unknown:
             raise RVQError(f"unknown config field(s) {unknown}: known fields are {sorted(known)}")
         return cls(**data)

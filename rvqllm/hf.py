@@ -132,7 +132,7 @@ class RVQHfQuantizer(HfQuantizer):
         check_values(Path("from_pretrained"), tensors, {n: m.spec() for n, m in loaded.items()})
 
         cfg = self.quantization_config.rvq_config
-        model.rvq_config = RVQConfig.from_dict(cfg) if cfg else None
+        model.rvq_config = RVQConfig.from_dict(cfg, strict=False) if cfg else None
         # One on-disk format: save_pretrained writes through rvqllm.save (checksums, atomic swap), which
         # replaces an existing rvqllm checkpoint or empty folder and refuses anything else.
         model.save_pretrained = types.MethodType(_save_pretrained, model)
