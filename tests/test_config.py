@@ -1,0 +1,17 @@
+"""RVQConfig: strict for users' files, lenient for recipes recorded by newer versions."""
+
+import pytest
+
+import rvqllm
+from rvqllm.errors import RVQError
+
+pytestmark = pytest.mark.unit
+
+
+def test_recorded_recipe_from_a_newer_version_still_reads():
+    """A checkpoint's recorded rvq_config may carry fields a newer rvqllm added: reading it drops them
+    (the layers' own specs are what decoding needs), while a user's config file stays strict."""
+    data = {**rvqllm.RVQConfig().to_dict(), "some_future_option": 3}
+    assert rvqllm.RVQConfig.from_dict(data, strict=False) == rvqllm.RVQConfig()
+    with pytest.raises(RVQError, match="unknown config field"):
+        rvqllm.RVQConfig.from_dict(data)
