@@ -39,6 +39,7 @@ LABEL = {"kjv": "KJV-NT", "shakespeare": "Shakespeare"}
 #: technique -> (config field, value that turns it off, value that turns it on)
 TECHNIQUES = {
     "block fine-tuning": ("finetune_epochs", 0, 2),
+    "fine-tuning towards the float model's activations": ("finetune_target", "block", "model"),
     "beam search (8)": ("beam_width", 1, 8),
     "error feedback": ("error_feedback", False, True),
     "diag(H)-weighted k-means": ("hessian_weighted", False, True),
@@ -55,7 +56,7 @@ def _evaluate(model, tok, windows: int) -> dict[str, dict]:
     return {t: {"ppl": r.ppl, "tokens": r.tokens} for t, r in res.items()}
 
 
-def _quantized_row(cfg, args) -> dict:
+def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
     import rvqllm
     from rvqllm.data import calibration_tokens, load_text
     from rvqllm.models import load_model
@@ -71,7 +72,13 @@ def _quantized_row(cfg, args) -> dict:
     seconds = time.perf_counter() - t0
     finetune = sum(b.get("finetune_seconds", 0.0) for b in report.blocks.values())
     size = summarize(model.rvq_layers)
-    return {"bpw": size["bpw"], "quantize_seconds": seconds, "finetune_seconds": finetune,
+    disk = {}
+    if save_as is not None and args.save_dir is not None:
+        from rvqllm.size import folder_bytes
+
+        folder = rvqllm.save(model, args.save_dir / save_as, tok, overwrite=True)
+        disk = {"checkpoint": str(folder), "disk_mib": folder_bytes(folder) / 2**20}
+    return {**disk, "bpw": size["bpw"], "quantize_seconds": seconds, "finetune_seconds": finetune,
             "calib": f"{cfg.calib_sequences}x{cfg.calib_seq_len}", "ppl": _evaluate(model, tok, args.windows)}
 
 
@@ -96,7 +103,7 @@ def run_row(row: str, args, emit) -> None:
         return
     if row.startswith("preset:"):
         name = row.split(":", 1)[1]
-        emit({**base, "method": f"rvqllm {name}", **_quantized_row(RVQConfig.load(name), args)})
+        emit({**base, "method": f"rvqllm {name}", **_quantized_row(RVQConfig.load(name), args, f"smollm2-135m-{name}")})
         return
     if row.startswith("ablate:"):
         name = row.split(":", 1)[1]
@@ -106,6 +113,8 @@ def run_row(row: str, args, emit) -> None:
         for tech, (field, off, on) in TECHNIQUES.items():
             if field not in known:
                 continue
+            if field == "finetune_target" and cfg.finetune_epochs == 0:
+                continue  # no fine-tuning to aim
             is_on = getattr(cfg, field) not in (off, None)
             change = f"{tech} off" if is_on else f"{tech} on (not in the preset)"
             row_cfg = cfg.replace(**{field: off if is_on else on})
@@ -180,6 +189,7 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=None, help="override the presets' calibration length")
     ap.add_argument("--rd-train", type=int, default=1 << 16)
     ap.add_argument("--rd-test", type=int, default=1 << 15)
+    ap.add_argument("--save-dir", type=Path, default=None, help="save each preset row's checkpoint here")
     ap.add_argument("--results", type=Path, default=None, help="append each row as a JSON line here")
     ap.add_argument("--table", type=Path, nargs="*", default=None, help="print tables from these results files")
     args = ap.parse_args()
