@@ -48,11 +48,14 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
         assert ppl[name] < baseline_ppl[name] * 1.35, (name, ppl[name], baseline_ppl[name])
 
 
-def test_2bit_finite_and_far_better_than_chance(texts, baseline_ppl, reference_2bit):
+def test_2bit_preset_quality_regression_bound(texts, baseline_ppl, reference_2bit):
     model, tok = reference_2bit
     ppl = {k: r.ppl for k, r in evaluate(model, tok, texts, windows=WINDOWS).items()}
-    vocab = model.config.vocab_size
+    # The 2-bit preset on this quick protocol (16x256 calibration, 8 windows) measured 32.18 / 76.67
+    # against the baseline's 10.66 / 44.48 (x3.02 / x1.72; the first 8 KJV windows are hard for it).
+    # The bounds sit ~15% above: the previous preset (no rotation, no block fine-tuning) measured
+    # 41.16 / 94.56 (x3.86 / x2.13), which they catch.
+    bounds = {"kjv": 3.5, "shakespeare": 2.0}
     for name in TEXTS:
         assert math.isfinite(ppl[name])
-        # an untrained model scores ~vocab size (49,152); the 2-bit model must be far from that
-        assert ppl[name] < vocab / 50, (name, ppl[name])
+        assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
