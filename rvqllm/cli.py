@@ -103,10 +103,16 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         "bpw": summary["bpw"], "bytes": folder_bytes(out), "layers": summary["layers"],
         "resumed_layers": sum(1 for r in report.layers.values() if r.get("resumed")),
         "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "finetune_seconds": round(sum(b["finetune_seconds"] for b in report.blocks.values()), 1),
+        "blocks": report.blocks,
     }
     _say(args, f"saved {out}: {summary['layers']} layers at {summary['bpw']:.3f} bpw, "
                f"{result['bytes'] / 2**20:.1f} MiB, quantized in {seconds:.0f} s on {result['threads']} threads, "
                f"peak memory {result['peak_rss_mib']:.0f} MiB")
+    if report.blocks:
+        gain = [b["error_after"] / b["error_before"] for b in report.blocks.values() if b["error_before"] > 0]
+        _say(args, f"block fine-tuning: {result['finetune_seconds']:.0f} s; block output error x"
+                   f"{sum(gain) / max(len(gain), 1):.2f} on average")
     return result
 
 
