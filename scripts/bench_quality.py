@@ -108,10 +108,11 @@ def run_row(row: str, args, emit) -> None:
     if row.startswith("ablate:"):
         name = row.split(":", 1)[1]
         cfg = RVQConfig.load(name)
-        emit({**base, "method": f"rvqllm {name}", "change": "none (the preset)", **_quantized_row(cfg, args)})
+        if not args.no_preset_row:
+            emit({**base, "method": f"rvqllm {name}", "change": "none (the preset)", **_quantized_row(cfg, args)})
         known = set(cfg.to_dict())
         for tech, (field, off, on) in TECHNIQUES.items():
-            if field not in known:
+            if field not in known or (args.techniques and field not in args.techniques):
                 continue
             if field == "finetune_target" and cfg.finetune_epochs == 0:
                 continue  # no fine-tuning to aim
@@ -189,6 +190,10 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=None, help="override the presets' calibration length")
     ap.add_argument("--rd-train", type=int, default=1 << 16)
     ap.add_argument("--rd-test", type=int, default=1 << 15)
+    ap.add_argument("--techniques", nargs="*", default=None,
+                    help="ablate only these config fields (default: all of " + ", ".join(
+                        f for f, _, _ in TECHNIQUES.values()) + ")")
+    ap.add_argument("--no-preset-row", action="store_true", help="ablation: skip the unchanged preset's row")
     ap.add_argument("--save-dir", type=Path, default=None, help="save each preset row's checkpoint here")
     ap.add_argument("--results", type=Path, default=None, help="append each row as a JSON line here")
     ap.add_argument("--table", type=Path, nargs="*", default=None, help="print tables from these results files")
