@@ -1,9 +1,12 @@
 """The quantization pipeline: walk the decoder blocks, one at a time.
 
-For each block: run the calibration batches through it with hooks that accumulate each linear
-layer's input Hessian, code every linear layer with RVQ, swap it for a :class:`QuantizedLinear`, then
-run the block again so that its *quantized* outputs become the next block's inputs (later blocks
-learn to live with the earlier blocks' errors).
+Optionally first (``bpw_budget``): measure each layer's loss sensitivity and pick its code shape
+(:mod:`rvqllm.mixed`). Then for each block: run the calibration batches through it with hooks that
+accumulate each linear layer's input Hessian, code every linear layer with RVQ (:mod:`rvqllm.rvq`:
+rotation, weighted k-means, re-fit, error feedback, beam search, as the config says), swap it for a
+:class:`QuantizedLinear`, optionally fine-tune the block's continuous parameters towards the float
+activations (:mod:`rvqllm.finetune`), then run the block again so that its *quantized* outputs become
+the next block's inputs (later blocks learn to live with the earlier blocks' errors).
 """
 
 from __future__ import annotations
