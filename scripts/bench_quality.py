@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64, help="512-token windows per test text (64 = ppl-512x64)")
     ap.add_argument("--calib-seqs", type=int, default=None, help="override the presets' calibration sequences")
     ap.add_argument("--calib-len", type=int, default=None, help="override the presets' calibration length")
-    ap.add_argument("--rd-train", type=int, default=1 << 16)
+    ap.add_argument("--rd-train", type=int, default=1 << 17)
     ap.add_argument("--rd-test", type=int, default=1 << 15)
     ap.add_argument("--techniques", nargs="*", default=None,
                     help="ablate only these config fields (default: all of " + ", ".join(
