@@ -25,6 +25,8 @@ SETTINGS = {  # name -> quantize_weight keyword arguments on top of the code sha
     "diag-weighted k-means, greedy": dict(error_feedback=False, beam=1),
     "+ error feedback": dict(error_feedback=True, beam=1),
     "+ error feedback + beam 8": dict(error_feedback=True, beam=8),
+    "+ error feedback + beam 8 + 2 codebook re-fits": dict(error_feedback=True, beam=8, refits=2),
+    "+ error feedback + beam 8 + rotation": dict(error_feedback=True, beam=8, rotate=True),
 }
 SHAPES = {"2bit (d8 S2 b8)": (8, 2, 8), "3bit (d8 S3 b8)": (8, 3, 8), "4bit (d4 S2 b8)": (4, 2, 8)}
 
