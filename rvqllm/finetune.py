@@ -16,7 +16,7 @@ pre-tuning values (fine-tuning never hurts the calibration objective).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +113,57 @@ def _micro_batches(x: Tensor, tgt: Tensor, kw: dict, size: int):
         yield x[a:b], tgt[a:b], {k: _slice(v, a, b, batch) for k, v in kw.items()}
 
 
+def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[[], float],
+          losses: Callable[[], Iterator[Tensor]], *, epochs: int, lr: float,
+          storage_dtype: torch.dtype | None) -> tuple[float, float]:
+    """Adam on every :class:`QuantizedLinear` under ``root`` (codebooks, scale gains, biases) and on
+    ``float_params``, one step per loss that ``losses()`` yields, ``epochs`` times; then round to the
+    stored precision and keep the result only if ``evaluate()`` (lower is better) did not get worse.
+    Returns ``(before, after)``."""
+    before = evaluate()
+    if epochs <= 0:
+        return before, before
+    wrappers = {m: _TrainableRVQ(m) for m in root.modules() if isinstance(m, QuantizedLinear)}
+    saved_float = [p.detach().clone() for p in float_params]
+    saved_layers = {m: (m.codebooks.clone(), m.scales.clone(), None if m.bias is None else m.bias.clone())
+                    for m in wrappers}
+    requires = [p.requires_grad for p in float_params]
+    _swap(root, wrappers)
+    try:
+        params = [p for w in wrappers.values() for p in w.parameters()]
+        for p in float_params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam([{"params": params}, {"params": float_params}], lr=lr, betas=(0.9, 0.95))
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for loss in losses():
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+    finally:
+        for p, r in zip(float_params, requires, strict=True):
+            p.requires_grad_(r)
+        _swap(root, {w: m for m, w in wrappers.items()})
+    with torch.no_grad():
+        for w in wrappers.values():
+            w.write_back()
+        if storage_dtype is not None:
+            for p in float_params:
+                p.copy_(p.to(storage_dtype))
+    after = evaluate()
+    if not after <= before:  # also catches NaN: keep what the model had
+        with torch.no_grad():
+            for p, v in zip(float_params, saved_float, strict=True):
+                p.copy_(v)
+            for m, (cb, sc, b) in saved_layers.items():
+                m.codebooks.copy_(cb)
+                m.scales.copy_(sc)
+                if b is not None:
+                    m.bias.copy_(b)
+        after = before
+    return before, after
+
+
 def finetune_block(
     block: nn.Module,
     inputs,
@@ -123,14 +174,13 @@ def finetune_block(
     lr: float,
     micro_batch: int = 2,
     storage_dtype: torch.dtype | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> tuple[float, float]:
     """Tune ``block``'s quantized layers' codebooks/scales/biases and its float parameters in place.
 
     Args:
         block: a decoder block whose linear layers are :class:`QuantizedLinear`.
         inputs, targets: activation stores (``.get(j)`` → ``[batch, seq, hidden]``), one per batch of
-            ``kwargs``; ``targets`` are the float block's outputs on ``inputs``.
+            ``kwargs``; ``targets`` are what the block should output on ``inputs``.
         kwargs: the block's other forward arguments, per batch.
         epochs: passes over the batches. ``lr``: Adam learning rate.
         micro_batch: sequences per Adam step (batches are cut along dim 0; block arguments with that
@@ -139,52 +189,73 @@ def finetune_block(
     Returns:
         ``(error_before, error_after)``: relative output error on the calibration batches.
     """
-    before = _relative_error(block, inputs, targets, kwargs)
-    if epochs <= 0 or not kwargs:
-        return before, before
-    wrappers = {m: _TrainableRVQ(m) for m in block.modules() if isinstance(m, QuantizedLinear)}
+
+    def losses() -> Iterator[Tensor]:
+        for j, kw in enumerate(kwargs):
+            for x, tgt, mkw in _micro_batches(inputs.get(j), targets.get(j), kw, micro_batch):
+                out = _hidden(block(x, **mkw)).float()
+                tgt = tgt.float()
+                yield (out - tgt).pow(2).sum() / tgt.pow(2).sum().clamp_min(1e-30)
+
     float_params = [p for p in block.parameters() if p.is_floating_point()]
-    saved_float = [p.detach().clone() for p in float_params]
-    saved_layers = {m: (m.codebooks.clone(), m.scales.clone(), None if m.bias is None else m.bias.clone())
-                    for m in wrappers}
-    requires = [p.requires_grad for p in float_params]
-    _swap(block, wrappers)
-    try:
-        params = [p for w in wrappers.values() for p in w.parameters()]
-        for p in float_params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam([{"params": params}, {"params": float_params}], lr=lr, betas=(0.9, 0.95))
-        with torch.enable_grad():
-            for _ in range(epochs):
-                for j, kw in enumerate(kwargs):
-                    for x, tgt, mkw in _micro_batches(inputs.get(j), targets.get(j), kw, micro_batch):
-                        out = _hidden(block(x, **mkw)).float()
-                        tgt = tgt.float()
-                        loss = (out - tgt).pow(2).sum() / tgt.pow(2).sum().clamp_min(1e-30)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-    finally:
-        for p, r in zip(float_params, requires, strict=True):
-            p.requires_grad_(r)
-        _swap(block, {w: m for m, w in wrappers.items()})
+    return _tune(block, float_params, lambda: _relative_error(block, inputs, targets, kwargs), losses,
+                 epochs=epochs if kwargs else 0, lr=lr, storage_dtype=storage_dtype)
+
+
+# ---------------------------------------------------------------------------------------- distillation
+#: teacher log-probabilities kept per token (the rest of the vocabulary is one "tail" bucket)
+TEACHER_TOP_K = 64
+
+
+def teacher_topk(model: nn.Module, batches: list[Tensor], k: int = TEACHER_TOP_K) -> list[tuple[Tensor, Tensor]]:
+    """The float model's top-``k`` next-token log-probabilities on each ``[batch, seq]`` token batch:
+    ``[(logp [batch, seq, k] float32, index [batch, seq, k] int64)]`` (a few MB where full logits would
+    take GBs)."""
+    out = []
     with torch.no_grad():
-        for w in wrappers.values():
-            w.write_back()
-        if storage_dtype is not None:
-            for p in float_params:
-                p.copy_(p.to(storage_dtype))
-    after = _relative_error(block, inputs, targets, kwargs)
-    if not after <= before:  # also catches NaN: keep what the block had
+        for ids in batches:
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+            out.append(tuple(logp.topk(k, dim=-1)))
+    return out
+
+
+def _topk_kl(logits: Tensor, teacher: tuple[Tensor, Tensor]) -> Tensor:
+    """Mean per-token KL(teacher || student) over the teacher's top-k words plus one bucket for the rest."""
+    t_logp, idx = teacher
+    s_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, idx)
+    t_p = t_logp.exp()
+    kl = (t_p * (t_logp - s_logp)).sum(-1)
+    t_tail = (1 - t_p.sum(-1)).clamp_min(1e-8)
+    s_tail = (1 - s_logp.exp().sum(-1)).clamp_min(1e-8)
+    return (kl + t_tail * (t_tail.log() - s_tail.log())).mean()
+
+
+def distill_model(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    batches: list[Tensor],
+    teacher: list[tuple[Tensor, Tensor]],
+    *,
+    epochs: int,
+    lr: float,
+    micro_batch: int = 2,
+    storage_dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """Tune every quantized layer and the blocks' float parameters (norms) of ``model`` at once so its
+    next-token distribution matches the float model's (:func:`teacher_topk`) on the calibration batches.
+    Embeddings and the LM head stay as they are. Returns ``(kl_before, kl_after)`` (mean per token)."""
+
+    def evaluate() -> float:
         with torch.no_grad():
-            for p, v in zip(float_params, saved_float, strict=True):
-                p.copy_(v)
-            for m, (cb, sc, b) in saved_layers.items():
-                m.codebooks.copy_(cb)
-                m.scales.copy_(sc)
-                if b is not None:
-                    m.bias.copy_(b)
-        after = before
-    if log is not None:
-        log(f"block fine-tuning: relative output error {before:.4g} -> {after:.4g}")
-    return before, after
+            kls = [float(_topk_kl(model(input_ids=ids, use_cache=False).logits, t)) for ids, t in zip(batches, teacher,
+                                                                                                     strict=True)]
+        return sum(kls) / max(len(kls), 1)
+
+    def losses() -> Iterator[Tensor]:
+        for ids, (t_logp, idx) in zip(batches, teacher, strict=True):
+            for a in range(0, ids.shape[0], micro_batch):
+                sl = slice(a, a + micro_batch)
+                yield _topk_kl(model(input_ids=ids[sl], use_cache=False).logits, (t_logp[sl], idx[sl]))
+
+    float_params = [p for b in blocks for p in b.parameters() if p.is_floating_point()]
+    return _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr, storage_dtype=storage_dtype)

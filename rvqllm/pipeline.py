@@ -6,7 +6,8 @@ accumulate each linear layer's input Hessian, code every linear layer with RVQ (
 rotation, weighted k-means, re-fit, error feedback, beam search, as the config says), swap it for a
 :class:`QuantizedLinear`, optionally fine-tune the block's continuous parameters towards the float
 activations (:mod:`rvqllm.finetune`), then run the block again so that its *quantized* outputs become
-the next block's inputs (later blocks learn to live with the earlier blocks' errors).
+the next block's inputs (later blocks learn to live with the earlier blocks' errors). Optionally last
+(``distill_epochs``): tune all quantized layers and norms together towards the float model's logits.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .calibration import HessianCollector, capture_block_inputs
 from .checkpoint import storage_dtype
 from .config import RVQConfig
 from .errors import RVQError
-from .finetune import finetune_block
+from .finetune import distill_model, finetune_block, teacher_topk
 from .mixed import allocate, fisher_sensitivity
 from .nn import QuantizedLinear
 from .resume import MemoryActivations, RunDir, run_fingerprint
@@ -38,6 +39,7 @@ class QuantizeReport:
 
     layers: dict[str, dict] = field(default_factory=dict)
     blocks: dict[int, dict] = field(default_factory=dict)  #: per block: fine-tuning errors and time
+    distill: dict = field(default_factory=dict)  #: whole-model distillation: KL before/after, time
     seconds: float = 0.0
     calib_tokens: int = 0
 
@@ -158,6 +160,7 @@ def quantize(
         fp_store = run.resumable_inputs(len(batches), "fp") if resumed is not None else store
     report = QuantizeReport(calib_tokens=int(calibration.numel()))
     plan = _mixed_plan(model, config, all_layers, batches) if config.bpw_budget is not None else {}
+    teacher = teacher_topk(model, batches) if config.distill_epochs > 0 else None  # float model, before any change
     specs: dict[str, dict] = dict(getattr(model, "rvq_layers", {}))
     done = 0
     layer_index = 0
@@ -238,6 +241,12 @@ def quantize(
             run.commit_block(i, {name: model.get_submodule(name) for name in layers},
                              block_params(block, f"{prefix}.{i}") if config.finetune_epochs > 0 else {})
         all_layers[i] = dict.fromkeys(layers)  # let the replaced float layers (and their weights) go
+    if teacher is not None:
+        t0 = time.perf_counter()
+        before, after = distill_model(model, list(blocks), batches, teacher, epochs=config.distill_epochs,
+                                      lr=config.distill_lr, micro_batch=config.finetune_batch,
+                                      storage_dtype=storage_dtype(model))
+        report.distill = {"kl_before": before, "kl_after": after, "seconds": round(time.perf_counter() - t0, 3)}
     model.rvq_layers = specs
     model.rvq_config = config
     report.seconds = time.perf_counter() - start

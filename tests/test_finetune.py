@@ -143,3 +143,40 @@ def test_model_target_aims_at_the_float_models_activations(calib_ids):
     # the quantized block 1 (after tuning) on the quantized inputs, measured against the float model's activations
     assert _relative_error(qblocks[1], store_in, store_fp, [inp.kwargs]) == pytest.approx(
         report.blocks[1]["error_after"], rel=1e-5)
+
+
+def test_distillation_lowers_the_kl_to_the_float_model(calib_ids, tmp_path):
+    from rvqllm.finetune import _topk_kl, distill_model, teacher_topk
+
+    float_model = tiny_llama()
+    batches = [calib_ids[:4], calib_ids[4:]]
+    teacher = teacher_topk(float_model, batches, k=16)
+    model = tiny_llama()
+    rvqllm.quantize(model, rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3), calib_ids)
+    blocks = list(model.model.layers)
+    before, after = distill_model(model, blocks, batches, teacher, epochs=10, lr=3e-3, micro_batch=2,
+                                  storage_dtype=torch.float16)
+    assert after < 0.8 * before, (before, after)
+    with torch.no_grad():  # what the model now computes is what it reports (stored precision)
+        kl = sum(float(_topk_kl(model(input_ids=b).logits, t)) for b, t in zip(batches, teacher, strict=True)) / 2
+    assert kl == pytest.approx(after, rel=1e-5)
+    loaded = rvqllm.load(rvqllm.save(model, tmp_path / "q"))
+    with torch.no_grad():
+        assert torch.equal(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits)
+
+
+def test_topk_kl_is_zero_for_the_teacher_itself_and_positive_otherwise():
+    from rvqllm.finetune import _topk_kl
+
+    logits = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(0))
+    teacher = torch.log_softmax(logits, -1).topk(8, dim=-1)
+    assert float(_topk_kl(logits, tuple(teacher))) == pytest.approx(0.0, abs=1e-6)
+    assert float(_topk_kl(logits.flip(-1), tuple(teacher))) > 0.1
+
+
+def test_pipeline_distillation_reports_and_keeps_improvement(calib_ids):
+    model = tiny_llama()
+    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3, distill_epochs=3, distill_lr=3e-3,
+                           calib_batch_size=4)
+    report = rvqllm.quantize(model, cfg, calib_ids)
+    assert report.distill["kl_after"] < report.distill["kl_before"]
