@@ -118,7 +118,11 @@ def run_row(row: str, args, emit) -> None:
                 continue  # no fine-tuning to aim
             is_on = getattr(cfg, field) not in (off, None)
             change = f"{tech} off" if is_on else f"{tech} on (not in the preset)"
-            row_cfg = cfg.replace(**{field: off if is_on else on})
+            edits = {field: off if is_on else on}
+            if field == "error_feedback" and is_on and cfg.rotate:
+                edits["rotate"] = False  # rotation needs error feedback (the config refuses it alone)
+                change += " (and rotation, which needs it)"
+            row_cfg = cfg.replace(**edits)
             emit({**base, "method": f"rvqllm {name}", "change": change, **_quantized_row(row_cfg, args)})
         return
     if row == "rd":
