@@ -78,11 +78,15 @@ def _swap(block: nn.Module, old_to_new: dict[nn.Module, nn.Module]) -> None:
         setattr(parent, name, new)
 
 
-def _relative_error(block: nn.Module, inputs, targets, kwargs: list[dict]) -> float:
+def _relative_error(block: nn.Module, inputs, targets, kwargs: list[dict], outputs=None) -> float:
+    """``||block(inputs) - targets||^2 / ||targets||^2`` over all batches; the block's outputs also go
+    to ``outputs`` (a store, one batch at a time) when given."""
     num = den = 0.0
     with torch.no_grad():
         for j, kw in enumerate(kwargs):
             out = _hidden(block(inputs.get(j), **kw))
+            if outputs is not None:
+                outputs.put(j, out.detach())
             tgt = targets.get(j)
             num += float((out.float() - tgt.float()).pow(2).sum())
             den += float(tgt.float().pow(2).sum())
@@ -115,14 +119,16 @@ def _micro_batches(x: Tensor, tgt: Tensor, kw: dict, size: int):
 
 def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[[], float],
           losses: Callable[[], Iterator[Tensor]], *, epochs: int, lr: float,
-          storage_dtype: torch.dtype | None) -> tuple[float, float]:
+          storage_dtype: torch.dtype | None, evaluate_after: Callable[[], float] | None = None,
+          ) -> tuple[float, float, bool]:
     """Adam on every :class:`QuantizedLinear` under ``root`` (codebooks, scale gains, biases) and on
     ``float_params``, one step per loss that ``losses()`` yields, ``epochs`` times; then round to the
-    stored precision and keep the result only if ``evaluate()`` (lower is better) did not get worse.
-    Returns ``(before, after)``."""
+    stored precision and keep the result only if ``evaluate_after()`` (default ``evaluate``; lower is
+    better) did not get worse than ``evaluate()`` before tuning.
+    Returns ``(before, after, tuned)``: ``tuned`` is False when nothing changed (no epochs, or reverted)."""
     before = evaluate()
     if epochs <= 0:
-        return before, before
+        return before, before, False
     wrappers = {m: _TrainableRVQ(m) for m in root.modules() if isinstance(m, QuantizedLinear)}
     saved_float = [p.detach().clone() for p in float_params]
     saved_layers = {m: (m.codebooks.clone(), m.scales.clone(), None if m.bias is None else m.bias.clone())
@@ -150,7 +156,7 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
         if storage_dtype is not None:
             for p in float_params:
                 p.copy_(p.to(storage_dtype))
-    after = evaluate()
+    after = (evaluate_after or evaluate)()
     if not after <= before:  # also catches NaN: keep what the model had
         with torch.no_grad():
             for p, v in zip(float_params, saved_float, strict=True):
@@ -160,8 +166,8 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
                 m.scales.copy_(sc)
                 if b is not None:
                     m.bias.copy_(b)
-        after = before
-    return before, after
+        return before, before, False
+    return before, after, True
 
 
 def finetune_block(
@@ -174,6 +180,7 @@ def finetune_block(
     lr: float,
     micro_batch: int = 2,
     storage_dtype: torch.dtype | None = None,
+    outputs=None,
 ) -> tuple[float, float]:
     """Tune ``block``'s quantized layers' codebooks/scales/biases and its float parameters in place.
 
@@ -186,6 +193,8 @@ def finetune_block(
         micro_batch: sequences per Adam step (batches are cut along dim 0; block arguments with that
             batch dimension are cut alike, those of batch 1 are shared).
         storage_dtype: the dtype unquantized tensors are saved in (float params are rounded to it).
+        outputs: optional store that gets the tuned block's outputs on ``inputs`` (the next block's
+            inputs), taken from the final error evaluation rather than from one more forward pass.
     Returns:
         ``(error_before, error_after)``: relative output error on the calibration batches.
     """
@@ -198,8 +207,13 @@ def finetune_block(
                 yield (out - tgt).pow(2).sum() / tgt.pow(2).sum().clamp_min(1e-30)
 
     float_params = [p for p in block.parameters() if p.is_floating_point()]
-    return _tune(block, float_params, lambda: _relative_error(block, inputs, targets, kwargs), losses,
-                 epochs=epochs if kwargs else 0, lr=lr, storage_dtype=storage_dtype)
+    before, after, tuned = _tune(
+        block, float_params, lambda: _relative_error(block, inputs, targets, kwargs), losses,
+        epochs=epochs if kwargs else 0, lr=lr, storage_dtype=storage_dtype,
+        evaluate_after=None if outputs is None else lambda: _relative_error(block, inputs, targets, kwargs, outputs))
+    if outputs is not None and not tuned:  # reverted (or never tuned): the outputs of the kept values
+        _relative_error(block, inputs, targets, kwargs, outputs)
+    return before, after
 
 
 # ---------------------------------------------------------------------------------------- distillation
@@ -258,4 +272,5 @@ def distill_model(
                 yield _topk_kl(model(input_ids=ids[sl], use_cache=False).logits, (t_logp[sl], idx[sl]))
 
     float_params = [p for b in blocks for p in b.parameters() if p.is_floating_point()]
-    return _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr, storage_dtype=storage_dtype)
+    before, after, _ = _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr, storage_dtype=storage_dtype)
+    return before, after

@@ -223,19 +223,20 @@ def quantize(
             if progress is not None:
                 progress(name, done, total)
         del collector
-        if targets is not None:
+        last = i + 1 == len(blocks)
+        outputs = None if last else run.inputs(i + 1) if run is not None else MemoryActivations()
+        if targets is not None:  # fine-tuning also writes the next block's inputs (its last evaluation)
             t0 = time.perf_counter()
             before, after = finetune_block(block, store, targets, kwargs, epochs=config.finetune_epochs,
                                            lr=config.finetune_lr, micro_batch=config.finetune_batch,
-                                           storage_dtype=storage_dtype(model))
+                                           storage_dtype=storage_dtype(model), outputs=outputs)
             report.blocks[i] = {"error_before": before, "error_after": after,
                                 "finetune_seconds": round(time.perf_counter() - t0, 3)}
             fp_store = targets if fp_store is not None else None
             del targets
-        last = i + 1 == len(blocks)
-        if not last:
-            outputs = run.inputs(i + 1) if run is not None else MemoryActivations()
+        elif outputs is not None:
             _forward_block(block, store, kwargs, outputs)
+        if outputs is not None:
             store = outputs
         if run is not None:
             run.commit_block(i, {name: model.get_submodule(name) for name in layers},

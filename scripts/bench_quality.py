@@ -45,6 +45,7 @@ TECHNIQUES = {
     "diag(H)-weighted k-means": ("hessian_weighted", False, True),
     "codebook re-fit": ("codebook_refits", 0, 2),
     "Hadamard rotation": ("rotate", False, True),
+    "whole-model distillation": ("distill_epochs", 0, 2),
 }
 
 

@@ -72,6 +72,18 @@ def test_finetuning_never_makes_the_block_worse():
     assert all(torch.equal(v, block.state_dict()[k]) for k, v in state.items())
 
 
+@pytest.mark.parametrize("lr", [1e-2, 0.9])  # kept, and reverted (diverges)
+def test_finetuning_writes_the_kept_blocks_outputs(lr):
+    block, inputs, targets, kwargs = _block_with_targets()
+    outputs = MemoryActivations()
+    before, after = finetune_block(block, inputs, targets, kwargs, epochs=3, lr=lr, outputs=outputs)
+    assert (after < before) == (lr < 0.5), (before, after)
+    with torch.no_grad():
+        for j, kw in enumerate(kwargs):
+            out = block(inputs.get(j), **kw)
+            assert torch.equal(outputs.get(j), out[0] if isinstance(out, tuple) else out)
+
+
 def test_micro_batches_cut_batched_arguments_and_share_broadcast_ones():
     from rvqllm.finetune import _micro_batches
 
