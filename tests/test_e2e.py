@@ -33,17 +33,16 @@ def baseline_ppl(texts):
 
 
 def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
-    model, tok = quantize_reference("4bit")
+    model, tok = quantize_reference("4bit", sequences=8)  # half the 2-bit test's calibration: CI time
     out = rvqllm.save(model, tmp_path / "q4", tok)
     loaded = rvqllm.load(out)
     ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     ppl = {k: r.ppl for k, r in evaluate(loaded, tok, texts, windows=WINDOWS).items()}
-    # A regression bound, not the goal: the issue asks for "within a few percent"; the 4-bit preset
-    # measures x1.13 (KJV) / x1.06 (Shakespeare) on ppl-512x64 (docs/RESULTS.md), and the first
-    # 8 windows are harder on it (an earlier, greedy-coded run measured x1.26 / x1.09 there). Closing
-    # that gap is the quality work still open (block fine-tuning).
+    # A regression bound, not the goal: the 4-bit preset measures x1.07 (KJV) / x1.02 (Shakespeare) on
+    # ppl-512x64 with its full calibration (docs/RESULTS.md); the first 8 windows are harder on every
+    # quantized model (a greedy-coded run without fine-tuning measured x1.26 / x1.09 there).
     for name in TEXTS:
         assert ppl[name] < baseline_ppl[name] * 1.35, (name, ppl[name], baseline_ppl[name])
 
@@ -51,11 +50,12 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
 def test_2bit_preset_quality_regression_bound(texts, baseline_ppl, reference_2bit):
     model, tok = reference_2bit
     ppl = {k: r.ppl for k, r in evaluate(model, tok, texts, windows=WINDOWS).items()}
-    # The 2-bit preset on this quick protocol (16x256 calibration, 8 windows) measured 32.18 / 76.67
-    # against the baseline's 10.66 / 44.48 (x3.02 / x1.72; the first 8 KJV windows are hard for it).
-    # The bounds sit ~15% above: the previous preset (no rotation, no block fine-tuning) measured
-    # 41.16 / 94.56 (x3.86 / x2.13), which they catch.
-    bounds = {"kjv": 3.5, "shakespeare": 2.0}
+    # The 2-bit preset on this quick protocol (16x256 calibration, 8 windows) measured 28.24 / 71.36
+    # against the baseline's 10.66 / 44.48 (x2.65 / x1.60; the first 8 KJV windows are hard for it).
+    # The bounds sit ~15% above. They catch the preset without its distillation (x3.02 / x1.72 with
+    # block fine-tuning instead), without error feedback (x3.98 / x2.08) and the session-1 preset
+    # (x3.86 / x2.13); docs/RESULTS.md has the ablation.
+    bounds = {"kjv": 3.1, "shakespeare": 1.85}
     for name in TEXTS:
         assert math.isfinite(ppl[name])
         assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
