@@ -80,6 +80,7 @@ def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
         folder = rvqllm.save(model, args.save_dir / save_as, tok, overwrite=True)
         disk = {"checkpoint": str(folder), "disk_mib": folder_bytes(folder) / 2**20}
     return {**disk, "bpw": size["bpw"], "quantize_seconds": seconds, "quantize_cpu_seconds": cpu, "finetune_seconds": finetune,
+            "distill_seconds": report.distill.get("seconds", 0.0) if report.distill else 0.0,
             "calib": f"{cfg.calib_sequences}x{cfg.calib_seq_len}", "ppl": _evaluate(model, tok, args.windows)}
 
 
@@ -173,11 +174,14 @@ def tables(results: list[dict]) -> str:
         if abl:
             lines += [f"### Ablation (ppl-512x{windows})", "",
                       f"| preset | change | calibration | bpw | {LABEL['kjv']} | {LABEL['shakespeare']} | "
-                      "quantize CPU s | wall s | of which fine-tuning (wall) s |", "|---|---|---|---|---|---|---|---|---|"]
+                      "quantize CPU s | wall s | of which fine-tuning (wall) s | distillation (wall) s |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in abl:
                 cpu = f"{r['quantize_cpu_seconds']:.0f}" if "quantize_cpu_seconds" in r else "-"
+                distill = f"{r['distill_seconds']:.0f}" if "distill_seconds" in r else "-"
                 lines.append(f"| {r['method']} | {r['change']} | {r['calib']} | {r['bpw']:.3f} | "
-                             f"{_ppl_cells(r, fp16)} | {cpu} | {r['quantize_seconds']:.0f} | {r['finetune_seconds']:.0f} |")
+                             f"{_ppl_cells(r, fp16)} | {cpu} | {r['quantize_seconds']:.0f} | {r['finetune_seconds']:.0f} | "
+                             f"{distill} |")
             lines.append("")
     for r in results:
         if r.get("method") == "gaussian-rd":
