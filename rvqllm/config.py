@@ -45,7 +45,7 @@ class RVQConfig:
     finetune_batch: int = 2  #: calibration sequences per Adam step
     finetune_target: str = "block"  #: "block": the float block on the same inputs; "model": the float model's activations
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
-    distill_lr: float = 1e-4  #: Adam learning rate of the distillation
+    distill_lr: float = 1e-3  #: Adam learning rate of the distillation (what the 2bit presets use)
     # --- mixed precision (rvqllm.mixed) ----------------------------------------------------------------
     bpw_budget: float | None = None  #: all-in bpw for the whole model; layers get candidate shapes by sensitivity
     mixed_candidates: list[dict] = field(default_factory=list)  #: code shapes {vector_dim, stages, bits} to pick from
@@ -91,7 +91,7 @@ class RVQConfig:
         need(isinstance(self.distill_epochs, int) and self.distill_epochs >= 0,
              f"distill_epochs={self.distill_epochs!r} must be a non-negative integer (0 turns distillation off)")
         need(isinstance(self.distill_lr, int | float) and 0 < self.distill_lr < 1,
-             f"distill_lr={self.distill_lr!r} is out of range: use a positive number below 1 (1e-4 is typical)")
+             f"distill_lr={self.distill_lr!r} is out of range: use a positive number below 1 (1e-3 is typical)")
         need(isinstance(self.finetune_batch, int) and self.finetune_batch >= 1,
              f"finetune_batch={self.finetune_batch!r} must be a positive integer (sequences per step)")
         need(self.finetune_target in ("block", "model"),

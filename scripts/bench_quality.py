@@ -80,7 +80,7 @@ def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
         folder = rvqllm.save(model, args.save_dir / save_as, tok, overwrite=True)
         disk = {"checkpoint": str(folder), "disk_mib": folder_bytes(folder) / 2**20}
     return {**disk, "bpw": size["bpw"], "quantize_seconds": seconds, "quantize_cpu_seconds": cpu, "finetune_seconds": finetune,
-            "distill_seconds": report.distill.get("seconds", 0.0) if report.distill else 0.0,
+            "distill_seconds": report.distill.get("seconds", 0.0),
             "calib": f"{cfg.calib_sequences}x{cfg.calib_seq_len}", "ppl": _evaluate(model, tok, args.windows)}
 
 

@@ -584,7 +584,7 @@ def _growth_mib(tmp_path: Path, runs: list[tuple[int, str]]) -> list[float]:
 @pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_calibration_size_does_not_grow_memory(tmp_path):
-    """32x more calibration sequences: with the run folder the peak stays flat; in memory it grows.
+    """64x more calibration sequences: with the run folder the peak stays flat; in memory it grows.
 
     Allocator noise between runs is several MiB (measured: +27..+44 MiB for 64..4096 sequences on disk,
     the spread larger on a loaded machine), so the large run holds 64 MiB of activations per copy.
