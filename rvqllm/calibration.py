@@ -72,6 +72,9 @@ class HessianCollector:
     """Accumulate ``H = sum x^T x`` (float64, ``[in, in]``) for each named linear layer while it runs.
 
     Use as a context manager around forward passes; read :attr:`hessians` and :attr:`tokens` after.
+    Each ``H`` lives on the device of the layer's inputs (a GPU for a model on a GPU) and is accumulated
+    there: ``x^T x`` is formed in float32 and added into the float64 sum in place, with no float64 copy
+    of the product and no trip to the host.
     """
 
     def __init__(self, layers: dict[str, nn.Module]):
@@ -115,7 +118,7 @@ class HessianCollector:
             if name not in self.hessians:
                 self.hessians[name] = torch.zeros(in_features, in_features, dtype=torch.float64, device=x.device)
                 self.tokens[name] = 0
-            self.hessians[name] += (flat.T @ flat).double()
+            self.hessians[name].add_(flat.T @ flat)  # fp32 product, widened exactly inside the fp64 add
             self.tokens[name] += flat.shape[0]
 
         return hook

@@ -58,25 +58,41 @@ def _load_config(args) -> RVQConfig:
     cfg = RVQConfig.load(args.config)
     changes = {k: v for k, v in {
         "calib_sequences": args.calib_sequences, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
+        "calib_batch_size": getattr(args, "calib_batch_size", None),
     }.items() if v is not None}
     return cfg.replace(**changes) if changes else cfg
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict:
-    import shutil
-
     import torch
 
-    from .checkpoint import check_output_folder, save
-    from .models import load_model
-    from .pipeline import quantize
-    from .resume import run_dir_for
-    from .size import folder_bytes, model_specs, summarize
+    from .checkpoint import check_output_folder
+    from .meter import peak_rss_mib
+    from .placement import placement_from_env, shutdown
 
     cfg = _load_config(args)
     out = Path(args.out)
     check_output_folder(out, args.overwrite)
     _check_input_untouched(args.model, out)
+    placement = placement_from_env(args.device)
+    try:
+        if placement.world > 1 and not placement.is_main:
+            args.quiet = True  # one voice: rank 0 reports
+        result = _quantize(args, cfg, out, placement)
+    finally:
+        shutdown(placement)
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) -> dict:
+    from .checkpoint import publish
+    from .models import open_source
+    from .pipeline import run
+    from .resume import run_dir_for
+    from .size import folder_bytes, summarize
+
     run_dir = run_dir_for(out)
     resume = getattr(args, "resume", False)
     if run_dir.exists() and not resume and not args.overwrite:
@@ -84,44 +100,69 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                        "or --overwrite to start over")
     if resume and not (run_dir / "run.json").is_file():
         _say(args, f"no interrupted run in {run_dir}: starting from the first block")
-    torch.manual_seed(cfg.seed)
     _say(args, f"loading {args.model} ...")
-    model, tokenizer = load_model(args.model)
+    source, tokenizer = open_source(args.model, tokenizer=args.tokenizer, in_memory=cfg.bpw_budget is not None,
+                                    say=lambda m: _say(args, m))
     calib = _calibration(args, tokenizer, cfg)
-    _say(args, f"calibration: {calib.shape[0]} sequences x {calib.shape[1]} tokens from {', '.join(args.calib)}")
+    _say(args, f"calibration: {calib.shape[0]} sequences x {calib.shape[1]} tokens from {', '.join(args.calib)}; "
+               f"device {placement.device}" + (f", {placement.world} ranks" if placement.world > 1 else ""))
+    if placement.is_main and not (resume and (run_dir / "run.json").is_file()):
+        _check_disk(source, cfg, calib, out)
     bar = _Progress(args.quiet or args.json)
     t0 = time.perf_counter()
-    report = quantize(model, cfg, calib, progress=lambda name, d, n: bar("quantize", d, n, name),
-                      run_dir=run_dir, resume=resume)
+
+    def on_block(i: int, n: int, acc: dict) -> None:
+        left = (time.perf_counter() - t0) / (i + 1) * (n - i - 1)
+        dev = f", device {acc['peak_device_mib'] / 1024:.1f} GiB" if acc.get("peak_device_mib") is not None else ""
+        _say(args, f"block {i + 1}/{n}: {acc['total_seconds']:.1f} s ("
+                   + ", ".join(f"{k} {v:.1f}" for k, v in acc["seconds"].items() if v >= 0.05)
+                   + f"), peak RSS {acc['peak_rss_mib'] / 1024:.2f} GiB{dev}, ETA {left / 60:.1f} min")
+
+    report = run(source, cfg, calib, placement, progress=lambda name, d, n: bar("quantize", d, n, name),
+                 on_block=on_block, run_dir=run_dir, resume=resume)
     seconds = time.perf_counter() - t0
-    save(model, out, tokenizer, overwrite=args.overwrite)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    summary = summarize(model_specs(model))
-    result = {
-        "out": str(out), "config": cfg.to_dict(), "quantize_seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(), "calib_tokens": report.calib_tokens,
-        "bpw": summary["bpw"], "bytes": folder_bytes(out), "layers": summary["layers"],
-        "resumed_layers": sum(1 for r in report.layers.values() if r.get("resumed")),
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
-        "finetune_seconds": round(sum(b["finetune_seconds"] for b in report.blocks.values()), 1),
-        "blocks": report.blocks,
-    }
+    model = source.model
+    result = {"out": str(out), "config": cfg.to_dict(), "quantize_seconds": round(seconds, 1),
+              "device": str(placement.device), "ranks": placement.world, "calib_tokens": report.calib_tokens,
+              "resumed_layers": sum(1 for r in report.layers.values() if r.get("resumed")),
+              "blocks": [{"block": i, **b} for i, b in sorted(report.blocks.items())], "distill": report.distill}
+    if not placement.is_main:
+        return result
+    publish(run_dir, out, model=model, tokenizer=tokenizer, overwrite=args.overwrite)
+    summary = summarize(model.rvq_layers)
+    result.update({"bpw": summary["bpw"], "bytes": folder_bytes(out), "layers": summary["layers"],
+                   "finetune_seconds": round(sum(b.get("finetune_seconds", 0.0) for b in report.blocks.values()), 1)})
     _say(args, f"saved {out}: {summary['layers']} layers at {summary['bpw']:.3f} bpw, "
-               f"{result['bytes'] / 2**20:.1f} MiB, quantized in {seconds:.0f} s on {result['threads']} threads, "
-               f"peak memory {result['peak_rss_mib']:.0f} MiB")
-    if report.blocks:
-        gain = [b["error_after"] / b["error_before"] for b in report.blocks.values() if b["error_before"] > 0]
+               f"{result['bytes'] / 2**20:.1f} MiB, quantized in {seconds:.0f} s on {placement.device}")
+    tuned = [b for b in report.blocks.values() if b.get("error_before", 0) > 0]
+    if tuned:
+        gain = [b["error_after"] / b["error_before"] for b in tuned]
         _say(args, f"block fine-tuning: {result['finetune_seconds']:.0f} s; block output error x"
-                   f"{sum(gain) / max(len(gain), 1):.2f} on average")
+                   f"{sum(gain) / len(gain):.2f} on average")
+    if report.distill:
+        _say(args, f"distillation: {report.distill['seconds']:.0f} s; KL {report.distill['kl_before']:.4f} -> "
+                   f"{report.distill['kl_after']:.4f}")
     return result
 
 
-def _peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    import resource
+def _check_disk(source, cfg: RVQConfig, calib, out: Path) -> None:
+    """Refuse to start when the output's filesystem cannot hold the run and the checkpoint."""
+    import shutil
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    from .size import estimate_run_bytes
+
+    layers = {n: s for i in range(len(source)) for n, s in source.layers(i, cfg.skip).items()}
+    hidden = max((s[1] for s in layers.values()), default=0)
+    hidden = getattr(source.model.config.get_text_config(), "hidden_size", hidden) or hidden
+    need = estimate_run_bytes(layers, source.other_bytes(), cfg, int(calib.numel()), int(hidden))
+    where = out.resolve().parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need["total"] * 1.05:
+        raise RVQError(f"not enough disk space in {where}: this run needs about {need['total'] / 2**30:.2f} GiB "
+                       f"(checkpoint {need['checkpoint'] / 2**30:.2f} GiB, run folder {need['run'] / 2**30:.2f} GiB) "
+                       f"and {free / 2**30:.2f} GiB are free; free space or choose another --out")
 
 
 def _check_input_untouched(model_spec: str, out: Path) -> None:
@@ -316,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the output folder (an rvqllm checkpoint) and any interrupted run of it")
         sp.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its last finished decoder block (<out>.partial/)")
+        sp.add_argument("--device", default="auto",
+                        help="where the quantization runs: auto (CUDA when present), cpu, cuda, cuda:N; under "
+                             "torchrun each rank takes cuda:LOCAL_RANK")
+        sp.add_argument("--calib-batch-size", type=int, help="override the preset: calibration sequences per forward "
+                        "pass (lower it when the device runs out of memory)")
+        sp.add_argument("--tokenizer", help="tokenizer to use (a folder, a .gguf or a hub id) when the model folder has none")
         text_column(sp)
 
     def text_column(sp):

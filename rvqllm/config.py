@@ -46,6 +46,7 @@ class RVQConfig:
     finetune_target: str = "block"  #: "block": the float block on the same inputs; "model": the float model's activations
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
     distill_lr: float = 1e-3  #: Adam learning rate of the distillation (what the 2bit presets use)
+    distill_chunk_tokens: int = 1024  #: tokens whose full-vocabulary logits exist at once in distillation (memory ~ chunk x vocab x 16 B)
     # --- mixed precision (rvqllm.mixed) ----------------------------------------------------------------
     bpw_budget: float | None = None  #: all-in bpw for the whole model; layers get candidate shapes by sensitivity
     mixed_candidates: list[dict] = field(default_factory=list)  #: code shapes {vector_dim, stages, bits} to pick from
@@ -92,6 +93,8 @@ class RVQConfig:
              f"distill_epochs={self.distill_epochs!r} must be a non-negative integer (0 turns distillation off)")
         need(isinstance(self.distill_lr, int | float) and 0 < self.distill_lr < 1,
              f"distill_lr={self.distill_lr!r} is out of range: use a positive number below 1 (1e-3 is typical)")
+        need(isinstance(self.distill_chunk_tokens, int) and self.distill_chunk_tokens >= 1,
+             f"distill_chunk_tokens={self.distill_chunk_tokens!r} must be a positive integer (tokens per logit chunk)")
         need(isinstance(self.finetune_batch, int) and self.finetune_batch >= 1,
              f"finetune_batch={self.finetune_batch!r} must be a positive integer (sequences per step)")
         need(self.finetune_target in ("block", "model"),

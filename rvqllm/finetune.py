@@ -12,6 +12,12 @@ own float parameters (norm weights). At the end codebooks and scales are rounded
 checkpoint stores), and the float parameters to the model's storage dtype, so the model in memory is
 exactly what is saved. If a step makes the error worse than it was before tuning, the block keeps its
 pre-tuning values (fine-tuning never hurts the calibration objective).
+
+Whole-model distillation (:func:`distill_model`) tunes the same parameters of all blocks at once
+towards the float model's top-k next-token distribution (:func:`teacher_topk`). Its memory does not
+grow with vocabulary x calibration tokens: full-vocabulary logits exist for at most ``chunk_tokens``
+tokens at a time (``RVQConfig.distill_chunk_tokens``), see the "distillation" section below.
+Everything runs on the device the model (or block) is on; inputs from CPU stores are moved there.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from .config import RVQConfig
+from .errors import RVQError
 from .nn import QuantizedLinear
+from .placement import Placement
 from .rvq import unpack
 
 
@@ -38,14 +48,14 @@ class _TrainableRVQ(nn.Module):
         self.in_features = layer.op_in_features  # the coded width in a rotated layer (forward rotates x)
         self.out_features = layer.out_features
         self.codebooks = nn.Parameter(layer.codebooks.detach().float().clone())
-        self.log_gain = nn.Parameter(torch.zeros(layer.out_features))
+        self.log_gain = nn.Parameter(torch.zeros(layer.out_features, device=layer.scales.device))
         self.bias = nn.Parameter(layer.bias.detach().float().clone()) if layer.bias is not None else None
         self.register_buffer("base_scales", layer.scales.detach().float().clone(), persistent=False)
         out, groups, stages = layer.codes.shape
         k = layer.codebooks.shape[1]
         # flat indices into codebooks.reshape(S*K, d): stage s's codes are offset by s*K
-        self.register_buffer("flat_idx", (unpack(layer.codes) + torch.arange(stages) * k).reshape(-1, stages),
-                             persistent=False)
+        offsets = torch.arange(stages, device=layer.codes.device) * k
+        self.register_buffer("flat_idx", (unpack(layer.codes) + offsets).reshape(-1, stages), persistent=False)
 
     def scales(self) -> Tensor:
         return self.base_scales * self.log_gain.exp()
@@ -78,18 +88,32 @@ def _swap(block: nn.Module, old_to_new: dict[nn.Module, nn.Module]) -> None:
         setattr(parent, name, new)
 
 
-def _relative_error(block: nn.Module, inputs, targets, kwargs: list[dict], outputs=None) -> float:
-    """``||block(inputs) - targets||^2 / ||targets||^2`` over all batches; the block's outputs also go
-    to ``outputs`` (a store, one batch at a time) when given."""
+def _device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: the device of its first parameter (or buffer); CPU if it has neither."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _relative_error(block: nn.Module, inputs, targets, kwargs: dict[int, dict], outputs=None,
+                    placement: Placement | None = None) -> float:
+    """``||block(inputs) - targets||^2 / ||targets||^2`` over all batches (of every rank); the block's
+    outputs also go to ``outputs`` (a store, one batch at a time) when given. Stored batches are moved to
+    the block's device (a disk store hands back CPU tensors)."""
     num = den = 0.0
+    device = _device(block)
     with torch.no_grad():
-        for j, kw in enumerate(kwargs):
-            out = _hidden(block(inputs.get(j), **kw))
+        for j, kw in kwargs.items():
+            out = _hidden(block(inputs.get(j).to(device), **kw))
             if outputs is not None:
                 outputs.put(j, out.detach())
-            tgt = targets.get(j)
+            tgt = targets.get(j).to(device)
             num += float((out.float() - tgt.float()).pow(2).sum())
             den += float(tgt.float().pow(2).sum())
+    if placement is not None:
+        num, den = placement.all_reduce_float(num), placement.all_reduce_float(den)
     return num / max(den, 1e-30)
 
 
@@ -120,11 +144,17 @@ def _micro_batches(x: Tensor, tgt: Tensor, kw: dict, size: int):
 def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[[], float],
           losses: Callable[[], Iterator[Tensor]], *, epochs: int, lr: float,
           storage_dtype: torch.dtype | None, evaluate_after: Callable[[], float] | None = None,
-          ) -> tuple[float, float, bool]:
+          placement: Placement | None = None) -> tuple[float, float, bool]:
     """Adam on every :class:`QuantizedLinear` under ``root`` (codebooks, scale gains, biases) and on
     ``float_params``, one step per loss that ``losses()`` yields, ``epochs`` times; then round to the
     stored precision and keep the result only if ``evaluate_after()`` (default ``evaluate``; lower is
-    better) did not get worse than ``evaluate()`` before tuning.
+    better) did not get worse than ``evaluate()`` before tuning. Every other parameter under ``root``
+    (embeddings, LM head, ...) is frozen meanwhile, so no gradient is computed or kept for it (for a
+    tied LM head that would be a ``[vocab, hidden]`` tensor).
+    With several ranks (``placement``), each rank yields the losses of its own batches and every step
+    averages the gradients of the ranks that still had a loss for it (data parallel, as DDP does): a step
+    then sees ``world`` micro-batches at once, so N ranks take about N times fewer, larger steps than one
+    process; ``evaluate`` must already combine the ranks' batches.
     Returns ``(before, after, tuned)``: ``tuned`` is False when nothing changed (no epochs, or reverted)."""
     before = evaluate()
     if epochs <= 0:
@@ -134,21 +164,39 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
     saved_layers = {m: (m.codebooks.clone(), m.scales.clone(), None if m.bias is None else m.bias.clone())
                     for m in wrappers}
     requires = [p.requires_grad for p in float_params]
+    trained = {id(p) for p in float_params}
+    frozen = [p for p in root.parameters() if p.requires_grad and id(p) not in trained]
     _swap(root, wrappers)
     try:
         params = [p for w in wrappers.values() for p in w.parameters()]
+        for p in frozen:
+            p.requires_grad_(False)
         for p in float_params:
             p.requires_grad_(True)
         opt = torch.optim.Adam([{"params": params}, {"params": float_params}], lr=lr, betas=(0.9, 0.95))
+        ranks = placement is not None and placement.world > 1
+        every = params + list(float_params)
         with torch.enable_grad():
             for _ in range(epochs):
-                for loss in losses():
+                steps = iter(losses())
+                while True:
+                    loss = next(steps, None)
+                    active = placement.all_reduce_float(float(loss is not None)) if ranks else float(loss is not None)
+                    if active == 0:
+                        break
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if loss is not None:
+                        loss.backward()
+                    if ranks:
+                        placement.all_reduce_grads(every)
+                        for p in every:
+                            p.grad.div_(active)
                     opt.step()
     finally:
         for p, r in zip(float_params, requires, strict=True):
             p.requires_grad_(r)
+        for p in frozen:
+            p.requires_grad_(True)
         _swap(root, {w: m for m, w in wrappers.items()})
     with torch.no_grad():
         for w in wrappers.values():
@@ -174,13 +222,14 @@ def finetune_block(
     block: nn.Module,
     inputs,
     targets,
-    kwargs: list[dict],
+    kwargs: dict[int, dict],
     *,
     epochs: int,
     lr: float,
     micro_batch: int = 2,
     storage_dtype: torch.dtype | None = None,
     outputs=None,
+    placement: Placement | None = None,
 ) -> tuple[float, float]:
     """Tune ``block``'s quantized layers' codebooks/scales/biases and its float parameters in place.
 
@@ -188,60 +237,231 @@ def finetune_block(
         block: a decoder block whose linear layers are :class:`QuantizedLinear`.
         inputs, targets: activation stores (``.get(j)`` → ``[batch, seq, hidden]``), one per batch of
             ``kwargs``; ``targets`` are what the block should output on ``inputs``.
-        kwargs: the block's other forward arguments, per batch.
+        kwargs: the block's other forward arguments, by batch index (this rank's batches).
         epochs: passes over the batches. ``lr``: Adam learning rate.
         micro_batch: sequences per Adam step (batches are cut along dim 0; block arguments with that
             batch dimension are cut alike, those of batch 1 are shared).
         storage_dtype: the dtype unquantized tensors are saved in (float params are rounded to it).
         outputs: optional store that gets the tuned block's outputs on ``inputs`` (the next block's
             inputs), taken from the final error evaluation rather than from one more forward pass.
+        placement: with several ranks, gradients and errors are combined across them (see :func:`_tune`).
     Returns:
         ``(error_before, error_after)``: relative output error on the calibration batches.
     """
 
+    device = _device(block)
+
     def losses() -> Iterator[Tensor]:
-        for j, kw in enumerate(kwargs):
-            for x, tgt, mkw in _micro_batches(inputs.get(j), targets.get(j), kw, micro_batch):
+        for j, kw in kwargs.items():
+            batch_in, batch_tgt = inputs.get(j).to(device), targets.get(j).to(device)
+            for x, tgt, mkw in _micro_batches(batch_in, batch_tgt, kw, micro_batch):
                 out = _hidden(block(x, **mkw)).float()
                 tgt = tgt.float()
                 yield (out - tgt).pow(2).sum() / tgt.pow(2).sum().clamp_min(1e-30)
 
     float_params = [p for p in block.parameters() if p.is_floating_point()]
     before, after, tuned = _tune(
-        block, float_params, lambda: _relative_error(block, inputs, targets, kwargs), losses,
-        epochs=epochs if kwargs else 0, lr=lr, storage_dtype=storage_dtype,
-        evaluate_after=None if outputs is None else lambda: _relative_error(block, inputs, targets, kwargs, outputs))
+        block, float_params, lambda: _relative_error(block, inputs, targets, kwargs, None, placement), losses,
+        epochs=epochs, lr=lr, storage_dtype=storage_dtype, placement=placement,
+        evaluate_after=None if outputs is None else
+        lambda: _relative_error(block, inputs, targets, kwargs, outputs, placement))
     if outputs is not None and not tuned:  # reverted (or never tuned): the outputs of the kept values
-        _relative_error(block, inputs, targets, kwargs, outputs)
+        _relative_error(block, inputs, targets, kwargs, outputs, placement)
     return before, after
 
 
 # ---------------------------------------------------------------------------------------- distillation
+# Whole-model distillation never holds full-vocabulary logits for more than ``chunk_tokens`` tokens at
+# once. The decoder runs once per batch (micro-batch when training) up to its last hidden state
+# ``[batch, seq, hidden]``, which is small; the LM head, log-softmax and loss then run on chunks of at
+# most ``chunk_tokens`` tokens (chunks may straddle sequences). When training, each chunk runs under
+# ``torch.utils.checkpoint``: its ``[chunk, vocab]`` tensors are recomputed in backward rather than
+# kept, so forward and backward each hold a few of them for one chunk at a time.
+
 #: teacher log-probabilities kept per token (the rest of the vocabulary is one "tail" bucket)
 TEACHER_TOP_K = 64
+#: tokens whose full-vocabulary logits exist at once (the default of ``RVQConfig.distill_chunk_tokens``)
+DISTILL_CHUNK_TOKENS: int = RVQConfig.distill_chunk_tokens
 
 
-def teacher_topk(model: nn.Module, batches: list[Tensor], k: int = TEACHER_TOP_K) -> list[tuple[Tensor, Tensor]]:
+def _check_chunk(chunk_tokens: object) -> None:
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise RVQError(f"chunk_tokens={chunk_tokens!r} must be a positive integer (tokens per logit chunk)")
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder (base model) of a causal LM: what turns token ids into the last hidden state."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        raise RVQError(f"{type(model).__name__} has no decoder (get_decoder()) to take the last hidden state "
+                       "from: distillation needs a Hugging Face *ForCausalLM model")
+    return decoder
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where ``model`` wants its token ids: the device of its input embedding."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return _device(emb) if isinstance(emb, nn.Module) else _device(model)
+
+
+def _last_hidden(decoder: nn.Module, ids: Tensor) -> Tensor:
+    """The decoder's ``last_hidden_state [batch, seq, hidden]`` on ``ids [batch, seq]`` (after its final norm)."""
+    out = decoder(input_ids=ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def lm_head_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """What ``model`` applies after its decoder to get next-token logits, as a function
+    ``hidden [..., hidden_size] -> logits [..., vocab]`` (in the model's dtype, like ``model(ids).logits``).
+
+    ``hidden`` is the decoder's ``last_hidden_state`` (``model.get_decoder()(input_ids=ids)``): it has been
+    through the decoder's final norm (and, in OPT, its ``project_out``), which belong to the decoder, not
+    to the head. A caller that runs the decoder blocks itself must apply that final norm to the last
+    block's output before calling the head. The head is ``model.get_output_embeddings()`` (``lm_head``;
+    ``embed_out`` in GPT-NeoX) followed by what the transformers ``*ForCausalLM.forward`` does to it:
+    ``final_logit_softcapping`` (Gemma 2/3): ``tanh(logits / cap) * cap``; Cohere: ``logits * logit_scale``;
+    Granite: ``logits / config.logits_scaling``. For these families (and every family that only applies
+    its LM head: Llama, Mistral, Qwen, Phi-3, GPT-2, OPT, GPT-NeoX, ...)
+    ``lm_head_fn(model)(decoder(ids).last_hidden_state)`` equals ``model(ids).logits`` exactly; for any
+    other, :func:`check_lm_head_fn` says whether it does. Raises :class:`RVQError` for a model without an
+    output embedding.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        raise RVQError(f"{type(model).__name__} has no output embedding (lm_head): distillation needs a causal LM")
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(model, "logit_scale", None)  # Cohere keeps it on the *ForCausalLM
+    scale = scale if isinstance(scale, int | float) and not isinstance(scale, bool) else None
+    divisor = getattr(text, "logits_scaling", None) if str(getattr(text, "model_type", "")).startswith("granite") \
+        else None
+    if cap is None and scale is None and divisor is None:
+        return head
+
+    def logits(hidden: Tensor) -> Tensor:
+        out = head(hidden)
+        if scale is not None:
+            out = out * scale
+        if divisor is not None:
+            out = out / divisor
+        if cap is not None:  # the same three operations as transformers, for bit-identical logits
+            out = out / cap
+            out = torch.tanh(out)
+            out = out * cap
+        return out
+
+    return logits
+
+
+def check_lm_head_fn(model: nn.Module, ids: Tensor, head: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Raise :class:`RVQError` unless ``head`` (default :func:`lm_head_fn` of ``model``) applied to the
+    decoder's last hidden state gives ``model(ids).logits`` on ``ids [batch, seq]`` (to within 1e-4 of
+    their largest magnitude; both are ``[batch, seq, vocab]``, so keep ``ids`` short)."""
+    head = lm_head_fn(model) if head is None else head
+    with torch.no_grad():
+        ids = ids.to(_input_device(model))
+        want = model(input_ids=ids, use_cache=False).logits.float()
+        got = head(_last_hidden(_decoder(model), ids)).float()
+    if got.shape != want.shape or not float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-6:
+        raise RVQError(f"{type(model).__name__}: distillation cannot reproduce this model's logits from its last "
+                       "hidden state (an unknown head); quantize it with distill_epochs=0")
+
+
+def teacher_topk_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], k: int = TEACHER_TOP_K,
+                             chunk_tokens: int = DISTILL_CHUNK_TOKENS) -> tuple[Tensor, Tensor]:
+    """The top-``k`` next-token log-probabilities of the final hidden states ``hidden [batch, seq, hidden]``.
+
+    ``head`` maps ``[tokens, hidden] -> [tokens, vocab]`` logits; ``hidden`` must be what it expects,
+    i.e. for :func:`lm_head_fn` the decoder's ``last_hidden_state`` (after the final norm). Logits exist
+    for at most ``chunk_tokens`` tokens at a time; the log-softmax is over the full vocabulary, in float32.
+    Returns ``(logp [batch, seq, k] float32, index [batch, seq, k] int64)`` on ``hidden``'s device,
+    sorted by decreasing probability.
+    """
+    _check_chunk(chunk_tokens)
+    if hidden.dim() != 3:
+        raise RVQError(f"hidden must be [batch, seq, hidden], got shape {tuple(hidden.shape)}")
+    batch, seq, width = hidden.shape
+    flat = hidden.reshape(-1, width)
+    n = flat.shape[0]
+    logp = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    idx = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
+    with torch.no_grad():
+        for a in range(0, n, chunk_tokens):
+            b = min(a + chunk_tokens, n)
+            logp[a:b], idx[a:b] = torch.log_softmax(head(flat[a:b]).float(), dim=-1).topk(k, dim=-1)
+    return logp.reshape(batch, seq, k), idx.reshape(batch, seq, k)
+
+
+def teacher_topk(model: nn.Module, batches: list[Tensor], k: int = TEACHER_TOP_K,
+                 chunk_tokens: int = DISTILL_CHUNK_TOKENS) -> list[tuple[Tensor, Tensor]]:
     """The float model's top-``k`` next-token log-probabilities on each ``[batch, seq]`` token batch:
-    ``[(logp [batch, seq, k] float32, index [batch, seq, k] int64)]`` (a few MB where full logits would
-    take GBs)."""
+    ``[(logp [batch, seq, k] float32, index [batch, seq, k] int64)]``, kept on the CPU (a few MB where
+    full logits would take GBs). The decoder runs on the model's device, one batch at a time; the head
+    (:func:`lm_head_fn`, checked once against ``model(ids).logits`` on a few tokens) on at most
+    ``chunk_tokens`` tokens at a time (:func:`teacher_topk_from_hidden`)."""
+    _check_chunk(chunk_tokens)
+    decoder, head, device = _decoder(model), lm_head_fn(model), _input_device(model)
+    if batches:
+        check_lm_head_fn(model, batches[0][:1, :16], head)
     out = []
     with torch.no_grad():
         for ids in batches:
-            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-            out.append(tuple(logp.topk(k, dim=-1)))
+            logp, idx = teacher_topk_from_hidden(_last_hidden(decoder, ids.to(device)), head, k, chunk_tokens)
+            out.append((logp.cpu(), idx.cpu()))  # stored for the whole run: keep device memory free
     return out
 
 
-def _topk_kl(logits: Tensor, teacher: tuple[Tensor, Tensor]) -> Tensor:
-    """Mean per-token KL(teacher || student) over the teacher's top-k words plus one bucket for the rest."""
-    t_logp, idx = teacher
+def _token_kl(logits: Tensor, t_logp: Tensor, idx: Tensor) -> Tensor:
+    """Per-token KL(teacher || student) over the teacher's top-k words plus one bucket for the rest:
+    ``logits [..., vocab]``, ``t_logp``/``idx [..., k]`` → ``[...]`` float32."""
     s_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, idx)
     t_p = t_logp.exp()
     kl = (t_p * (t_logp - s_logp)).sum(-1)
     t_tail = (1 - t_p.sum(-1)).clamp_min(1e-8)
     s_tail = (1 - s_logp.exp().sum(-1)).clamp_min(1e-8)
-    return (kl + t_tail * (t_tail.log() - s_tail.log())).mean()
+    return kl + t_tail * (t_tail.log() - s_tail.log())
+
+
+def _topk_kl(logits: Tensor, teacher: tuple[Tensor, Tensor]) -> Tensor:
+    """Mean per-token KL(teacher || student) over the teacher's top-k words plus one bucket for the rest
+    (``logits [batch, seq, vocab]``, teacher ``[batch, seq, k]``); materialises the full logits."""
+    return _token_kl(logits, *teacher).mean()
+
+
+def _chunk_kl_sum(head: Callable[[Tensor], Tensor], hidden: Tensor, t_logp: Tensor, idx: Tensor) -> Tensor:
+    """Summed per-token KL of one chunk: ``hidden [n, hidden]``, teacher ``[n, k]`` → scalar float32 (on
+    the logits' device, which is the LM head's when a model is split over devices)."""
+    logits = head(hidden)
+    return _token_kl(logits, t_logp.to(logits.device), idx.to(logits.device)).sum()
+
+
+def _kl_sum(hidden: Tensor, head: Callable[[Tensor], Tensor], t_logp: Tensor, idx: Tensor,
+            chunk_tokens: int) -> Tensor:
+    """Per-token KL (:func:`_token_kl`) summed over all tokens of ``hidden [batch, seq, hidden]`` against
+    the teacher's ``[batch, seq, k]`` (moved to ``hidden``'s device), with the logits of at most
+    ``chunk_tokens`` tokens at once. Under autograd each chunk is checkpointed (recomputed in backward)."""
+    width, k = hidden.shape[-1], t_logp.shape[-1]
+    flat = hidden.reshape(-1, width)
+    t_logp = t_logp.reshape(-1, k).to(flat.device)
+    idx = idx.reshape(-1, k).to(flat.device)
+    grad = torch.is_grad_enabled() and flat.requires_grad
+    total = None
+    for a in range(0, flat.shape[0], chunk_tokens):
+        args = (head, flat[a : a + chunk_tokens], t_logp[a : a + chunk_tokens], idx[a : a + chunk_tokens])
+        part = checkpoint(_chunk_kl_sum, *args, use_reentrant=False) if grad else _chunk_kl_sum(*args)
+        total = part if total is None else total + part
+    return total
+
+
+def _distill_kl(decoder: nn.Module, head: Callable[[Tensor], Tensor], ids: Tensor, t_logp: Tensor, idx: Tensor,
+                chunk_tokens: int) -> Tensor:
+    """Mean per-token KL of the student on ``ids [batch, seq]`` (on the model's device) against the
+    teacher's ``[batch, seq, k]``: what :func:`_topk_kl` gives on the full logits, up to float rounding."""
+    return _kl_sum(_last_hidden(decoder, ids), head, t_logp, idx, chunk_tokens) / ids.numel()
 
 
 def distill_model(
@@ -254,23 +474,39 @@ def distill_model(
     lr: float,
     micro_batch: int = 2,
     storage_dtype: torch.dtype | None = None,
+    chunk_tokens: int = DISTILL_CHUNK_TOKENS,
+    placement: Placement | None = None,
 ) -> tuple[float, float]:
     """Tune every quantized layer and the blocks' float parameters (norms) of ``model`` at once so its
     next-token distribution matches the float model's (:func:`teacher_topk`) on the calibration batches.
-    Embeddings and the LM head stay as they are. Returns ``(kl_before, kl_after)`` (mean per token)."""
+    Embeddings, final norm and LM head stay as they are (and get no gradient).
+
+    ``batches``: ``[batch, seq]`` token ids (any device: moved to the model's); ``teacher``: per batch
+    ``(logp, index) [batch, seq, k]``. One Adam step per ``micro_batch`` sequences; the loss is the mean
+    per-token top-k KL (:func:`_topk_kl`), computed with the full-vocabulary logits of at most
+    ``chunk_tokens`` tokens in memory at once (forward and backward). Returns ``(kl_before, kl_after)``,
+    each the mean over batches of the batch's mean per-token KL. With several ranks (``placement``),
+    ``batches`` are this rank's, and gradients and the KL are combined across ranks (see :func:`_tune`).
+    """
+    _check_chunk(chunk_tokens)
+    decoder, head, device = _decoder(model), lm_head_fn(model), _input_device(model)
 
     def evaluate() -> float:
         with torch.no_grad():
-            kls = [float(_topk_kl(model(input_ids=ids, use_cache=False).logits, t)) for ids, t in zip(batches, teacher,
-                                                                                                     strict=True)]
-        return sum(kls) / max(len(kls), 1)
+            kls = [float(_distill_kl(decoder, head, ids.to(device), t_logp, idx, chunk_tokens))
+                   for ids, (t_logp, idx) in zip(batches, teacher, strict=True)]
+        total, count = sum(kls), float(len(kls))
+        if placement is not None:
+            total, count = placement.all_reduce_float(total), placement.all_reduce_float(count)
+        return total / max(count, 1.0)
 
     def losses() -> Iterator[Tensor]:
         for ids, (t_logp, idx) in zip(batches, teacher, strict=True):
             for a in range(0, ids.shape[0], micro_batch):
                 sl = slice(a, a + micro_batch)
-                yield _topk_kl(model(input_ids=ids[sl], use_cache=False).logits, (t_logp[sl], idx[sl]))
+                yield _distill_kl(decoder, head, ids[sl].to(device), t_logp[sl], idx[sl], chunk_tokens)
 
     float_params = [p for b in blocks for p in b.parameters() if p.is_floating_point()]
-    before, after, _ = _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr, storage_dtype=storage_dtype)
+    before, after, _ = _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr, storage_dtype=storage_dtype,
+                             placement=placement)
     return before, after

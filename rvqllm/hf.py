@@ -1,10 +1,11 @@
 """transformers integration: the ``rvq`` quantization method, registered on ``import rvqllm``.
 
 After ``import rvqllm``, ``AutoModelForCausalLM.from_pretrained(folder)`` reads an rvqllm checkpoint
-(see :mod:`rvqllm.checkpoint`, the one on-disk format) with :class:`~rvqllm.nn.QuantizedLinear` layers
-in place, ``save_pretrained`` writes the same tensors and the same ``quantization_config`` back, and
-``device_map`` / accelerate offloading work because the quantized layers are ordinary modules with
-buffers.
+(see :mod:`rvqllm.checkpoint`, the one on-disk format: one safetensors shard per decoder block plus
+``model.safetensors.index.json``, which transformers reads natively; or the first single-file layout)
+with :class:`~rvqllm.nn.QuantizedLinear` layers in place, ``save_pretrained`` writes the same tensors
+and the same ``quantization_config`` back (through :func:`rvqllm.save`), and ``device_map`` /
+accelerate offloading work because the quantized layers are ordinary modules with buffers.
 
 How it plugs in (transformers 5 quantizer API):
 
@@ -12,7 +13,8 @@ How it plugs in (transformers 5 quantizer API):
   its ``to_dict`` is exactly the dict :func:`rvqllm.checkpoint.quantization_config` writes.
 - :class:`RVQHfQuantizer` only reshapes the empty (meta) model before weights load: it splits fused
   MoE experts the checkpoint quantized and swaps each listed layer for an empty ``QuantizedLinear``;
-  the regular loader then fills ``codes``/``codebooks``/``scales``/``bias`` by name from the safetensors.
+  the regular loader then fills ``codes``/``codebooks``/``scales``/``bias`` by name from the shards the
+  index names (tied embeddings are stored once and re-tied by transformers).
 """
 
 from __future__ import annotations
@@ -147,8 +149,9 @@ class RVQHfQuantizer(HfQuantizer):
 
 
 def _save_pretrained(model: torch.nn.Module, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-    """``save_pretrained`` of a model loaded through this quantizer: :func:`rvqllm.save` (extra transformers
-    options such as sharding or ``push_to_hub`` are not supported for rvq checkpoints)."""
+    """``save_pretrained`` of a model loaded through this quantizer: :func:`rvqllm.save`, which shards one
+    file per decoder block (transformers' own options such as ``max_shard_size`` or ``push_to_hub`` are
+    not supported for rvq checkpoints)."""
     from .checkpoint import save
 
     unsupported = sorted(k for k, v in kwargs.items() if v and k in {"push_to_hub", "max_shard_size"})

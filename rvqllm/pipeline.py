@@ -1,13 +1,34 @@
-"""The quantization pipeline: walk the decoder blocks, one at a time.
+"""The quantization pipeline: a short walk over the decoder blocks, one block at a time.
 
-Optionally first (``bpw_budget``): measure each layer's loss sensitivity and pick its code shape
-(:mod:`rvqllm.mixed`). Then for each block: run the calibration batches through it with hooks that
-accumulate each linear layer's input Hessian, code every linear layer with RVQ (:mod:`rvqllm.rvq`:
-rotation, weighted k-means, re-fit, error feedback, beam search, as the config says), swap it for a
-:class:`QuantizedLinear`, optionally fine-tune the block's continuous parameters towards the float
-activations (:mod:`rvqllm.finetune`), then run the block again so that its *quantized* outputs become
-the next block's inputs (later blocks learn to live with the earlier blocks' errors). Optionally last
-(``distill_epochs``): tune all quantized layers and norms together towards the float model's logits.
+For each block::
+
+    load block  →  calibrate  →  code layers  →  tune  →  forward  →  write
+
+- **load**: the block's float weights come from a *source* (:mod:`rvqllm.source`: a model in memory, or
+  the model's safetensors shards read block by block) onto the working device, in float32.
+- **calibrate**: the calibration batches run through the float block with hooks that accumulate each
+  linear layer's input Hessian (:mod:`rvqllm.calibration`); with several ranks each rank runs its own
+  batches and the Hessians are reduced to the rank that codes the layer. When fine-tuning aims at the
+  float model, or distillation needs a teacher, the float block also runs on the float model's own
+  activations (the "fp" stream), so the float model is followed block by block and never held whole.
+- **code**: each linear layer is coded with RVQ (:mod:`rvqllm.rvq`: rotation, weighted k-means, error
+  feedback, beam search, as the config says) by the rank that owns it, broadcast to the others, and
+  swapped in as a :class:`QuantizedLinear`.
+- **tune** (``finetune_epochs``): the block's codebooks, scales and norms are tuned towards the float
+  activations (:mod:`rvqllm.finetune`); it also produces the next block's inputs.
+- **forward**: otherwise the quantized block runs once more so that its *quantized* outputs become the
+  next block's inputs (later blocks learn to live with the earlier blocks' errors).
+- **write**: the block is committed (:mod:`rvqllm.resume`: one safetensors shard per block, the shards
+  of the final checkpoint) and given back to the source (a streamed block goes back to the meta device).
+
+Optionally first (``bpw_budget``, in-memory models only): each layer's code shape from its measured loss
+sensitivity (:mod:`rvqllm.mixed`). Optionally last (``distill_epochs``): all quantized layers and norms
+tuned together towards the float model's next-token distribution; the teacher's top-k log-probabilities
+come from the fp stream after the last block (chunked over tokens, kept on disk in a run folder).
+
+Where the work runs (device, rank) is one :class:`~rvqllm.placement.Placement`; where weights come from
+is one source; where finished blocks and activations go is one run folder (or memory): the loop below has
+no branches for them.
 """
 
 from __future__ import annotations
@@ -20,28 +41,37 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .arch import check_causal_lm, find_blocks, find_linears, linear_weight, set_module
+from .arch import find_linears, linear_weight, set_module
 from .calibration import HessianCollector, capture_block_inputs
 from .checkpoint import storage_dtype
 from .config import RVQConfig
 from .errors import RVQError
-from .finetune import distill_model, finetune_block, teacher_topk
+from .finetune import TEACHER_TOP_K, distill_model, finetune_block, lm_head_fn, teacher_topk_from_hidden
+from .meter import Meter
 from .mixed import allocate, fisher_sensitivity
 from .nn import QuantizedLinear
+from .placement import Placement, oom_errors
 from .resume import MemoryActivations, RunDir, run_fingerprint
 from .rvq import quantize_weight
+from .source import MemorySource, ShardSource
 from .validate import check_causal_behaviour, check_finite_parameters, check_vector_dim_fits
 
 
 @dataclass
 class QuantizeReport:
-    """What a quantization run did: per-layer specs and timings."""
+    """What a quantization run did: per-layer specs and timings, per-block accounting."""
 
     layers: dict[str, dict] = field(default_factory=dict)
-    blocks: dict[int, dict] = field(default_factory=dict)  #: per block: fine-tuning errors and time
-    distill: dict = field(default_factory=dict)  #: whole-model distillation: KL before/after, time
+    #: per block: {"seconds": {stage: s}, "total_seconds", "peak_rss_mib", "peak_device_mib"} and, with
+    #: fine-tuning, "error_before", "error_after", "finetune_seconds"
+    blocks: dict[int, dict] = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)  #: whole-model distillation: KL before/after, time, memory
     seconds: float = 0.0
     calib_tokens: int = 0
+
+
+ProgressFn = Callable[[str, int, int], None]
+BlockFn = Callable[[int, int, dict], None]
 
 
 def _check_weight(name: str, w: Tensor) -> None:
@@ -60,56 +90,130 @@ def _same_kwargs(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _capture(model: nn.Module, first_block: nn.Module, batches: list[Tensor], store) -> list[dict]:
-    """Block 0's inputs, one batch at a time: hidden states go to ``store`` (unless it is ``None``), the
-    other block arguments (positions, masks; equal for same-shaped batches, so shared) are returned."""
-    kwargs: list[dict] = []
-    for j, ids in enumerate(batches):
+def _hidden(out: object) -> Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _capture(model: nn.Module, first_block: nn.Module, batches: dict[int, Tensor], stores: list) -> dict[int, dict]:
+    """Block 0's inputs for each batch: hidden states go to every store in ``stores``; the other block
+    arguments (positions, masks; equal for same-shaped batches, so shared) are returned by batch index."""
+    kwargs: dict[int, dict] = {}
+    for j, ids in batches.items():
         (inp,) = capture_block_inputs(model, first_block, [ids])
-        if store is not None:
+        for store in stores:
             store.put(j, inp.hidden)
-        same = next((k for k in kwargs if _same_kwargs(k, inp.kwargs)), None)
-        kwargs.append(same if same is not None else inp.kwargs)
+        same = next((k for k in kwargs.values() if _same_kwargs(k, inp.kwargs)), None)
+        kwargs[j] = same if same is not None else inp.kwargs
     return kwargs
 
 
-def _forward_block(block: nn.Module, inputs, kwargs: list[dict], outputs) -> None:
+def _forward(block: nn.Module, inputs, kwargs: dict[int, dict], outputs) -> None:
     """Run every batch of ``inputs`` through ``block``; its outputs go to ``outputs`` (one batch in memory)."""
     with torch.no_grad():
-        for j, kw in enumerate(kwargs):
-            out = block(inputs.get(j), **kw)
-            outputs.put(j, (out[0] if isinstance(out, tuple | list) else out).detach())
+        for j, kw in kwargs.items():
+            outputs.put(j, _hidden(block(inputs.get(j), **kw)).detach())
 
 
-def block_params(block: nn.Module, prefix: str) -> dict[str, Tensor]:
-    """The float parameters of a block (norm weights...), by their model-level names."""
-    return {f"{prefix}.{n}": p.detach() for n, p in block.named_parameters() if p.is_floating_point()}
+class _Injector(nn.Module):
+    """Stands in for a decoder block: returns a stored hidden state (first block) or its input unchanged.
+
+    Plain attributes of the block it replaces (e.g. ``attention_type``) are copied so model code that
+    reads them still works."""
+
+    def __init__(self, like: nn.Module, value: Tensor | None) -> None:
+        super().__init__()
+        for k, v in vars(like).items():
+            if not k.startswith("_") and not isinstance(v, nn.Module | Tensor):
+                setattr(self, k, v)
+        self.value = value
+
+    def forward(self, hidden: Tensor, *args, **kwargs) -> Tensor:
+        return hidden if self.value is None else self.value
 
 
-def _mixed_plan(model: nn.Module, config: RVQConfig, all_layers: dict[int, dict], batches: list[Tensor]
+class _StopAtHead(Exception):
+    pass
+
+
+def final_normed_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor) -> Tensor:
+    """What the model feeds its LM head when its last block outputs ``hidden [batch, seq, hidden]`` on
+    token batch ``ids``: the final norm (and whatever else the model does after its blocks), run by the
+    model's own code with every block replaced by a stand-in, stopped at the head."""
+    head = model.get_output_embeddings()
+    saved = list(blocks)
+    captured: list[Tensor] = []
+
+    def grab(_m, args):
+        captured.append(args[0].detach())
+        raise _StopAtHead
+
+    handle = head.register_forward_pre_hook(grab)
+    try:
+        for k, b in enumerate(saved):
+            blocks[k] = _Injector(b, hidden if k == 0 else None)
+        with torch.no_grad():
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopAtHead:
+                pass
+    finally:
+        handle.remove()
+        for k, b in enumerate(saved):
+            blocks[k] = b
+    if not captured:
+        raise RVQError(f"{type(model).__name__}: could not find what its LM head is fed; distillation is not "
+                       "supported for this architecture (set distill_epochs: 0)")
+    return captured[0]
+
+
+class _TeacherStore:
+    """The teacher's top-k log-probabilities per batch: in memory, or on disk in a run folder."""
+
+    def __init__(self, store) -> None:
+        self.store = store  # put(j, Tensor) / get(j) -> Tensor
+
+    def put(self, j: int, teacher: tuple[Tensor, Tensor]) -> None:
+        logp, idx = teacher
+        self.store.put(j, torch.cat([logp.float(), idx.float()], dim=-1))  # idx < 2**24: exact in float32
+
+    def get(self, j: int) -> tuple[Tensor, Tensor]:
+        t = self.store.get(j)
+        k = t.shape[-1] // 2
+        return t[..., :k], t[..., k:].long()
+
+
+def _mixed_plan(model: nn.Module, config: RVQConfig, layers: dict[str, nn.Module], batches: list[Tensor]
                 ) -> dict[str, dict]:
     """Code shape per layer for ``config.bpw_budget`` (:mod:`rvqllm.mixed`), from the loss sensitivity
     measured on the first calibration batch with the float model, before any layer is replaced (a
     resumed run measures it again on the same float model and data, so it gets the same plan)."""
-    layers = {n: m for v in all_layers.values() for n, m in v.items()}
     sens = fisher_sensitivity(model, layers, batches[:1])
     shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
     return allocate(shapes, sens, config.mixed_candidates, float(config.bpw_budget), rotate=config.rotate)
+
+
+def _hessian_groups(layers: dict[str, nn.Module], hessians: dict[str, Tensor]) -> list[list[str]]:
+    """Layers that share one Hessian object (fed the same input), in layer order."""
+    groups: dict[int, list[str]] = {}
+    for name in layers:
+        groups.setdefault(id(hessians.get(name)), []).append(name)
+    return list(groups.values())
 
 
 def quantize(
     model: nn.Module,
     config: RVQConfig,
     calibration: Tensor,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: ProgressFn | None = None,
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    device: str | torch.device | None = None,
 ) -> QuantizeReport:
     """Quantize ``model``'s decoder-block linear layers in place.
 
     Args:
-        model: a Hugging Face causal LM (float weights, on CPU).
+        model: a Hugging Face causal LM in memory (float weights).
         config: the :class:`RVQConfig`.
         calibration: ``[n_sequences, seq_len]`` int64 token ids.
         progress: optional ``callback(layer_name, done, total)``.
@@ -119,136 +223,263 @@ def quantize(
         resume: continue the run that ``run_dir`` holds (same model, config and calibration, else
             :class:`RVQError`); the result is bit-identical to an uninterrupted run. Without it,
             ``run_dir`` is wiped first.
+        device: where the work runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``; default: where the model is).
+            Blocks visit the device one at a time and the model ends where it started.
     Returns:
         a :class:`QuantizeReport`; the quantization parameters of each layer are also kept on the model
         as ``model.rvq_layers`` (used by :func:`rvqllm.checkpoint.save`).
     """
-    check_causal_lm(model)
+    source = MemorySource(model)
+    where = torch.device(device) if device is not None else source.home
+    return run(source, config, calibration, Placement(where), progress=progress, run_dir=run_dir, resume=resume)
+
+
+def run(
+    source: MemorySource | ShardSource,
+    config: RVQConfig,
+    calibration: Tensor,
+    placement: Placement,
+    *,
+    progress: ProgressFn | None = None,
+    on_block: BlockFn | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+) -> QuantizeReport:
+    """Walk ``source``'s blocks (see the module doc). ``on_block(i, n_blocks, accounting)`` is called as
+    each block finishes. With a :class:`ShardSource` a ``run_dir`` is required: it receives the shards."""
     if calibration.dim() != 2 or calibration.numel() == 0:
         raise RVQError("calibration must be a non-empty [n_sequences, seq_len] tensor of token ids")
+    if source.streaming and run_dir is None:
+        raise RVQError("a streamed model needs a run folder for its finished blocks (run_dir)")
+    if source.streaming and config.bpw_budget is not None:
+        raise RVQError("bpw_budget (mixed precision) measures every layer's sensitivity on the whole float model: "
+                       "load the model in memory for it (rvqllm.quantize(model, ...)) or use a uniform preset")
     start = time.perf_counter()
-    model.eval()
-    prefix, blocks = find_blocks(model)
-    all_layers = {
-        i: find_linears(block, f"{prefix}.{i}", config.skip) for i, block in enumerate(blocks)
-    }
-    total = sum(len(v) for v in all_layers.values())
-    if total == 0:
-        raise RVQError(f"{type(model).__name__}: no linear layers left to quantize (check `skip` in the config)")
-    for layers in all_layers.values():
-        for name, module in layers.items():
-            _check_weight(name, linear_weight(module))
-    check_finite_parameters(model)
-    widths = {n: linear_weight(m).shape[1] for v in all_layers.values() for n, m in v.items()}
-    for c in config.mixed_candidates if config.bpw_budget is not None else [config.to_dict()]:
-        check_vector_dim_fits(c["vector_dim"], widths)
-    check_causal_behaviour(model)
+    walk = _Walk(source, config, calibration, placement, progress, on_block)
+    walk.prepare(run_dir, resume)
+    for i in range(len(source)):
+        walk.block(i)
+    walk.finish()
+    walk.report.seconds = time.perf_counter() - start
+    return walk.report
 
-    bs = config.calib_batch_size
-    batches = [calibration[i : i + bs] for i in range(0, calibration.shape[0], bs)]
-    run = None
-    if run_dir is not None:
-        names = [list(all_layers[i]) for i in range(len(blocks))]
-        run = RunDir.open(run_dir, run_fingerprint(model, config, calibration, names), resume=resume)
-    start_block = run.blocks_done if run is not None else 0
-    resumed = run.resumable_inputs(len(batches)) if run is not None else None
-    store = resumed if resumed is not None else (run.inputs(0) if run is not None else MemoryActivations())
-    kwargs = _capture(model, blocks[0], batches, None if resumed is not None else store)
-    # the float model's activations, followed alongside the quantized ones when fine-tuning aims at them
-    fp_store = None
-    if config.finetune_epochs > 0 and config.finetune_target == "model":
-        fp_store = run.resumable_inputs(len(batches), "fp") if resumed is not None else store
-    report = QuantizeReport(calib_tokens=int(calibration.numel()))
-    plan = _mixed_plan(model, config, all_layers, batches) if config.bpw_budget is not None else {}
-    teacher = teacher_topk(model, batches) if config.distill_epochs > 0 else None  # float model, before any change
-    specs: dict[str, dict] = dict(getattr(model, "rvq_layers", {}))
-    done = 0
-    layer_index = 0
-    for i in range(start_block):  # blocks an interrupted run already committed
-        restored, params = run.restore_block(i, all_layers[i])
-        for name, t in params.items():  # float parameters that block fine-tuning changed
-            with torch.no_grad():
-                model.get_parameter(name).copy_(t)
-        for name, qlayer in restored.items():
-            set_module(model, name, qlayer)
-            specs[name] = qlayer.spec()
-            report.layers[name] = {**qlayer.spec(), "seconds": 0.0, "resumed": True}
-            layer_index += 1
-            done += 1
-            if progress is not None:
-                progress(name, done, total)
-    for i, block in enumerate(blocks):
-        if i < start_block:
-            continue
-        layers = all_layers[i]
-        targets = None
-        if fp_store is not None:  # the float block on the float model's inputs: also the next fp inputs
-            targets = run.inputs(i + 1, "fp") if run is not None else MemoryActivations()
-            _forward_block(block, fp_store, kwargs, targets)
-        elif config.finetune_epochs > 0:
-            targets = MemoryActivations()
-        with HessianCollector(layers) as collector:
-            with torch.no_grad():
-                for j, kw in enumerate(kwargs):
+
+class _Walk:
+    """The state of one walk over the blocks: streams of activations, the run folder, the report."""
+
+    def __init__(self, source, config: RVQConfig, calibration: Tensor, placement: Placement,
+                 progress: ProgressFn | None, on_block: BlockFn | None) -> None:
+        self.source, self.config, self.place = source, config, placement
+        self.calibration = calibration
+        self.progress, self.on_block = progress, on_block
+        self.model = source.model
+        self.device = placement.device
+        self.report = QuantizeReport(calib_tokens=int(calibration.numel()))
+        bs = config.calib_batch_size
+        self.all_batches = [calibration[i : i + bs] for i in range(0, calibration.shape[0], bs)]
+        if len(self.all_batches) < placement.world:
+            raise RVQError(f"{len(self.all_batches)} calibration batches cannot be shared by {placement.world} ranks: "
+                           "lower calib_batch_size (--calib-batch-size), add calibration sequences or use fewer ranks")
+        self.batches = {j: self.all_batches[j].to(self.device) for j in placement.my_batches(len(self.all_batches))}
+        self.names = [list(source.layers(i, config.skip)) for i in range(len(source))]
+        self.total = sum(len(v) for v in self.names)
+        if self.total == 0:
+            raise RVQError(f"{type(self.model).__name__}: no linear layers left to quantize (check `skip` in the config)")
+        self.offsets = [sum(len(v) for v in self.names[:i]) for i in range(len(source))]  # layer index of each block's first
+        self.done = 0
+        self.teacher: _TeacherStore | None = None
+        self.fp = None  # the float model's activations (fine-tuning towards them, or distillation's teacher)
+        self.plan: dict[str, dict] = {}
+        self.specs: dict[str, dict] = dict(getattr(self.model, "rvq_layers", {}))
+
+    # -- before the first block ------------------------------------------------------------------
+    def prepare(self, run_dir, resume: bool) -> None:
+        cfg, source = self.config, self.source
+        widths = {}
+        if not source.streaming:  # an in-memory model: check all of it up front (cheap at that size)
+            for i in range(len(source)):
+                for name, module in find_linears(source.blocks[i], f"{source.prefix}.{i}", cfg.skip).items():
+                    _check_weight(name, linear_weight(module))
+                    widths[name] = linear_weight(module).shape[1]
+            check_finite_parameters(self.model)
+            for c in cfg.mixed_candidates if cfg.bpw_budget is not None else [cfg.to_dict()]:
+                check_vector_dim_fits(c["vector_dim"], widths)
+            check_causal_behaviour(self.model)
+        self.model.eval()
+        self.run = None
+        if run_dir is not None:
+            self.run = RunDir.open(run_dir, run_fingerprint(source.fingerprint(), cfg, self.calibration, self.names),
+                                   resume=resume and self.place.is_main, n_blocks=len(source))
+            self.place.barrier()
+            if not self.place.is_main:  # other ranks read what rank 0 prepared
+                self.run = RunDir.open(run_dir, self.run.fingerprint, resume=True, n_blocks=len(source))
+        source.load_rest(self.device)
+        self.start_block = self.run.blocks_done if self.run is not None else 0
+        follow_fp = cfg.distill_epochs > 0 or (cfg.finetune_epochs > 0 and cfg.finetune_target == "model")
+        n_all = len(self.all_batches)
+        resumed = self.run.resumable_inputs(n_all, mine=list(self.batches)) if self.run is not None else None
+        self.store = resumed if resumed is not None else (self.run.inputs(0) if self.run else MemoryActivations())
+        if follow_fp:
+            self.fp = (self.run.resumable_inputs(n_all, "fp", mine=list(self.batches)) if resumed is not None
+                       else self.run.inputs(0, "fp") if self.run else MemoryActivations())
+        stores = [] if resumed is not None else [self.store] + ([self.fp] if self.fp is not None else [])
+        self.kwargs = _capture(self.model, source.blocks[0], self.batches, stores)
+        if cfg.distill_epochs > 0:
+            self.teacher = _TeacherStore(self.run.inputs(len(source), "teacher") if self.run else MemoryActivations())
+        if cfg.bpw_budget is not None:
+            layers = {n: m for i in range(len(source))
+                      for n, m in find_linears(source.blocks[i], f"{source.prefix}.{i}", cfg.skip).items()}
+            self.plan = _mixed_plan(self.model, cfg, layers, [self.all_batches[0].to(self.device)])
+
+    # -- one block ---------------------------------------------------------------------------------
+    def block(self, i: int) -> None:
+        if i < self.start_block:
+            self._restore(i)
+            return
+        meter = Meter(self.device)
+        try:
+            self._block(i, meter)
+        except oom_errors() as err:
+            raise RVQError(
+                f"out of memory on {self.device} in block {i} ({meter.current}): lower calib_batch_size "
+                f"(now {self.config.calib_batch_size}; --calib-batch-size) or finetune_batch / distill_chunk_tokens "
+                "in the config; the finished blocks are kept: rerun with --resume") from err
+        acc = meter.result()
+        self.report.blocks[i] = {**self.report.blocks.get(i, {}), **acc}
+        if self.on_block is not None:
+            self.on_block(i, len(self.source), self.report.blocks[i])
+
+    def _block(self, i: int, meter: Meter) -> None:
+        cfg, source, place = self.config, self.source, self.place
+        prefix = f"{source.prefix}.{i}"
+        last = i + 1 == len(source)
+        with meter.stage("load"):
+            block = source.load_block(i, self.device)
+            layers = find_linears(block, prefix, cfg.skip)
+            if source.streaming:
+                for name, module in layers.items():
+                    _check_weight(name, linear_weight(module))
+                check_vector_dim_fits(cfg.vector_dim, {n: linear_weight(m).shape[1] for n, m in layers.items()})
+        with meter.stage("calibrate"):
+            fp_next = None
+            if self.fp is not None:  # the float block on the float model's inputs: the next fp inputs
+                fp_next = MemoryActivations() if last or self.run is None else self.run.inputs(i + 1, "fp")
+                _forward(block, self.fp, self.kwargs, fp_next)
+                if last and self.teacher is not None:
+                    self._teacher(fp_next)
+            targets = None
+            if cfg.finetune_epochs > 0:
+                targets = fp_next if cfg.finetune_target == "model" else MemoryActivations()
+            with HessianCollector(layers) as collector, torch.no_grad():
+                for j, kw in self.kwargs.items():
                     collector.new_pass()
-                    out = block(store.get(j), **kw)
-                    if targets is not None and fp_store is None:  # the float block on these same inputs
-                        targets.put(j, (out[0] if isinstance(out, tuple | list) else out).detach())
-        for name, module in layers.items():
-            t0 = time.perf_counter()
-            weight = linear_weight(module).detach()
-            shape = plan.get(name, {"vector_dim": config.vector_dim, "stages": config.stages, "bits": config.bits})
-            q = quantize_weight(
-                weight,
-                collector.hessians.get(name),
-                vector_dim=shape["vector_dim"],
-                stages=shape["stages"],
-                bits=shape["bits"],
-                kmeans_iters=config.kmeans_iters,
-                kmeans_points=config.kmeans_points,
-                beam=config.beam_width,
-                hessian_weighted=config.hessian_weighted,
-                error_feedback=config.error_feedback,
-                refits=config.codebook_refits,
-                seed=config.seed * 100_003 + layer_index,
-                rotate=config.rotate,
-            )
-            bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-            qlayer = QuantizedLinear.from_rvq(q, shape["bits"], bias).to(weight.device)
-            set_module(model, name, qlayer)
-            specs[name] = qlayer.spec()
-            report.layers[name] = {**qlayer.spec(), "seconds": round(time.perf_counter() - t0, 3)}
-            layer_index += 1
-            done += 1
-            if progress is not None:
-                progress(name, done, total)
-        del collector
-        last = i + 1 == len(blocks)
-        outputs = None if last else run.inputs(i + 1) if run is not None else MemoryActivations()
-        if targets is not None:  # fine-tuning also writes the next block's inputs (its last evaluation)
-            t0 = time.perf_counter()
-            before, after = finetune_block(block, store, targets, kwargs, epochs=config.finetune_epochs,
-                                           lr=config.finetune_lr, micro_batch=config.finetune_batch,
-                                           storage_dtype=storage_dtype(model), outputs=outputs)
-            report.blocks[i] = {"error_before": before, "error_after": after,
-                                "finetune_seconds": round(time.perf_counter() - t0, 3)}
-            fp_store = targets if fp_store is not None else None
-            del targets
+                    out = block(self.store.get(j), **kw)
+                    if targets is not None and cfg.finetune_target == "block":  # the float block on these inputs
+                        targets.put(j, _hidden(out).detach())
+            hessians = collector.hessians
+            groups = _hessian_groups(layers, hessians)
+            sizes = {n: linear_weight(m).numel() for n, m in layers.items()}
+            owners = place.assign(groups, sizes)
+            place.reduce_hessians(hessians, collector.tokens, owners)
+        with meter.stage("code"):
+            for k, (name, module) in enumerate(layers.items()):
+                t0 = time.perf_counter()
+                shape = self.plan.get(name, {"vector_dim": cfg.vector_dim, "stages": cfg.stages, "bits": cfg.bits})
+                qlayer = spec = None
+                if owners[name] == place.rank:
+                    weight = linear_weight(module).detach()
+                    q = quantize_weight(
+                        weight, hessians.get(name), vector_dim=shape["vector_dim"], stages=shape["stages"],
+                        bits=shape["bits"], kmeans_iters=cfg.kmeans_iters, kmeans_points=cfg.kmeans_points,
+                        beam=cfg.beam_width, hessian_weighted=cfg.hessian_weighted, error_feedback=cfg.error_feedback,
+                        refits=cfg.codebook_refits, seed=cfg.seed * 100_003 + self.offsets[i] + k, rotate=cfg.rotate,
+                    )
+                    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+                    qlayer = QuantizedLinear.from_rvq(q, shape["bits"], bias).to(self.device)
+                    spec = qlayer.spec()
+                qlayer = place.broadcast_layer(qlayer, spec, owners[name])
+                set_module(self.model, name, qlayer)
+                self.specs[name] = qlayer.spec()
+                self.report.layers[name] = {**qlayer.spec(), "seconds": round(time.perf_counter() - t0, 3)}
+                self._tick(name)
+            del collector, hessians
+        outputs = None if last else self.run.inputs(i + 1) if self.run is not None else MemoryActivations()
+        if targets is not None:
+            with meter.stage("tune"):  # fine-tuning also writes the next block's inputs (its last evaluation)
+                t0 = time.perf_counter()
+                before, after = finetune_block(block, self.store, targets, self.kwargs, epochs=cfg.finetune_epochs,
+                                               lr=cfg.finetune_lr, micro_batch=cfg.finetune_batch,
+                                               storage_dtype=self._storage_dtype(), outputs=outputs,
+                                               placement=place)
+                self.report.blocks[i] = {"error_before": before, "error_after": after,
+                                         "finetune_seconds": round(time.perf_counter() - t0, 3)}
         elif outputs is not None:
-            _forward_block(block, store, kwargs, outputs)
+            with meter.stage("forward"):
+                _forward(block, self.store, self.kwargs, outputs)
         if outputs is not None:
-            store = outputs
-        if run is not None:
-            run.commit_block(i, {name: model.get_submodule(name) for name in layers},
-                             block_params(block, f"{prefix}.{i}") if config.finetune_epochs > 0 else {})
-        all_layers[i] = dict.fromkeys(layers)  # let the replaced float layers (and their weights) go
-    if teacher is not None:
-        t0 = time.perf_counter()
-        before, after = distill_model(model, list(blocks), batches, teacher, epochs=config.distill_epochs,
-                                      lr=config.distill_lr, micro_batch=config.finetune_batch,
-                                      storage_dtype=storage_dtype(model))
-        report.distill = {"kl_before": before, "kl_after": after, "seconds": round(time.perf_counter() - t0, 3)}
-    model.rvq_layers = specs
-    model.rvq_config = config
-    report.seconds = time.perf_counter() - start
-    return report
+            self.store = outputs
+        if fp_next is not None:
+            self.fp = fp_next
+        with meter.stage("write"):
+            if self.run is not None:
+                self.run.commit_block(i, self.model, self._storage_dtype(), write=place.is_main)
+                place.barrier()
+            source.release_block(i)
+
+    def _restore(self, i: int) -> None:
+        """A block an interrupted run already committed: into the model (in memory), or nothing (streamed)."""
+        if not self.source.streaming:
+            restored, params = self.run.restore_block(i)
+            for name, t in params.items():
+                with torch.no_grad():
+                    self.model.get_parameter(name).copy_(t)
+            for name, qlayer in restored.items():
+                set_module(self.model, name, qlayer)
+        for name in self.names[i]:
+            spec = self.run.layer_spec(i, name)
+            self.specs[name] = spec
+            self.report.layers[name] = {**spec, "seconds": 0.0, "resumed": True}
+            self._tick(name)
+
+    def _tick(self, name: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(name, self.done, self.total)
+
+    def _teacher(self, final: object) -> None:
+        """Top-k next-token log-probabilities of the float model from its last block's outputs."""
+        blocks = self.source.blocks
+        head = lm_head_fn(self.model)
+        for j in self.kwargs:
+            normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j))
+            self.teacher.put(j, teacher_topk_from_hidden(normed, head, TEACHER_TOP_K, self.config.distill_chunk_tokens))
+
+    def _storage_dtype(self) -> torch.dtype | None:
+        return storage_dtype(self.model)
+
+    # -- after the last block ---------------------------------------------------------------------
+    def finish(self) -> None:
+        cfg = self.config
+        if self.teacher is not None and not (self.run is not None and self.run.distilled):
+            meter = Meter(self.device)
+            if self.source.streaming:  # bring every committed block back, compressed, onto the device
+                for i in range(len(self.source)):
+                    self.source.load_empty_block(i)
+                    self.run.load_committed_block(i, self.model, self.device)
+            batches = list(self.batches.values())
+            teacher = [self.teacher.get(j) for j in self.batches]
+            t0 = time.perf_counter()
+            before, after = distill_model(self.model, list(self.source.blocks), batches, teacher,
+                                          epochs=cfg.distill_epochs, lr=cfg.distill_lr, micro_batch=cfg.finetune_batch,
+                                          storage_dtype=self._storage_dtype(), chunk_tokens=cfg.distill_chunk_tokens,
+                                          placement=self.place)
+            self.report.distill = {"kl_before": before, "kl_after": after, "seconds": round(time.perf_counter() - t0, 3),
+                                   **{k: v for k, v in meter.result().items() if k.startswith("peak")}}
+            if self.run is not None:
+                self.run.commit_distilled(self.model, self._storage_dtype(), write=self.place.is_main)
+                self.place.barrier()
+            if self.source.streaming:
+                for i in range(len(self.source)):
+                    self.source.release_block(i)
+        self.model.rvq_layers = self.specs
+        self.model.rvq_config = cfg

@@ -2,14 +2,18 @@
 
 Layout of ``<out>.partial/`` (written by :class:`RunDir`)::
 
-    run.json                  fingerprint of the run: RVQConfig, sha256 of the input model's tensors and
-                              of the calibration ids, the layer names of every block
-    progress.json             {"blocks_done": k}: the commit point, replaced atomically after each block
-    layers-0000.safetensors   block 0's quantized layers (codes, codebooks, scales, bias) + their specs
-    ...
+    run.json                  fingerprint of the run: RVQConfig, sha256 of the input model (its tensors, or
+                              its shard headers when streamed) and of the calibration ids, the layer names
+    progress.json             {"blocks_done": k, "distilled": bool}: the commit point, replaced atomically
+    model-00001-of-0000N.safetensors
+                              block 0 as the final checkpoint stores it (quantized layers, norms, specs in
+    ...                       the metadata; :func:`rvqllm.checkpoint.write_shard`): the finished checkpoint
+                              is these shards plus the last one (:func:`rvqllm.checkpoint.publish`)
     in-000k/00000.safetensors the inputs (hidden states) of block k, one file per calibration batch
+    fp-000k/...               the float model's inputs of block k (fine-tuning towards them, distillation)
+    teacher-000N/...          the float model's top-k next-token log-probabilities (distillation)
 
-After block ``i`` is quantized, its layers and the next block's inputs are written and flushed, then
+After block ``i`` is quantized, its shard and the next block's inputs are written and flushed, then
 ``progress.json`` says ``blocks_done = i + 1``; only then are block ``i``'s inputs deleted. A kill at any
 moment leaves the last committed state readable, and anything written after it is ignored and removed
 on resume. Every file carries sha256 checksums, checked on read. Because quantization is deterministic
@@ -22,7 +26,6 @@ time, so a larger calibration set costs disk, not memory (:class:`DiskActivation
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .arch import set_module
+from .checkpoint import block_tensors, read_shard, shard_name, write_shard
 from .config import RVQConfig
 from .errors import RVQError
 from .fsutil import fsync_path
@@ -40,8 +45,7 @@ from .nn import QuantizedLinear
 from .validate import TENSOR_SUMS_KEY, read_checksummed, tensor_digest, write_safetensors
 
 RUN_VERSION = 1
-STREAMS = ("in", "fp")  #: activation streams a run folder may hold per block
-PARAM_PREFIX = "block_param::"  #: key prefix of the float parameters a committed block carries
+STREAMS = ("in", "fp", "teacher")  #: activation streams a run folder may hold per block
 
 
 # ------------------------------------------------------------------------------------------ atomic files
@@ -105,22 +109,18 @@ class DiskActivations:
                            "delete it (or pass --overwrite) to start over")
         return tensors["hidden"]
 
-    def complete(self, n: int) -> bool:
-        return all(self._path(j).is_file() for j in range(n))
+    def complete(self, batches: Iterable[int]) -> bool:
+        return all(self._path(j).is_file() for j in batches)
 
 
 # ------------------------------------------------------------------------------------------ fingerprint
-def run_fingerprint(model: nn.Module, config: RVQConfig, calibration: Tensor,
-                    layer_names: list[list[str]]) -> dict:
-    """What must be identical for a run to be resumed: config, input model tensors, calibration, layers."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(bytes.fromhex(tensor_digest(t)))
+def run_fingerprint(model_digest: str, config: RVQConfig, calibration: Tensor, layer_names: list[list[str]]) -> dict:
+    """What must be identical for a run to be resumed: config, input model (``model_digest``, from the
+    source), calibration, layers."""
     return {
         "run_format": RUN_VERSION,
         "config": config.to_dict(),
-        "model_sha256": h.hexdigest(),
+        "model_sha256": model_digest,
         "calibration": {"shape": list(calibration.shape), "sha256": tensor_digest(calibration.long())},
         "layers": layer_names,
     }
@@ -134,13 +134,15 @@ _WHAT = {"config": "RVQ config", "model_sha256": "input model", "calibration": "
 class RunDir:
     """A quantization run's progress folder (see the module doc). Create with :meth:`open`."""
 
-    def __init__(self, path: Path, fingerprint: dict, blocks_done: int) -> None:
+    def __init__(self, path: Path, fingerprint: dict, blocks_done: int, distilled: bool = False) -> None:
         self.path = path
         self.fingerprint = fingerprint
         self.blocks_done = blocks_done
+        self.distilled = distilled
+        self.n_blocks = len(fingerprint["layers"])
 
     @classmethod
-    def open(cls, path: str | Path, fingerprint: dict, resume: bool) -> RunDir:
+    def open(cls, path: str | Path, fingerprint: dict, resume: bool, n_blocks: int | None = None) -> RunDir:
         """Start a run in ``path`` (wiping what is there), or with ``resume`` continue the one it holds.
 
         Resuming checks that the stored fingerprint equals ``fingerprint`` and that every committed file
@@ -157,7 +159,7 @@ class RunDir:
             shutil.rmtree(path)
         path.mkdir(parents=True)
         write_json_atomic(path / "run.json", fingerprint)
-        write_json_atomic(path / "progress.json", {"blocks_done": 0})
+        write_json_atomic(path / "progress.json", {"blocks_done": 0, "distilled": False})
         return cls(path, fingerprint, 0)
 
     @classmethod
@@ -179,21 +181,24 @@ class RunDir:
         n_blocks = len(fingerprint["layers"])
         if type(k) is not int or not 0 <= k <= n_blocks:
             raise RVQError(damaged)
+        run = cls(path, fingerprint, k, progress.get("distilled") is True)
         for i in range(k):
-            if not cls._layers_path(path, i).is_file():
+            if not run.shard_path(i).is_file():
                 raise RVQError(damaged)
-        return cls(path, fingerprint, k)
+        return run
 
-    @staticmethod
-    def _layers_path(path: Path, i: int) -> Path:
-        return path / f"layers-{i:04d}.safetensors"
+    def shard_path(self, i: int) -> Path:
+        """Block ``i``'s shard (the final checkpoint's name for it)."""
+        return self.path / shard_name(i, self.n_blocks + 1)
 
     def _inputs_path(self, i: int, stream: str = "in") -> Path:
         return self.path / f"{stream}-{i:04d}"
 
     def _remove_uncommitted(self) -> None:
         keep = {"run.json", "progress.json"} | {self._inputs_path(self.blocks_done, s).name for s in STREAMS}
-        keep |= {self._layers_path(self.path, i).name for i in range(self.blocks_done)}
+        keep |= {self.shard_path(i).name for i in range(self.blocks_done)}
+        if self.distilled:
+            self._rename_distilled()
         for p in self.path.iterdir():
             if p.name not in keep:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -202,51 +207,76 @@ class RunDir:
     def inputs(self, i: int, stream: str = "in") -> DiskActivations:
         """The store of block ``i``'s inputs (block ``blocks_done``'s are readable after a resume).
 
-        ``stream`` is ``"in"`` (what the quantized model feeds the block) or ``"fp"`` (what the float
-        model feeds it, kept when fine-tuning aims at the float model's activations)."""
+        ``stream`` is ``"in"`` (what the quantized model feeds the block), ``"fp"`` (what the float model
+        feeds it) or ``"teacher"`` (with ``i`` = the number of blocks: the distillation targets)."""
         return DiskActivations(self._inputs_path(i, stream))
 
-    def resumable_inputs(self, n_batches: int, stream: str = "in") -> DiskActivations | None:
-        """Block ``blocks_done``'s committed inputs, or ``None`` when there are none to resume from."""
+    def resumable_inputs(self, n_batches: int, stream: str = "in", mine: list[int] | None = None
+                         ) -> DiskActivations | MemoryActivations | None:
+        """Block ``blocks_done``'s committed inputs (of batches ``mine``, default all), or ``None`` when
+        there are none to resume from."""
         if self.blocks_done == 0:
             return None
-        store = DiskActivations(self._inputs_path(self.blocks_done, stream)) if self.blocks_done < len(
-            self.fingerprint["layers"]) else MemoryActivations()  # all blocks done: no inputs are read
-        if isinstance(store, DiskActivations) and not store.complete(n_batches):
+        if self.blocks_done >= self.n_blocks:
+            return MemoryActivations()  # all blocks done: no inputs are read
+        store = DiskActivations(self._inputs_path(self.blocks_done, stream))
+        if not store.complete(mine if mine is not None else range(n_batches)):
             raise RVQError(f"the run folder {self.path} lacks the inputs of block {self.blocks_done}: "
                            "delete it (or pass --overwrite) to start over")
         return store
 
-    # -- layers ------------------------------------------------------------------------------------
-    def commit_block(self, i: int, layers: dict[str, QuantizedLinear], params: dict[str, Tensor] | None = None) -> None:
-        """Persist block ``i``'s quantized layers (and the float ``params`` that fine-tuning changed, by
-        model-level name), then mark blocks ``0..i`` done, then drop its inputs.
-
-        Block ``i + 1``'s inputs must already be complete in :meth:`inputs` ``(i + 1)``.
-        """
-        tensors = {f"{PARAM_PREFIX}{name}": t for name, t in (params or {}).items()}
-        for name, layer in layers.items():
-            for key, t in layer.state_dict().items():
-                tensors[f"{name}.{key}"] = t
-        specs = {name: layer.spec() for name, layer in layers.items()}
-        write_tensors_atomic(self._layers_path(self.path, i), tensors, {"specs": json.dumps(specs)})
-        write_json_atomic(self.path / "progress.json", {"blocks_done": i + 1})
+    # -- blocks ------------------------------------------------------------------------------------
+    def commit_block(self, i: int, model: nn.Module, dtype: torch.dtype | None, *, write: bool = True) -> None:
+        """Persist block ``i`` of ``model`` as its shard, then mark blocks ``0..i`` done, then drop block
+        ``i``'s inputs. Block ``i + 1``'s inputs must already be complete in :meth:`inputs` ``(i + 1)``.
+        ``write=False`` (ranks other than 0) only advances the in-memory state."""
+        if write:
+            specs = {n: model.get_submodule(n).spec() for n in self._layer_names(i)}
+            write_shard(self.shard_path(i), block_tensors(model, i, dtype), specs)
+            write_json_atomic(self.path / "progress.json", {"blocks_done": i + 1, "distilled": False})
+            for stream in ("in", "fp"):
+                shutil.rmtree(self._inputs_path(i, stream), ignore_errors=True)
         self.blocks_done = i + 1
-        for stream in STREAMS:
-            shutil.rmtree(self._inputs_path(i, stream), ignore_errors=True)
 
-    def restore_block(self, i: int, names: Iterable[str]) -> tuple[dict[str, QuantizedLinear], dict[str, Tensor]]:
-        """Block ``i``'s quantized layers as written by :meth:`commit_block`, in the order of ``names``,
-        and its float parameters (empty unless fine-tuning changed them)."""
-        path = self._layers_path(self.path, i)
-        tensors, metadata = read_checksummed(path)
-        try:
-            specs = json.loads(metadata.get("specs", ""))
-        except ValueError:
-            specs = None
+    def commit_distilled(self, model: nn.Module, dtype: torch.dtype | None, *, write: bool = True) -> None:
+        """Replace every block's shard by ``model``'s distilled blocks, all or nothing: the new shards are
+        written beside the old ones, then ``progress.json`` says ``distilled``, then they are renamed in
+        place (a resume finishes the renames)."""
+        if write:
+            for i in range(self.n_blocks):
+                specs = {n: model.get_submodule(n).spec() for n in self._layer_names(i)}
+                write_shard(self._distilled_path(i), block_tensors(model, i, dtype), specs)
+            write_json_atomic(self.path / "progress.json", {"blocks_done": self.n_blocks, "distilled": True})
+            self._rename_distilled()
+        self.distilled = True
+
+    def _distilled_path(self, i: int) -> Path:
+        return self.shard_path(i).with_name(self.shard_path(i).name + ".distilled")
+
+    def _rename_distilled(self) -> None:
+        for i in range(self.n_blocks):
+            if self._distilled_path(i).is_file():
+                _atomic_replace(self._distilled_path(i), self.shard_path(i))
+
+    def _layer_names(self, i: int) -> list[str]:
+        return list(self.fingerprint["layers"][i])
+
+    def layer_spec(self, i: int, name: str) -> dict:
+        """The spec of committed layer ``name`` of block ``i``."""
+        _, specs = read_shard(self.shard_path(i))
+        spec = specs.get(name)
+        if not isinstance(spec, dict):
+            raise RVQError(f"{self.shard_path(i)} lacks layer {name}: the run folder is damaged; "
+                           "pass --overwrite to start over")
+        return spec
+
+    def restore_block(self, i: int) -> tuple[dict[str, QuantizedLinear], dict[str, Tensor]]:
+        """Block ``i``'s quantized layers as committed (by model-level name) and its other tensors (norms...)."""
+        path = self.shard_path(i)
+        tensors, specs = read_shard(path)
         out = {}
-        for name in names:
-            spec = specs.get(name) if isinstance(specs, dict) else None
+        for name in self._layer_names(i):
+            spec = specs.get(name)
             if not isinstance(spec, dict):
                 raise RVQError(f"{path} lacks layer {name}: the run folder is damaged; pass --overwrite to start over")
             bias = tensors.get(f"{name}.bias")
@@ -258,8 +288,18 @@ class RunDir:
                 raise RVQError(f"{path}: layer {name} does not match its spec; "
                                "the run folder is damaged; pass --overwrite to start over") from None
             out[name] = layer
-        params = {k.removeprefix(PARAM_PREFIX): t for k, t in tensors.items() if k.startswith(PARAM_PREFIX)}
+        quantized = tuple(f"{n}." for n in out)
+        params = {k: t for k, t in tensors.items() if not k.startswith(quantized)}
         return out, params
+
+    def load_committed_block(self, i: int, model: nn.Module, device: torch.device) -> None:
+        """Put committed block ``i`` back into ``model`` (whose block ``i`` is an empty meta skeleton) on
+        ``device``: quantized layers as stored, other tensors in float32."""
+        layers, params = self.restore_block(i)
+        for name, layer in layers.items():
+            set_module(model, name, layer.to(device))
+        model.load_state_dict({k: t.to(device=device, dtype=torch.float32) if t.is_floating_point() else t.to(device)
+                               for k, t in params.items()}, strict=False, assign=True)
 
     def finish(self) -> None:
         """Delete the run folder (after the final checkpoint is safely saved)."""

@@ -66,3 +66,30 @@ def folder_bytes(path: str | Path) -> int:
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".gguf"})
+
+
+def estimate_run_bytes(layers: dict[str, tuple[int, int]], other_bytes: int, config, tokens: int, hidden: int,
+                       ) -> dict[str, int]:
+    """Disk a quantization run needs, before it starts: ``{"checkpoint", "run", "total"}`` bytes.
+
+    ``layers``: ``{name: (out, in)}`` of the layers to quantize, at the config's code shape;
+    ``other_bytes``: the unquantized tensors as stored; ``tokens``: calibration tokens; ``hidden``: the
+    blocks' width. The run folder holds, at its peak, two blocks' worth of float32 activations per stream
+    (the quantized model's, plus the float model's when fine-tuning aims at it or distillation needs it),
+    the teacher's top-k (distillation) and the shards (counted once: the checkpoint is made of them).
+    """
+    shape = {"vector_dim": config.vector_dim, "stages": config.stages, "bits": config.bits,
+             "bias": False, "hadamard_block": 1 if config.rotate else 0}
+    if config.bpw_budget is not None and config.mixed_candidates:  # the widest candidate bounds the size
+        widest = max(config.mixed_candidates, key=lambda c: c["stages"] * c["bits"] / c["vector_dim"])
+        shape.update(widest)
+    quantized = 0
+    for out, inp in layers.values():
+        parts = layer_bits({**shape, "out_features": out, "in_features": inp})
+        quantized += (parts["codes"] + parts["codebooks"] + parts["scales"] + parts["signs"]) // 8 + 2 * out
+    streams = 2 if config.distill_epochs > 0 or (config.finetune_epochs > 0 and config.finetune_target == "model") else 1
+    run = 2 * streams * tokens * hidden * 4
+    if config.distill_epochs > 0:  # the teacher, and the distilled shards written beside the first ones
+        run += tokens * 64 * 2 * 4 + quantized
+    checkpoint = quantized + other_bytes
+    return {"checkpoint": checkpoint, "run": run, "total": checkpoint + run}

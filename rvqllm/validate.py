@@ -5,11 +5,18 @@ no ``trust_remote_code``) and no tensor reaches a kernel before it has passed, i
 
 1. ``config.json`` parses; ``quantization_config`` names method ``rvq`` and a known format version;
    every layer spec has integer fields in range (:func:`check_layer_spec`).
-2. The safetensors header is parsed by hand (:func:`read_header`) with bounds checks: header length
+2. The weights: one ``model.safetensors`` (the first format), or ``model.safetensors.index.json`` and
+   the shards it names (one per decoder block plus one for the rest, :mod:`rvqllm.checkpoint`). The index
+   is bounded JSON whose ``weight_map`` names only ``model-XXXXX-of-XXXXX.safetensors`` files of this
+   folder; every tensor must sit in the shard the index names, once. Where both layouts are present,
+   ``model.safetensors`` is the one read (as transformers does).
+   Each safetensors header is parsed by hand (:func:`read_header`) with bounds checks: header length
    within the file, known dtypes, ``data_offsets`` that match each shape and tile the data area exactly.
    A truncated or padded file fails here, naming the tensor.
-3. Checksums stored at save time in the safetensors metadata match: sha256 of ``config.json``'s content
-   (canonical JSON) and sha256 of every tensor's raw bytes (:func:`checksum_metadata`).
+3. Checksums stored at save time match: sha256 of every tensor's raw bytes (in each safetensors file's
+   metadata) and sha256 of ``config.json``'s content (canonical JSON; in ``model.safetensors``' metadata,
+   or in the index's, which also holds the sha256 of each shard's header, so that shards of another
+   checkpoint cannot be mixed in).
 4. The model skeleton built from the config (on the meta device, no memory) says which tensors must be
    present, with which shape and dtype; each quantized layer's spec must match the layer it replaces.
    Missing, unexpected, mis-shaped or mis-typed tensors fail, naming the tensor.
@@ -25,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,14 @@ from .errors import RVQError
 FORMAT_VERSION = 1
 QUANT_METHOD = "rvq"
 WEIGHTS_NAME = "model.safetensors"
+#: the sharded layout: this index plus the shards it names (see :mod:`rvqllm.checkpoint`)
+INDEX_NAME = "model.safetensors.index.json"
+#: a shard's file name: ``model-<k>-of-<n>.safetensors`` (1-based ``k``, five digits each)
+SHARD_RE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+#: safetensors metadata key of a shard: JSON ``{layer name: spec}`` of the quantized layers it holds
+SPECS_KEY = "rvq_specs"
+#: index metadata key: ``{shard file: sha256 of its header bytes}`` (binds the shards to the index)
+SHARD_HEADERS_KEY = "rvq_shard_header_sha256"
 #: safetensors metadata keys holding the checksums
 TENSOR_SUMS_KEY = "rvq_tensor_sha256"
 CONFIG_SUM_KEY = "rvq_config_sha256"
@@ -111,21 +128,23 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"JSON constant {name} is not allowed")
 
 
-def check_layer_spec(name: str, spec: Any) -> dict:
-    """Raise unless ``spec`` is ``{in_features, out_features, vector_dim, stages, bits: int, bias: bool}`` in range."""
+def check_layer_spec(name: str, spec: Any, where: str = "config.json") -> dict:
+    """Raise unless ``spec`` is ``{in_features, out_features, vector_dim, stages, bits: int, bias: bool}`` in range.
+
+    ``where`` names the file the spec comes from, for the message."""
     if not isinstance(spec, dict):
-        raise RVQError(f"config.json: quantized layer {name!r} has no spec object: {_FIX}")
+        raise RVQError(f"{where}: quantized layer {name!r} has no spec object: {_FIX}")
     for key, (lo, hi) in SPEC_RANGES.items():
         v = spec.get(key)
         if type(v) is not int or not lo <= v <= hi:
-            raise RVQError(f"config.json: quantized layer {name!r} has {key}={v!r}, not an integer in {lo}..{hi}: {_FIX}")
+            raise RVQError(f"{where}: quantized layer {name!r} has {key}={v!r}, not an integer in {lo}..{hi}: {_FIX}")
     if type(spec.get("bias")) is not bool:
-        raise RVQError(f"config.json: quantized layer {name!r} has bias={spec.get('bias')!r}, not true/false: {_FIX}")
+        raise RVQError(f"{where}: quantized layer {name!r} has bias={spec.get('bias')!r}, not true/false: {_FIX}")
     if "hadamard_block" in spec:  # optional: the layer is rotated (rvqllm.rvq.rotation)
         b = spec["hadamard_block"]
         width = -(-spec["in_features"] // spec["vector_dim"]) * spec["vector_dim"]
         if type(b) is not int or not 1 <= b <= MAX_HADAMARD_BLOCK or b & (b - 1) or width % b:
-            raise RVQError(f"config.json: quantized layer {name!r} has hadamard_block={b!r}, not a power of two "
+            raise RVQError(f"{where}: quantized layer {name!r} has hadamard_block={b!r}, not a power of two "
                            f"dividing its coded width {width}: {_FIX}")
     return spec
 
@@ -192,13 +211,17 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
             f.write(blob)
 
 
-def read_header(path: Path, data: bytes | memoryview) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse and bounds-check a safetensors header. Returns ``(entries by name, metadata)``."""
-    size = len(data)
-    if size < 8:
+def read_header(path: Path, data: bytes | memoryview, size: int | None = None
+                ) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and bounds-check a safetensors header. Returns ``(entries by name, metadata)``.
+
+    ``data`` is the whole file, or (with ``size``, the file's length in bytes) at least its first
+    ``8 + header length`` bytes: the offsets are checked against ``size`` either way."""
+    size = len(data) if size is None else size
+    if size < 8 or len(data) < 8:
         raise RVQError(f"{path} is truncated ({size} bytes, no header): {_FIX}")
     n = int.from_bytes(bytes(data[:8]), "little")
-    if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
+    if n < 2 or n > min(size - 8, MAX_HEADER_BYTES) or len(data) < 8 + n:
         raise RVQError(f"{path}: header length {n} does not fit the file of {size} bytes (truncated?): {_FIX}")
     try:
         header = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"), parse_constant=_reject_constant)
@@ -242,9 +265,35 @@ def read_header(path: Path, data: bytes | memoryview) -> tuple[dict[str, TensorE
     return entries, metadata
 
 
+def read_header_only(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], str]:
+    """A safetensors file's header without its tensor data (reads at most ``8 + MAX_HEADER_BYTES`` bytes).
+
+    Returns ``(entries by name, metadata, sha256 hex of the header bytes)``; the entries are checked
+    against the file's size like :func:`read_header` does."""
+    if not path.is_file():
+        raise RVQError(f"{path} is missing: the checkpoint is incomplete; re-create or re-download it")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+                head += f.read(n)
+    except OSError as err:
+        raise RVQError(f"{path} cannot be read ({err.strerror or err}): check the file") from err
+    entries, metadata = read_header(path, head, size)
+    return entries, metadata, hashlib.sha256(head).hexdigest()
+
+
 def read_checksummed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file written with :func:`checksum_metadata`-style tensor sums, checking its header
     and every tensor's sha256. Returns ``(CPU tensors by name, metadata)``; the file is not kept open."""
+    tensors, metadata, _ = _read_checksummed(path)
+    return tensors, metadata
+
+
+def _read_checksummed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """:func:`read_checksummed`, plus the sha256 of the file's header bytes."""
     if not path.is_file():
         raise RVQError(f"{path} is missing: the checkpoint is incomplete; re-create or re-download it")
     try:
@@ -252,6 +301,7 @@ def read_checksummed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except OSError as err:
         raise RVQError(f"{path} cannot be read ({err.strerror or err}): check the file") from err
     entries, metadata = read_header(path, data)
+    header_sum = hashlib.sha256(memoryview(data)[: 8 + int.from_bytes(data[:8], "little")]).hexdigest()
     if TENSOR_SUMS_KEY not in metadata:
         raise RVQError(f"{path} carries no checksums (not written by this rvqllm, or tampered): {_FIX}")
     try:
@@ -275,7 +325,7 @@ def read_checksummed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         else:
             t = torch.empty(0, dtype=dtype)
         tensors[name] = t.reshape(e.shape)
-    return tensors, metadata
+    return tensors, metadata, header_sum
 
 
 def read_verified_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
@@ -297,6 +347,122 @@ def read_verified_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# ------------------------------------------------------------------------------------------ shards
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _RepeatedKey(k)
+        out[k] = v
+    return out
+
+
+def shard_specs(path: Path, metadata: dict[str, str]) -> dict[str, dict]:
+    """The specs ``{layer name: spec}`` of the quantized layers a shard holds (its ``rvq_specs`` metadata),
+    each checked like ``config.json``'s (:func:`check_layer_spec`)."""
+    if SPECS_KEY not in metadata:
+        raise RVQError(f"{path} carries no {SPECS_KEY} metadata (not a shard written by this rvqllm, or tampered): {_FIX}")
+    try:
+        specs = json.loads(metadata[SPECS_KEY], parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise RVQError(f"{path}: its {SPECS_KEY} metadata is not valid JSON: {_FIX}") from None
+    if not isinstance(specs, dict):
+        raise RVQError(f"{path}: its {SPECS_KEY} metadata is not a JSON object: {_FIX}")
+    for name, spec in specs.items():
+        check_layer_spec(name, spec, where=str(path))
+    return specs
+
+
+def read_index(folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(weight_map, metadata)`` of ``folder``'s ``model.safetensors.index.json``, checked: a JSON object
+    (at most ``MAX_HEADER_BYTES``, no repeated keys) whose ``weight_map`` maps tensor names to shard files
+    of this folder (``model-XXXXX-of-NNNNN.safetensors``, one ``NNNNN`` for all) and whose ``metadata``
+    is an object. The shards themselves are not read."""
+    path = folder / INDEX_NAME
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_HEADER_BYTES + 1)
+    except FileNotFoundError:
+        raise RVQError(f"{path} is missing: the checkpoint is incomplete; re-create or re-download it") from None
+    except OSError as err:
+        raise RVQError(f"{path} cannot be read ({err.strerror or err}): check the file") from err
+    if len(raw) > MAX_HEADER_BYTES:
+        raise RVQError(f"{path} is larger than {MAX_HEADER_BYTES >> 20} MiB, far more than any index: {_FIX}")
+    try:
+        index = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_pairs)
+    except _RepeatedKey as err:
+        raise RVQError(f"{path} holds key {err.args[0]!r} twice: {_FIX}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise RVQError(f"{path} is not valid JSON: {_FIX}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
+        raise RVQError(f"{path} is not a JSON object with a non-empty weight_map: {_FIX}")
+    if not isinstance(index.get("metadata"), dict):
+        raise RVQError(f"{path} has no metadata object: {_FIX}")
+    weight_map = index["weight_map"]
+    totals = set()
+    for name, file in weight_map.items():
+        m = SHARD_RE.fullmatch(file) if isinstance(file, str) else None
+        if m is None or not 1 <= int(m[1]) <= int(m[2]):
+            raise RVQError(f"{path} puts tensor {name!r} in {file!r}, not a shard file of this folder "
+                           f"(model-XXXXX-of-XXXXX.safetensors): {_FIX}")
+        totals.add(m[2])
+    if len(totals) > 1:
+        raise RVQError(f"{path} names shards of different checkpoints (of {' and '.join(sorted(totals))} shards): {_FIX}")
+    return weight_map, index["metadata"]
+
+
+def read_sharded_tensors(folder: Path, config: dict, quantized: dict[str, dict]
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """Read a sharded checkpoint's tensors, checking the index (:func:`read_index`), the config checksum
+    and shard header checksums it stores, every shard's header and tensor checksums, that each tensor sits
+    in the shard the index names (once) and that each shard's ``rvq_specs`` agree with ``quantized``
+    (``config.json``'s layer specs). Returns ``(CPU tensors by name, the file each came from)``."""
+    index = folder / INDEX_NAME
+    weight_map, meta = read_index(folder)
+    if meta.get("quant_method") != QUANT_METHOD or meta.get("format_version") != str(FORMAT_VERSION):
+        raise RVQError(f"{index}: its metadata does not say quant_method {QUANT_METHOD!r}, format_version "
+                       f"'{FORMAT_VERSION}': {_FIX}")
+    if not isinstance(meta.get(CONFIG_SUM_KEY), str) or not isinstance(meta.get(SHARD_HEADERS_KEY), dict):
+        raise RVQError(f"{index} carries no config or shard checksums (not written by this rvqllm, or tampered): {_FIX}")
+    try:
+        want_config = config_digest(config)
+    except ValueError:
+        raise RVQError(f"{folder}/config.json holds NaN/Infinity: {_FIX}") from None
+    if meta[CONFIG_SUM_KEY] != want_config:
+        raise RVQError(f"{folder}/config.json does not match the checksum stored in {INDEX_NAME} "
+                       f"(edited or corrupted): {_FIX}")
+    tensors: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
+    total = 0
+    for file in sorted(set(weight_map.values())):
+        path = folder / file
+        shard, metadata, header_sum = _read_checksummed(path)
+        if meta[SHARD_HEADERS_KEY].get(file) != header_sum:
+            raise RVQError(f"{path} is not the shard {INDEX_NAME} was written with (its header checksum differs: "
+                           f"edited, or a shard of another checkpoint): {_FIX}")
+        for name, t in shard.items():
+            if weight_map.get(name) != file:
+                listed = f"places in {weight_map[name]}" if name in weight_map else "does not list"
+                raise RVQError(f"{path} holds tensor {name!r}, which {INDEX_NAME} {listed}: {_FIX}")
+            tensors[name], where[name] = t, path
+            total += t.numel() * t.element_size()
+        specs = shard_specs(path, metadata)
+        held = {n for n in quantized if f"{n}.codes" in shard}
+        for n in sorted(held | set(specs)):
+            if specs.get(n) != quantized.get(n):
+                raise RVQError(f"{path}: its {SPECS_KEY} entry for layer {n!r} disagrees with config.json: {_FIX}")
+    for name, file in weight_map.items():
+        if name not in tensors:
+            raise RVQError(f"{folder / file} lacks tensor {name!r} (listed in {INDEX_NAME}): {_FIX}")
+    if meta.get("total_size") != total:
+        raise RVQError(f"{index}: total_size {meta.get('total_size')!r} is not the {total} bytes its shards hold: {_FIX}")
+    return tensors, where
+
+
 # ------------------------------------------------------------------------------------------ structure
 def expected_tensors(skeleton: nn.Module) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], list[list[str]]]:
     """What a checkpoint of ``skeleton`` (a meta-device model with its quantized layers in place) holds.
@@ -312,13 +478,18 @@ def expected_tensors(skeleton: nn.Module) -> tuple[dict[str, tuple[tuple[int, ..
     return spec, list(groups.values())
 
 
-def check_structure(path: Path, tensors: dict[str, torch.Tensor], skeleton: nn.Module, quantized: dict[str, dict]) -> None:
+def check_structure(path: Path, tensors: dict[str, torch.Tensor], skeleton: nn.Module, quantized: dict[str, dict],
+                    where: dict[str, Path] | None = None) -> None:
     """Every expected tensor present once, nothing unexpected, right shapes and dtypes.
 
     Quantized buffers must have their exact dtype (codes uint8/int16 by bits, codebooks and scales fp16);
     other floating tensors may be stored in any float dtype (they are cast on load); integer buffers exact.
+    Messages name ``path``, or for one tensor the file ``where`` says it came from.
     """
     from .rvq import code_dtype
+
+    def at(name: str) -> Path:
+        return (where or {}).get(name, path)
 
     spec, groups = expected_tensors(skeleton)
     exact = {}
@@ -328,7 +499,7 @@ def check_structure(path: Path, tensors: dict[str, torch.Tensor], skeleton: nn.M
         exact[f"{name}.scales"] = torch.float16
     for name in tensors:
         if name not in spec:
-            raise RVQError(f"{path} holds tensor {name!r}, which the model has no place for: "
+            raise RVQError(f"{at(name)} holds tensor {name!r}, which the model has no place for: "
                            f"the checkpoint does not match its config; {_FIX}")
     for group in groups:
         present = [n for n in group if n in tensors]
@@ -339,22 +510,28 @@ def check_structure(path: Path, tensors: dict[str, torch.Tensor], skeleton: nn.M
     for name, t in tensors.items():
         shape, dtype = spec[name]
         if tuple(t.shape) != shape:
-            raise RVQError(f"{path}: tensor {name!r} has shape {list(t.shape)} but the config makes it "
+            raise RVQError(f"{at(name)}: tensor {name!r} has shape {list(t.shape)} but the config makes it "
                            f"{list(shape)}: the config disagrees with the tensors; {_FIX}")
         want = exact.get(name)
         if want is not None and t.dtype != want:
-            raise RVQError(f"{path}: tensor {name!r} is {_TORCH_TO_NAME.get(t.dtype, t.dtype)}, "
+            raise RVQError(f"{at(name)}: tensor {name!r} is {_TORCH_TO_NAME.get(t.dtype, t.dtype)}, "
                            f"expected {_TORCH_TO_NAME[want]}: {_FIX}")
         if want is None and dtype.is_floating_point != t.dtype.is_floating_point:
-            raise RVQError(f"{path}: tensor {name!r} is {_TORCH_TO_NAME.get(t.dtype, t.dtype)}, "
+            raise RVQError(f"{at(name)}: tensor {name!r} is {_TORCH_TO_NAME.get(t.dtype, t.dtype)}, "
                            f"expected a {'float' if dtype.is_floating_point else 'integer'} tensor: {_FIX}")
         if want is None and not dtype.is_floating_point and t.dtype != dtype:
-            raise RVQError(f"{path}: tensor {name!r} is {_TORCH_TO_NAME.get(t.dtype, t.dtype)}, "
+            raise RVQError(f"{at(name)}: tensor {name!r} is {_TORCH_TO_NAME.get(t.dtype, t.dtype)}, "
                            f"expected {_TORCH_TO_NAME.get(dtype, dtype)}: {_FIX}")
 
 
-def check_values(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[str, dict]) -> None:
-    """Every code index below ``2**bits``; every floating tensor (codebooks, scales, the rest) finite."""
+def check_values(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[str, dict],
+                 where: dict[str, Path] | None = None) -> None:
+    """Every code index below ``2**bits``; every floating tensor (codebooks, scales, the rest) finite.
+
+    Messages name the file ``where`` says a tensor came from, else ``path``."""
+    def file_of(name: str) -> Path:
+        return (where or {}).get(name, path)
+
     for name, s in quantized.items():
         codes = tensors[f"{name}.codes"]
         if s["bits"] < 16 and codes.numel():
@@ -363,18 +540,18 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[s
             bad = (idx >= k).nonzero()
             if len(bad):
                 at = bad[0].tolist()
-                raise RVQError(f"{path}: tensor '{name}.codes' holds code {int(idx[tuple(at)])} at {at}, past the "
+                raise RVQError(f"{file_of(f'{name}.codes')}: tensor '{name}.codes' holds code {int(idx[tuple(at)])} at {at}, past the "
                                f"codebook size {k} (bits={s['bits']}): {_FIX}")
         signs = tensors.get(f"{name}.signs") if s.get("hadamard_block") else None
         if signs is not None:
             bad = ((signs != 1) & (signs != -1)).nonzero()
             if len(bad):
                 at = bad[0].tolist()
-                raise RVQError(f"{path}: tensor '{name}.signs' holds {signs[tuple(at)].item()} at {at}, not +1 or -1 "
+                raise RVQError(f"{file_of(f'{name}.signs')}: tensor '{name}.signs' holds {signs[tuple(at)].item()} at {at}, not +1 or -1 "
                                f"(a rotation's signs): {_FIX}")
     for name, t in tensors.items():
         if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
-            raise RVQError(f"{path}: tensor {name!r} holds NaN or Inf values: {_FIX}")
+            raise RVQError(f"{file_of(name)}: tensor {name!r} holds NaN or Inf values: {_FIX}")
 
 
 # ------------------------------------------------------------------------------------------ all of it
@@ -404,8 +581,12 @@ def validate_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) 
     folder = Path(folder)
     config = read_config(folder)
     qcfg = check_quantization_config(config, folder)
-    weights = folder / WEIGHTS_NAME
-    tensors = read_verified_tensors(weights, config)
+    weights, where = folder / WEIGHTS_NAME, None
+    if weights.exists() or weights.is_symlink() or not (folder / INDEX_NAME).exists():
+        tensors = read_verified_tensors(weights, config)  # the single-file layout (says so if it is missing)
+    else:
+        tensors, where = read_sharded_tensors(folder, config, qcfg["layers"])
+        weights = folder
     try:
         hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -434,8 +615,8 @@ def validate_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) 
                            f"but the model config makes it {out_f}x{in_f}: {_FIX}")
         set_module(skeleton, name, QuantizedLinear.from_spec(spec, bias_dtype=dtype, device="meta"))
     skeleton.tie_weights()
-    check_structure(weights, tensors, skeleton, qcfg["layers"])
-    check_values(weights, tensors, qcfg["layers"])
+    check_structure(weights, tensors, skeleton, qcfg["layers"], where)
+    check_values(weights, tensors, qcfg["layers"], where)
     return ValidatedCheckpoint(skeleton, tensors, config, qcfg)
 
 

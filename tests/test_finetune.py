@@ -22,13 +22,13 @@ def _block_with_targets(batches: int = 2, batch: int = 4):
     block = blocks[0]
     gen = torch.Generator().manual_seed(3)
     ids = [torch.randint(0, 128, (batch, 24), generator=gen) for _ in range(batches)]
-    inputs, targets, kwargs = MemoryActivations(), MemoryActivations(), []
+    inputs, targets, kwargs = MemoryActivations(), MemoryActivations(), {}
     for j, inp in enumerate(capture_block_inputs(model, block, ids)):
         inputs.put(j, inp.hidden)
         with torch.no_grad():
             out = block(inp.hidden, **inp.kwargs)
         targets.put(j, out[0] if isinstance(out, tuple) else out)
-        kwargs.append(inp.kwargs)
+        kwargs[j] = inp.kwargs
     for parent in list(block.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
@@ -55,7 +55,7 @@ def test_finetuning_lowers_the_block_output_error():
     assert not any(type(m).__name__ == "_TrainableRVQ" for m in block.modules())
     num = den = 0.0
     with torch.no_grad():
-        for j, kw in enumerate(kwargs):
+        for j, kw in kwargs.items():
             out = block(inputs.get(j), **kw)
             out = out[0] if isinstance(out, tuple) else out
             num += float((out - targets.get(j)).pow(2).sum())
@@ -79,7 +79,7 @@ def test_finetuning_writes_the_kept_blocks_outputs(lr):
     before, after = finetune_block(block, inputs, targets, kwargs, epochs=3, lr=lr, outputs=outputs)
     assert (after < before) == (lr < 0.5), (before, after)
     with torch.no_grad():
-        for j, kw in enumerate(kwargs):
+        for j, kw in kwargs.items():
             out = block(inputs.get(j), **kw)
             assert torch.equal(outputs.get(j), out[0] if isinstance(out, tuple) else out)
 
@@ -192,3 +192,220 @@ def test_pipeline_distillation_reports_and_keeps_improvement(calib_ids):
                            calib_batch_size=4)
     report = rvqllm.quantize(model, cfg, calib_ids)
     assert report.distill["kl_after"] < report.distill["kl_before"]
+
+
+# ----------------------------------------------------------------- chunked distillation (memory bounded by chunks)
+def _tiny(arch: str):
+    import transformers as T
+
+    dense = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    configs = {
+        "llama": lambda: T.LlamaConfig(**dense, tie_word_embeddings=True),
+        # a small cap, so that the soft-capping changes these tiny models' logits
+        "gemma2": lambda: T.Gemma2Config(**dense, head_dim=16, sliding_window=32, final_logit_softcapping=0.5),
+        "gemma3": lambda: T.Gemma3TextConfig(**dense, head_dim=16, sliding_window=32, final_logit_softcapping=0.5),
+        "cohere": lambda: T.CohereConfig(**dense, logit_scale=0.3),
+        "granite": lambda: T.GraniteConfig(**dense, logits_scaling=4.0),
+        "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64),
+        "opt": lambda: T.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                                   vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=32),
+    }
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(configs[arch]()).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "cohere", "granite", "gpt2", "opt"])
+def test_lm_head_fn_gives_the_models_logits_exactly(arch, calib_ids):
+    from rvqllm.finetune import check_lm_head_fn, lm_head_fn
+
+    model = _tiny(arch)
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=calib_ids[:2], use_cache=False).last_hidden_state
+        want = model(input_ids=calib_ids[:2]).logits
+        assert torch.equal(lm_head_fn(model)(hidden), want)
+        # the families with something after the LM head do need it (the test would not see a missing step)
+        raw = model.get_output_embeddings()(hidden)
+        assert torch.equal(raw, want) == (arch in ("llama", "gpt2", "opt"))
+    check_lm_head_fn(model, calib_ids[:1, :8])
+
+
+def test_check_lm_head_fn_refuses_a_head_that_misses_a_step(calib_ids):
+    from rvqllm.finetune import check_lm_head_fn
+
+    model = _tiny("gemma2")
+    with pytest.raises(rvqllm.RVQError, match="distill_epochs=0"):
+        check_lm_head_fn(model, calib_ids[:1, :8], model.get_output_embeddings())  # no soft-capping
+
+
+def test_teacher_topk_in_chunks_equals_the_full_logits_topk(calib_ids):
+    from rvqllm.finetune import teacher_topk, teacher_topk_from_hidden
+
+    model = tiny_llama()
+    batches = [calib_ids[:3], calib_ids[3:]]
+    full = []
+    with torch.no_grad():
+        for ids in batches:
+            full.append(torch.log_softmax(model(input_ids=ids).logits.float(), -1).topk(16, dim=-1))
+    for chunk in (5, 32, 10_000):  # smaller than a sequence, one sequence, everything at once
+        for (logp, idx), (f_logp, f_idx) in zip(teacher_topk(model, batches, k=16, chunk_tokens=chunk), full,
+                                                strict=True):
+            assert logp.dtype == torch.float32 and idx.dtype == torch.int64 and logp.shape == f_logp.shape
+            assert torch.equal(idx, f_idx)
+            torch.testing.assert_close(logp, f_logp, rtol=1e-6, atol=1e-6)
+    hidden = torch.randn(2, 7, 64)
+    head = model.get_output_embeddings()
+    logp, idx = teacher_topk_from_hidden(hidden, head, k=4, chunk_tokens=3)
+    want = torch.log_softmax(head(hidden).float(), -1).topk(4, dim=-1)
+    assert torch.equal(idx, want.indices)
+    torch.testing.assert_close(logp, want.values, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_kl_and_its_gradient_equal_the_full_logits_ones(calib_ids):
+    from rvqllm.finetune import _distill_kl, _topk_kl, lm_head_fn, teacher_topk
+
+    ids = calib_ids[:3]  # 3 x 32 tokens in chunks of 5: chunks straddle sequences, the last one is short
+    teacher = teacher_topk(_tiny("gemma2"), [ids], k=16)[0]  # soft-capped logits: the head is a function
+    student = _tiny("gemma2")  # the same model with perturbed blocks
+    with torch.no_grad():
+        for p in student.model.layers.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    params = list(student.model.layers.parameters())
+
+    def loss_and_grads(chunk):
+        student.zero_grad(set_to_none=True)
+        if chunk is None:
+            loss = _topk_kl(student(input_ids=ids).logits, teacher)
+        else:
+            loss = _distill_kl(student.get_decoder(), lm_head_fn(student), ids, *teacher, chunk)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    full, full_grads = loss_and_grads(None)
+    assert float(full) > 1e-3
+    for chunk in (5, 10_000):
+        loss, grads = loss_and_grads(chunk)
+        torch.testing.assert_close(loss, full, rtol=1e-5, atol=0)
+        for g, fg in zip(grads, full_grads, strict=True):
+            assert float(fg.abs().max()) > 0
+            torch.testing.assert_close(g, fg, rtol=1e-4, atol=1e-5 * float(fg.abs().max()))
+        with torch.no_grad():  # the evaluation path: no autograd, same chunks
+            torch.testing.assert_close(
+                _distill_kl(student.get_decoder(), lm_head_fn(student), ids, *teacher, chunk), full, rtol=1e-5, atol=0)
+
+
+def test_distillation_in_chunks_matches_one_chunk_and_freezes_the_rest(calib_ids):
+    from rvqllm.finetune import distill_model, teacher_topk
+
+    batches = [calib_ids[:4], calib_ids[4:]]
+    teacher = teacher_topk(tiny_llama(), batches, k=16)
+    results = []
+    for chunk in (5, 10_000):
+        model = tiny_llama()
+        rvqllm.quantize(model, rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3), calib_ids)
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        results.append(distill_model(model, list(model.model.layers), batches, teacher, epochs=2, lr=3e-3,
+                                     chunk_tokens=chunk))
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert model.lm_head.weight.grad is None, "the (tied) LM head gets no gradient"
+    (b5, a5), (b1, a1) = results
+    assert b5 == pytest.approx(b1, rel=1e-5) and a5 == pytest.approx(a1, rel=1e-3)
+    assert a5 < b5
+
+
+def test_chunk_tokens_must_be_a_positive_integer(calib_ids):
+    from rvqllm.finetune import distill_model, teacher_topk
+
+    with pytest.raises(rvqllm.RVQError, match="distill_chunk_tokens"):
+        rvqllm.RVQConfig(distill_chunk_tokens=0)
+    assert rvqllm.RVQConfig().distill_chunk_tokens == 1024
+    model = tiny_llama()
+    with pytest.raises(rvqllm.RVQError, match="chunk_tokens"):
+        teacher_topk(model, [calib_ids], chunk_tokens=0)
+    with pytest.raises(rvqllm.RVQError, match="chunk_tokens"):
+        distill_model(model, list(model.model.layers), [calib_ids], [], epochs=1, lr=1e-3, chunk_tokens=2.5)
+
+
+
+def test_tuning_and_distillation_pieces_follow_the_tensors_device():
+    """On the ``meta`` device (no data, but an op mixing it with a CPU tensor raises, as CUDA would) the
+    trainable layer, the teacher's top-k and the chunked, checkpointed KL with its backward all stay on
+    the device of their inputs, and a CPU teacher is moved there."""
+    from rvqllm.finetune import _kl_sum, _TrainableRVQ, teacher_topk_from_hidden
+
+    meta = torch.device("meta")
+    q = quantize_weight(torch.randn(12, 16), None, vector_dim=8, stages=2, bits=3, seed=0)
+    layer = QuantizedLinear.from_rvq(q, 3, torch.zeros(12)).to(meta)
+    trainable = _TrainableRVQ(layer)
+    assert all(t.device == meta for t in (*trainable.parameters(), *trainable.buffers()))
+    trainable(torch.randn(2, 5, 16, device=meta)).sum().backward()
+    assert trainable.codebooks.grad.device == meta and trainable.log_gain.grad.device == meta
+
+    head = torch.nn.Linear(16, 50, bias=False, device=meta)
+    hidden = torch.randn(2, 5, 16, device=meta, requires_grad=True)
+    logp, idx = teacher_topk_from_hidden(hidden, head, k=4, chunk_tokens=3)
+    assert logp.device == meta and idx.device == meta and logp.shape == (2, 5, 4) and idx.dtype == torch.int64
+    t_logp = torch.log_softmax(torch.randn(2, 5, 50), -1).topk(4, dim=-1)  # on the CPU, as teacher_topk stores it
+    loss = _kl_sum(hidden, head, t_logp.values, t_logp.indices, chunk_tokens=3)
+    loss.backward()
+    assert loss.device == meta and hidden.grad.device == meta
+
+_MEMORY_CASE = r"""
+import json, sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from rvqllm.finetune import distill_model, teacher_topk
+from rvqllm.nn import QuantizedLinear
+from rvqllm.rvq import quantize_weight
+
+vocab, seqs, seq_len, chunk = (int(a) for a in sys.argv[1:5])
+torch.manual_seed(0)
+cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=seq_len, tie_word_embeddings=True)
+teacher_model, student = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).eval()
+for parent in list(student.model.layers.modules()):
+    for name, child in list(parent.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            q = quantize_weight(child.weight, None, vector_dim=8, stages=1, bits=3, seed=0)
+            setattr(parent, name, QuantizedLinear.from_rvq(q, 3, child.bias))
+batches = [torch.randint(0, vocab, (seqs, seq_len), generator=torch.Generator().manual_seed(1))]
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current resident size
+except OSError:
+    print(json.dumps(None))
+    sys.exit(0)
+base = status("VmRSS")
+teacher = teacher_topk(teacher_model, batches, k=64, chunk_tokens=chunk)
+distill_model(student, list(student.model.layers), batches, teacher, epochs=1, lr=1e-3, micro_batch=seqs,
+              chunk_tokens=chunk)
+print(json.dumps(status("VmHWM") - base))
+"""
+
+
+@pytest.mark.integration
+def test_distillation_memory_is_bounded_by_the_chunk_not_by_vocab_times_tokens():
+    """A 200k vocabulary and 512 tokens per Adam step: the full logits of one step would be 391 MiB (and
+    the former code held ~3 copies: 1.2 GB peak above the models). With 16-token chunks the teacher pass and
+    the distillation together must stay under half of one such copy (measured: ~80 MiB)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    vocab, seqs, seq_len, chunk = 200_000, 8, 64, 16
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", _MEMORY_CASE, str(vocab), str(seqs), str(seq_len), str(chunk)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = json.loads(run.stdout.strip().splitlines()[-1])
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs: cannot reset the peak resident size here")
+    full_logits = seqs * seq_len * vocab * 4
+    assert peak < full_logits / 2, (f"peak {peak / 2**20:.0f} MiB above the models, "
+                                    f"{peak / (chunk * vocab * 4):.1f} chunk-sized copies")

@@ -3,8 +3,8 @@
 Two properties, over two valid checkpoints (a tied Llama with uint8 codes; a GPT-2 with Conv1D layers,
 biases and int16 codes):
 
-* **damage** - flip, overwrite, insert, delete or truncate bytes of ``model.safetensors`` or
-  ``config.json`` (checksums left as they were): loading either succeeds and the model's logits are
+* **damage** - flip, overwrite, insert, delete or truncate bytes of a weights file (a shard or the
+  index ``model.safetensors.index.json``) or ``config.json`` (checksums left as they were): loading either succeeds and the model's logits are
   bit-identical to the original's, or it raises :class:`RVQError`. Never another exception, a hang or
   a different answer.
 * **tampering** - a stranger edits tensors or the config and recomputes every checksum, producing
@@ -27,12 +27,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 import rvqllm
 from rvqllm.errors import RVQError
 from tests.conftest import tiny_gpt2, tiny_llama
-from tests.test_reliability import CALIB, IDS, write_as_stranger
+from tests.test_reliability import CALIB, IDS, read_tensors, write_as_stranger
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +39,7 @@ EXAMPLES = int(os.environ.get("RVQLLM_FUZZ_EXAMPLES", "150"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize="RVQLLM_FUZZ_EXAMPLES" not in os.environ,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large])
-FILES = ("model.safetensors", "config.json", "generation_config.json")
+WEIGHTS = ".safetensors", ".index.json"  #: a weights file ends with one of these
 COUNTS: dict[str, int] = {}
 
 
@@ -70,7 +69,7 @@ def originals(tmp_path_factory):
         folder = rvqllm.save(model, base / build.__name__)
         with torch.no_grad():
             want = rvqllm.load(folder)(IDS).logits
-        out.append(({f: (folder / f).read_bytes() for f in FILES if (folder / f).exists()}, want))
+        out.append(({p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}, want))
     return out
 
 
@@ -123,7 +122,9 @@ def damage(draw, data: bytes) -> bytes:
 @given(data=st.data())
 def test_damaged_bytes_load_identically_or_fail_cleanly(originals, tmp_path_factory, data):
     files, want = data.draw(st.sampled_from(originals))
-    target = data.draw(st.sampled_from(["model.safetensors", "model.safetensors", "config.json"]))
+    target = data.draw(st.sampled_from(["weights", "weights", "config.json"]))
+    if target == "weights":
+        target = data.draw(st.sampled_from(sorted(f for f in files if f.endswith(WEIGHTS))))
     mutated = {**files, target: data.draw(damage(files[target]))}
     folder = materialize(mutated, tmp_path_factory.mktemp("fuzz") / "ckpt")
     outcome = load_outcome(folder, want)
@@ -183,7 +184,7 @@ def tampering(draw, tensors: dict[str, torch.Tensor], config: dict) -> str:
 def test_tampered_checkpoints_with_valid_checksums_are_refused(originals, tmp_path_factory, data):
     files, _ = data.draw(st.sampled_from(originals))
     folder = materialize(files, tmp_path_factory.mktemp("tamper") / "ckpt")
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = read_tensors(folder)
     config = json.loads(files["config.json"])
     kind = data.draw(tampering(tensors, config))
     write_as_stranger(folder, tensors, config)

@@ -35,8 +35,11 @@ def _logits(model) -> torch.Tensor:
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):  # every shard (or the one model.safetensors)
+        with safe_open(str(path), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
 
 
 def test_from_pretrained_then_save_pretrained_is_the_same_format(checkpoint, tmp_path):

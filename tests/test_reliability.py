@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import rvqllm
 from rvqllm import checkpoint
+from rvqllm.checkpoint import INDEX_NAME, shard_name, write_index, write_shard
 from rvqllm.cli import main
 from rvqllm.errors import RVQError
 from rvqllm.validate import CONFIG_SUM_KEY, TENSOR_SUMS_KEY, checksum_metadata
@@ -50,16 +51,54 @@ def make_checkpoint(folder: Path, build=tiny_llama, cfg: rvqllm.RVQConfig = CFG)
     return rvqllm.save(model, folder)
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: its shards (sharded layout) or model.safetensors."""
+    single = folder / "model.safetensors"
+    return [single] if single.exists() else sorted(folder.glob("model-*-of-*.safetensors"))
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whichever layout."""
+    out = {}
+    for path in weight_files(folder):
+        out.update(load_file(str(path)))
+    return out
+
+
 def read_ckpt(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    return load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text())
+    return read_tensors(folder), json.loads((folder / "config.json").read_text())
+
+
+def shard_holding(folder: Path, suffix: str) -> Path:
+    """The weights file holding the first tensor whose name ends with ``suffix``."""
+    for path in weight_files(folder):
+        data = path.read_bytes()
+        if any(k.endswith(suffix) for k in json.loads(data[8:8 + int.from_bytes(data[:8], "little")])):
+            return path
+    raise AssertionError(suffix)
 
 
 def write_as_stranger(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write tensors + config with freshly computed, *valid* checksums: what a tamperer can do."""
+    """Write tensors + config with freshly computed, *valid* checksums: what a tamperer can do.
+
+    Keeps the folder's layout: a sharded checkpoint gets each tensor back into the shard its index names
+    (a new name into the last shard), every shard re-signed with specs from ``config`` and a new index."""
     config = json.loads(json.dumps(config))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    meta = {"format": "pt", **checksum_metadata(tensors, config)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata=meta)
+    if not (folder / INDEX_NAME).exists():
+        meta = {"format": "pt", **checksum_metadata(tensors, config)}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata=meta)
+        return
+    weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+    files = [p.name for p in weight_files(folder)]
+    parts: dict[str, dict[str, torch.Tensor]] = {f: {} for f in files}
+    for name, t in tensors.items():
+        parts[weight_map.get(name, files[-1])][name] = t
+    layers = config.get("quantization_config", {}).get("layers", {})
+    for f, part in parts.items():
+        specs = {n: s for n, s in layers.items() if f"{n}.codes" in part} if isinstance(layers, dict) else {}
+        write_shard(folder / f, part, specs)
+    write_index(folder, config)
 
 
 def first_layer(config: dict) -> str:
@@ -130,14 +169,17 @@ def assert_one_line_error(err: BaseException, *needles: str) -> None:
 @pytest.mark.unit
 def test_valid_checkpoint_loads_with_identical_outputs(ckpt):
     folder, want = ckpt
-    meta = json.loads((folder / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
-        (folder / "model.safetensors").read_bytes()[:8], "little")])["__metadata__"]
-    assert CONFIG_SUM_KEY in meta and len(json.loads(meta[TENSOR_SUMS_KEY])) == len(read_ckpt(folder)[0])
+    sums = 0
+    for path in weight_files(folder):
+        data = path.read_bytes()
+        sums += len(json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"][TENSOR_SUMS_KEY]))
+    assert CONFIG_SUM_KEY in json.loads((folder / INDEX_NAME).read_text())["metadata"]
+    assert sums == len(read_ckpt(folder)[0])
     assert torch.equal(logits(rvqllm.load(folder)), want)
 
 
 def _flip_data_byte(folder: Path) -> str:
-    path = folder / "model.safetensors"
+    path = shard_holding(folder, ".codes")
     data = bytearray(path.read_bytes())
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
@@ -219,14 +261,14 @@ def _config_edited(folder: Path) -> str:
 
 
 def _truncate(folder: Path) -> str:
-    path = folder / "model.safetensors"
+    path = weight_files(folder)[0]
     path.write_bytes(path.read_bytes()[:-100])
     return "truncated"
 
 
 def _no_checksums(folder: Path) -> str:
-    tensors, _ = read_ckpt(folder)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    path = weight_files(folder)[0]
+    save_file(load_file(str(path)), str(path), metadata={"format": "pt"})
     return "no checksums"
 
 
@@ -252,7 +294,7 @@ def _bad_spec(folder: Path) -> str:
 
 
 def _missing_weights(folder: Path) -> str:
-    (folder / "model.safetensors").unlink()
+    weight_files(folder)[0].unlink()
     return "missing"
 
 
@@ -295,8 +337,12 @@ def test_weights_file_is_standard_safetensors_with_stable_bytes(ckpt, tmp_path):
     from rvqllm.validate import write_safetensors
 
     tensors, _ = read_ckpt(ckpt[0])
-    with safe_open(str(ckpt[0] / "model.safetensors"), framework="pt") as f:
-        assert f.metadata()["format"] == "pt" and sorted(f.keys()) == sorted(tensors)
+    weight_map = json.loads((ckpt[0] / INDEX_NAME).read_text())["weight_map"]
+    assert sorted(weight_map) == sorted(tensors)
+    for path in weight_files(ckpt[0]):
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata()["format"] == "pt"
+            assert sorted(f.keys()) == sorted(k for k, v in weight_map.items() if v == path.name)
     write_safetensors(tmp_path / "a.safetensors", tensors, {"b": "1", "a": "2", "format": "pt"})
     shuffled = dict(reversed(list(tensors.items())))
     write_safetensors(tmp_path / "b.safetensors", shuffled, {"format": "pt", "a": "2", "b": "1"})
@@ -328,7 +374,8 @@ def test_pickle_is_never_loaded(bad, tmp_path):
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    (bad / "model.safetensors").unlink()
+    for path in [*weight_files(bad), bad / INDEX_NAME]:
+        path.unlink()
     torch.save({"x": Evil()}, bad / "pytorch_model.bin")
     with pytest.raises(RVQError, match="is missing"):
         rvqllm.load(bad)
@@ -540,7 +587,8 @@ def test_sigkill_then_resume_gives_the_same_bytes(tmp_path):
     res = subprocess.run(_cli("quantize", *common, "--out", str(out), "--resume", "--json"), env=env,
                          check=True, capture_output=True, text=True)
     assert json.loads(res.stdout)["resumed_layers"] == 7 * done
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    a, b = read_tensors(full), read_tensors(out)
+    assert [p.name for p in weight_files(out)] == [shard_name(i, 5) for i in range(5)]
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert folder_digest(out) == folder_digest(full)  # byte-identical, every file
     assert not (tmp_path / "resumed.partial").exists()

@@ -3,6 +3,10 @@
 Each point carries a per-dimension weight, so the distortion it minimises is
 ``sum_i sum_j w[i, j] * (x[i, j] - c[a(i), j]) ** 2``. With the weights taken from the diagonal of the
 layer's input Hessian this is the diagonal approximation of the output error ``||(W - What) X||^2``.
+
+Device: everything runs on the device of the points ``x`` (CPU or an accelerator) and the results come
+back there. The random draws are made on a CPU ``torch.Generator`` and then moved, so a seed selects the
+same subsample and seeding candidates on every device (and CPU results are those of the CPU-only code).
 """
 
 from __future__ import annotations
@@ -11,22 +15,44 @@ import torch
 from torch import Tensor
 
 _CHUNK_ELEMS = 1 << 25  # max entries of one [points, codewords] distance block
+#: k-means++ steps whose random draws are made (on the CPU) and moved to the device at once; the host
+#: also learns only once per batch whether a step found every point already served (see _init_plus_plus)
+_DRAW_BATCH = 32
+_MAX_DRAWN = 1 << 22  # ... and at most this many variates per batch (a batch is [steps, sample] float32)
+
+
+def scatter_add_rows(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """``dst[index[i]] += src[i]`` for every row ``i`` (in place; returns ``dst``).
+
+    Args:
+        dst: ``[r, ...]``. index: ``[n]`` int64 in ``[0, r)``, on ``dst``'s device. src: ``[n, ...]``.
+    On the CPU this is ``index_add_`` (sequential, the historical bits); on other devices it is
+    ``index_put_(accumulate=True)``, which sorts the indices and sums each row's contributions in a
+    fixed order, where ``index_add_`` uses atomics whose order (and so rounding) changes from run to run.
+    """
+    if dst.device.type == "cpu":
+        return dst.index_add_(0, index, src)
+    return dst.index_put_((index,), src, accumulate=True)
 
 
 def weighted_sq_dist(x: Tensor, w: Tensor, centers: Tensor) -> Tensor:
     """Weighted squared distances, up to a per-point constant.
 
     Args:
-        x: ``[n, d]`` points. w: ``[n, d]`` non-negative weights. centers: ``[k, d]``.
+        x: ``[n, d]`` points. w: ``[n, d]`` non-negative weights. centers: ``[k, d]``. All on one device.
     Returns:
-        ``[n, k]``: ``sum_j w[i,j] * (c[k,j]^2 - 2 x[i,j] c[k,j])``; adding ``sum_j w x^2`` gives the
-        true distance, which does not change the arg-min over ``k``.
+        ``[n, k]`` on that device: ``sum_j w[i,j] * (c[k,j]^2 - 2 x[i,j] c[k,j])``; adding ``sum_j w x^2``
+        gives the true distance, which does not change the arg-min over ``k``.
     """
     return w @ (centers * centers).T - 2.0 * (w * x) @ centers.T
 
 
 def assign(x: Tensor, w: Tensor, centers: Tensor) -> Tensor:
-    """Index of the nearest center under the weighted distance. Returns ``[n]`` int64."""
+    """Index of the nearest center under the weighted distance.
+
+    ``x``, ``w``: ``[n, d]``; ``centers``: ``[k, d]``, all on one device. Returns ``[n]`` int64 on that
+    device. The ``[n, k]`` distances are built in row chunks of at most :data:`_CHUNK_ELEMS` entries.
+    """
     n, k = x.shape[0], centers.shape[0]
     step = max(1, _CHUNK_ELEMS // max(k, 1))
     out = torch.empty(n, dtype=torch.long, device=x.device)
@@ -37,23 +63,57 @@ def assign(x: Tensor, w: Tensor, centers: Tensor) -> Tensor:
 
 
 def _init_plus_plus(x: Tensor, w: Tensor, k: int, gen: torch.Generator) -> Tensor:
-    """k-means++ seeding on a subsample of at most ``64 * k`` points (D^2 sampling, weighted)."""
+    """k-means++ seeding on a subsample of at most ``64 * k`` points (D^2 sampling, weighted).
+
+    ``x``, ``w``: ``[n, d]`` on any device; ``gen``: a CPU generator. Returns ``[k, d]`` on ``x``'s device.
+
+    Each D^2 draw is ``torch.multinomial(p, 1)`` done by hand: torch draws one sample by racing the
+    probabilities against exponential variates, ``argmax(p / q)`` with ``q ~ Exp(1)`` drawn from ``gen``
+    into a float32 vector of ``p``'s length. Here ``q`` is drawn the same way on the CPU, moved, and the
+    race run on ``x``'s device, so the probabilities never travel to the host and the picks (and the
+    generator's state) are exactly those of ``multinomial`` on the CPU.
+
+    A step whose points are all served already (total weighted distance 0: fewer distinct points than
+    codewords) fills the remaining codewords with random points instead. Whether that happened is only
+    known on the device; rather than syncing at every codeword, the draws of :data:`_DRAW_BATCH` steps are
+    made ahead (saving the generator's state before each), the steps run, and one sync per batch reads
+    their flags; at the first such step the generator is rewound to its saved state and the fill drawn
+    from there, which is what the one-step-at-a-time loop would have drawn.
+    """
     n = x.shape[0]
     m = min(n, max(64 * k, 4096))
     idx = torch.randperm(n, generator=gen, device="cpu")[:m].to(x.device)
     xs, ws = x[idx], w[idx]
     centers = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    first = int(torch.randint(m, (1,), generator=gen))
+    first = int(torch.randint(m, (1,), generator=gen))  # a CPU tensor: no device sync
     centers[0] = xs[first]
     best = ((xs - centers[0]) ** 2 * ws).sum(1)
-    for i in range(1, k):
-        total = best.sum()
-        if total <= 0:  # fewer distinct points than centers: repeat points
-            centers[i:] = xs[torch.randint(m, (k - i,), generator=gen)]
+    batch = max(1, min(_DRAW_BATCH, _MAX_DRAWN // m))
+    for i0 in range(1, k, batch):
+        steps = range(i0, min(k, i0 + batch))
+        states, draws = [], []
+        for _ in steps:
+            states.append(gen.get_state())
+            draws.append(torch.empty(m, dtype=best.dtype).exponential_(1.0, generator=gen))
+        race = torch.stack(draws).to(x.device)  # [steps, m]: one transfer per batch
+        totals = []
+        for j, i in enumerate(steps):
+            total = best.sum()
+            totals.append(total)
+            pick = ((best / total) / race[j]).argmax(dim=0, keepdim=True)  # [1], stays on the device
+            centers[i] = xs.index_select(0, pick)[0]
+            best = torch.minimum(best, ((xs - centers[i]) ** 2 * ws).sum(1))
+        t = torch.stack(totals)
+        # the one host sync of the batch: non-finite distances, and steps with nothing left to serve
+        bad, spent = torch.stack([~torch.isfinite(t), t <= 0]).tolist()
+        if any(bad):
+            raise ValueError("k-means++ seeding: the weighted distances are not finite")
+        if any(spent):  # fewer distinct points than centers: repeat points
+            j = spent.index(True)
+            i = steps[j]
+            gen.set_state(states[j])  # as if the draws of steps j.. had never been made
+            centers[i:] = xs[torch.randint(m, (k - i,), generator=gen).to(x.device)]
             break
-        pick = int(torch.multinomial((best / total).cpu(), 1, generator=gen))
-        centers[i] = xs[pick]
-        best = torch.minimum(best, ((xs - centers[i]) ** 2 * ws).sum(1))
     return centers
 
 
@@ -63,12 +123,16 @@ def weighted_kmeans(
     """Fit ``k`` centers to ``x`` under per-dimension weights ``w``.
 
     Args:
-        x: ``[n, d]`` float32 points. w: ``[n, d]`` float32 non-negative weights. k: codewords.
-        iters: Lloyd iterations after seeding. seed: RNG seed (same seed, same input: same result).
+        x: ``[n, d]`` float32 points. w: ``[n, d]`` float32 non-negative weights, on ``x``'s device.
+        k: codewords. iters: Lloyd iterations after seeding. seed: RNG seed (same seed, same input: same
+            result; the draws are made on a CPU generator, so they are the same on every device).
         max_points: fit on a random subset of this many points (``None``: ``128 * k``); the Lloyd
             steps cost ``O(points * k)``, and a few hundred points per codeword already pin it down.
     Returns:
-        ``(centers [k, d] float32, assignment [m] int64 of the points fitted)``.
+        ``(centers [k, d] float32, assignment [m] int64 of the points fitted)``, on ``x``'s device.
+
+    Each Lloyd iteration syncs with the host once or twice (finding empty codewords, the convergence
+    test); that is per iteration, not per point or codeword.
     """
     gen = torch.Generator().manual_seed(seed)
     x = x.float()
@@ -85,18 +149,18 @@ def weighted_kmeans(
     codes = assign(x, w, centers)
     eps = 1e-12
     for _ in range(iters):
-        num = torch.zeros_like(centers).index_add_(0, codes, w * x)
-        den = torch.zeros_like(centers).index_add_(0, codes, w)
+        num = scatter_add_rows(torch.zeros_like(centers), codes, w * x)
+        den = scatter_add_rows(torch.zeros_like(centers), codes, w)
         occupied = den.sum(1) > 0
         new = torch.where(den > eps, num / den.clamp_min(eps), centers)
-        empty = (~occupied).nonzero().flatten()
+        empty = (~occupied).nonzero().flatten()  # host sync: the number of empty codewords
         if empty.numel():  # re-seed empty codewords at the points that are worst served
             err = ((x - new[codes]) ** 2 * w).sum(1)
             worst = err.topk(min(empty.numel(), x.shape[0])).indices
             new[empty[: worst.numel()]] = x[worst]
         centers = new
         new_codes = assign(x, w, centers)
-        changed = int((new_codes != codes).sum())
+        changed = int((new_codes != codes).sum())  # host sync: the convergence test
         codes = new_codes
         if changed <= x.shape[0] // 1000:  # converged: under 0.1% of points moved
             break

@@ -18,6 +18,10 @@ change any sum; unused codewords do not appear at all), so a small ridge ``lam_j
 pulls the solution towards the current codebooks: unused codewords keep their values, the gauge stays
 where it was, and since the old codebooks are a feasible point of the ridged problem, the minimiser never
 has a larger ``E`` than they do (before the fp16 rounding, which :func:`refit_codebooks` checks for).
+
+Device: everything runs on the device of the vectors ``x`` (the float64 systems and their Cholesky
+solves included) and the results come back there. Row sums use
+:func:`rvqllm.rvq.kmeans.scatter_add_rows`, which is run-to-run deterministic on a GPU too.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kmeans import scatter_add_rows
 from .residual import encode_rvq_chunked, to_fp16_exact
 
 _MAX_SYSTEM_BYTES = 1 << 28  # normal matrices built at once (float64), bounds the memory of one refit
 
 
 def reconstruct(codes: Tensor, codebooks: Tensor) -> Tensor:
-    """``[n, d]``: ``sum_s codebooks[s, codes[:, s]]`` for codes ``[n, S]`` and codebooks ``[S, K, d]``."""
+    """``[n, d]``: ``sum_s codebooks[s, codes[:, s]]`` for codes ``[n, S]`` and codebooks ``[S, K, d]`` (one device)."""
     out = codebooks[0][codes[:, 0]].clone()
     for s in range(1, codebooks.shape[0]):
         out += codebooks[s][codes[:, s]]
@@ -43,6 +48,7 @@ def coordinate_errors(x: Tensor, wt: Tensor, codes: Tensor, codebooks: Tensor) -
 
     Args:
         x: ``[n, d]``. wt: ``[n, d]`` non-negative. codes: ``[n, S]`` int64. codebooks: ``[S, K, d]``.
+            All on one device; the result is there too.
     """
     e = x.double() - reconstruct(codes, codebooks.double())
     return (wt.double() * e * e).sum(0)
@@ -57,16 +63,18 @@ def _solve_normal_systems(
         idx: ``[n, S]`` flat codeword positions ``s*K + codes[:, s]``. wcols: ``[n, m]`` float64 weights of
             the ``m`` systems. rhs: ``[sk, m, r]`` right-hand sides (``r`` columns per system).
         old: ``[sk, m, r]`` current values (the ridge target). sk: ``S*K``. ridge: relative ridge.
+            All on one device.
     Returns:
-        ``[sk, m, r]`` float64 solutions.
+        ``[sk, m, r]`` float64 solutions, on that device. No host sync: a system whose Cholesky
+        factorisation fails keeps ``old`` through a device-side select.
     """
     stages = idx.shape[1]
     m = wcols.shape[1]
     k = sk // stages
-    upper = torch.zeros(sk * sk, m, dtype=torch.float64)
+    upper = torch.zeros(sk * sk, m, dtype=torch.float64, device=wcols.device)
     for s in range(stages):
         for t in range(s, stages):  # block (s, t) of the upper triangle; s == t only hits the diagonal
-            upper.index_add_(0, idx[:, s] * sk + idx[:, t], wcols)
+            scatter_add_rows(upper, idx[:, s] * sk + idx[:, t], wcols)
     upper = upper.T.reshape(m, sk, sk)
     diag = upper.diagonal(dim1=1, dim2=2)  # [m, sk]
     a = upper + upper.transpose(1, 2)
@@ -77,12 +85,9 @@ def _solve_normal_systems(
     a.diagonal(dim1=1, dim2=2).add_(lam[:, None])
     b = rhs.permute(1, 0, 2) + lam[:, None, None] * old.permute(1, 0, 2)  # [m, sk, r]
     chol, info = torch.linalg.cholesky_ex(a)
-    sol = torch.empty_like(b)
-    ok = info == 0
-    if bool(ok.any()):
-        sol[ok] = torch.cholesky_solve(b[ok], chol[ok])
-    if not bool(ok.all()):  # cannot happen for a PSD matrix plus lam*I, but never return garbage
-        sol[~ok] = old.permute(1, 0, 2)[~ok]
+    sol = torch.cholesky_solve(b, chol)
+    # a failed factorisation cannot happen for a PSD matrix plus lam*I, but never return garbage
+    sol = torch.where((info == 0)[:, None, None], sol, old.permute(1, 0, 2))
     return sol.permute(1, 0, 2)
 
 
@@ -102,8 +107,10 @@ def refit_codebooks(x: Tensor, wt: Tensor, codes: Tensor, codebooks: Tensor, rid
     Args:
         x: ``[n, d]`` vectors. wt: ``[n, d]`` non-negative error weights. codes: ``[n, S]`` int64 in
             ``[0, K)``. codebooks: ``[S, K, d]`` current codebooks. ridge: relative ridge (``> 0``).
+            All on one device.
     Returns:
-        ``[S, K, d]`` float32 codebooks, fp16-exact (per coordinate: the rounded refit, or the input).
+        ``[S, K, d]`` float32 codebooks, fp16-exact (per coordinate: the rounded refit, or the input), on
+        that device. One host sync (whether all coordinates share one system).
     """
     if ridge <= 0:
         raise ValueError("ridge must be positive (the normal systems are singular without it)")
@@ -112,17 +119,18 @@ def refit_codebooks(x: Tensor, wt: Tensor, codes: Tensor, codebooks: Tensor, rid
     sk = stages * k
     x64, w64 = x.double(), wt.double().clamp_min(0)
     codes = codes.long()
-    idx = codes + torch.arange(stages, dtype=torch.long)[None, :] * k  # [n, S]
-    rhs = torch.zeros(sk, d, dtype=torch.float64)
+    device = x.device
+    idx = codes + torch.arange(stages, dtype=torch.long, device=device)[None, :] * k  # [n, S]
+    rhs = torch.zeros(sk, d, dtype=torch.float64, device=device)
     wx = w64 * x64
     for s in range(stages):
-        rhs.index_add_(0, idx[:, s], wx)
+        scatter_add_rows(rhs, idx[:, s], wx)
     old = codebooks.double().reshape(sk, d)
 
     if n > 0 and bool(torch.equal(w64, w64[:, :1].expand_as(w64))):  # one system serves every coordinate
         sol = _solve_normal_systems(idx, w64[:, :1], rhs[:, None, :], old[:, None, :], sk, ridge)[:, 0, :]
     else:
-        sol = torch.empty(sk, d, dtype=torch.float64)
+        sol = torch.empty(sk, d, dtype=torch.float64, device=device)
         step = max(1, _MAX_SYSTEM_BYTES // (8 * sk * sk * 3))
         for j0 in range(0, d, step):
             j1 = min(d, j0 + step)
@@ -133,9 +141,7 @@ def refit_codebooks(x: Tensor, wt: Tensor, codes: Tensor, codebooks: Tensor, rid
 
     new = to_fp16_exact(sol.reshape(stages, k, d))  # float64 -> fp16 directly: one rounding
     worse = coordinate_errors(x, wt, codes, new) > coordinate_errors(x, wt, codes, codebooks)
-    if bool(worse.any()):
-        new[..., worse] = codebooks.float()[..., worse]
-    return new
+    return torch.where(worse, codebooks.float(), new)  # per coordinate, without a host sync
 
 
 def refine_codebooks(
@@ -154,14 +160,15 @@ def refine_codebooks(
     Args:
         x: ``[n, d]``. wt: ``[n, d]`` non-negative. codebooks: ``[S, K, d]`` fp16-exact. rounds: ``>= 0``.
         beam: encoder beam width. codes: ``[n, S]`` current codes (``None``: start from a fresh encoding).
+            All on one device.
     Returns:
-        ``(codebooks [S, K, d] float32 fp16-exact, codes [n, S] int64)``; the codes are the ones the
-        final codebooks were fitted to (``rounds == 0``: the input, or a fresh encoding).
+        ``(codebooks [S, K, d] float32 fp16-exact, codes [n, S] int64)`` on that device; the codes are the
+        ones the final codebooks were fitted to (``rounds == 0``: the input, or a fresh encoding).
     """
     uniform = bool((wt == wt.reshape(-1)[:1]).all()) if wt.numel() else True
     enc_wt = None if uniform else wt
     stages = codebooks.shape[0]
-    rows = torch.arange(stages)[None, :]
+    rows = torch.arange(stages, device=codebooks.device)[None, :]
 
     def vector_errors(c: Tensor) -> Tensor:  # [n] weighted squared error of each vector
         e = x - codebooks[rows, c].sum(1)

@@ -12,6 +12,12 @@ chosen, so the decoded checkpoint is exactly what was optimised.
 With ``rotate=True`` the matrix coded is ``W R`` (``R`` a random sign flip + block Hadamard over the
 padded width, :mod:`.rotation`) against the rotated Hessian ``R^T H R``; the layer then computes
 ``(W R)(R^T x)``. :meth:`RVQWeight.dequantize` always returns the weight in the original basis.
+
+Device: everything runs on the device of the weight (CPU or an accelerator: the k-means, the residual and
+beam coding, the Cholesky factor and error feedback, the re-fits, the rotation), and every tensor of the
+result lives there; a Hessian on another device is moved to the weight's. Random draws come from CPU
+generators (then moved), so a seed means the same draws everywhere, and CPU results are bit-identical to
+those of the CPU-only code this replaced. Storing the result on the host is the caller's business.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from .kmeans import assign, weighted_kmeans
 @dataclass
 class RVQWeight:
     """A weight matrix in RVQ form (unpacked, float32 values that are exact in fp16).
+
+    All tensors live on one device (that of the weight :func:`quantize_weight` was given).
 
     Attributes:
         codes: ``[out, in_groups, stages]`` int64, each in ``[0, 2**bits)``.
@@ -52,7 +60,7 @@ class RVQWeight:
         return self.codes.shape[1] * self.codebooks.shape[-1]
 
     def dequantize(self) -> Tensor:
-        """``[out, in_features]`` float32 reconstruction, in the original (unrotated) basis."""
+        """``[out, in_features]`` float32 reconstruction in the original (unrotated) basis, on this weight's device."""
         if self.signs is None:
             return decode(self.codes, self.codebooks, self.scales, self.in_features)
         w = decode(self.codes, self.codebooks, self.scales, self.coded_width)
@@ -60,7 +68,9 @@ class RVQWeight:
 
 
 def decode(codes: Tensor, codebooks: Tensor, scales: Tensor, in_features: int) -> Tensor:
-    """Reconstruct ``[out, in_features]`` float32 from codes ``[out, G, S]``, codebooks ``[S, K, d]``, scales ``[out]``."""
+    """Reconstruct ``[out, in_features]`` float32 from codes ``[out, G, S]``, codebooks ``[S, K, d]``, scales ``[out]``.
+
+    The result is on the codebooks' device (codes and scales must be there too)."""
     out, groups, stages = codes.shape
     d = codebooks.shape[-1]
     vecs = torch.zeros(out, groups, d, dtype=torch.float32, device=codebooks.device)
@@ -75,22 +85,26 @@ def to_fp16_exact(t: Tensor) -> Tensor:
     return t.clamp(-65504.0, 65504.0).half().float()
 
 
-def column_importance(h: Tensor | None, in_features: int, in_pad: int, hessian_weighted: bool) -> Tensor:
-    """Per-input-column weight ``[in_pad]`` from the Hessian diagonal; padding columns get weight 0.
+def column_importance(
+    h: Tensor | None, in_features: int, in_pad: int, hessian_weighted: bool, device: torch.device | str | None = None
+) -> Tensor:
+    """Per-input-column weight ``[in_pad]`` float32 from the Hessian diagonal; padding columns get weight 0.
 
     ``h`` is the Hessian ``[in, in]`` or its diagonal ``[in]``. A small floor (1% of the mean) keeps
-    columns the calibration never excited from being coded arbitrarily.
+    columns the calibration never excited from being coded arbitrarily (a Hessian whose mean diagonal is
+    not positive and finite weighs all columns alike). The result is on ``device`` (default: ``h``'s,
+    else the CPU); ``h`` must be there too.
     """
-    imp = torch.zeros(in_pad, dtype=torch.float32)
+    if device is None:
+        device = h.device if h is not None else "cpu"
+    imp = torch.zeros(in_pad, dtype=torch.float32, device=device)
     if h is None or not hessian_weighted:
         imp[:in_features] = 1.0
         return imp
     diag = (h.diagonal() if h.dim() == 2 else h).double().clamp_min(0)
     mean = diag.mean()
-    if not torch.isfinite(mean) or mean <= 0:
-        imp[:in_features] = 1.0
-        return imp
-    imp[:in_features] = ((diag + 0.01 * mean) / mean).float()
+    usable = torch.isfinite(mean) & (mean > 0)  # decided on the device: no host sync
+    imp[:in_features] = torch.where(usable, ((diag + 0.01 * mean) / mean).float(), 1.0)
     return imp
 
 
@@ -126,20 +140,55 @@ def quantize_weight(
     With ``rotate``, ``W R`` is coded against ``R^T H R`` instead (``R`` over the width padded to a
     multiple of ``vector_dim``, signs drawn from ``seed``, Hadamard blocks of at most
     ``rotation_max_block``); the result carries the signs and block (see :mod:`.rotation`).
+
+    Device: the whole computation runs on ``weight``'s device, and every tensor of the result is there
+    (``hessian`` is moved to it if it lives elsewhere; it is never modified). Memory: the error feedback
+    needs one working ``[in, in]`` float64 matrix besides ``hessian`` (the damped Hessian, then its
+    factors, at most two alive at once): the padded or rotated copy where there is one, else a copy made
+    by :func:`inverse_hessian_factor`.
     """
     if rotate:
         return _quantize_rotated(weight, hessian, vector_dim=vector_dim, stages=stages, bits=bits,
                                  kmeans_iters=kmeans_iters, hessian_weighted=hessian_weighted,
                                  error_feedback=error_feedback, kmeans_points=kmeans_points, beam=beam,
                                  seed=seed, refits=refits, max_block=rotation_max_block)
-    w = weight.detach().float().cpu()
+    return _quantize_plain(weight, hessian, own_hessian=False, vector_dim=vector_dim, stages=stages, bits=bits,
+                           kmeans_iters=kmeans_iters, hessian_weighted=hessian_weighted,
+                           error_feedback=error_feedback, kmeans_points=kmeans_points, beam=beam, seed=seed,
+                           refits=refits)
+
+
+def _quantize_plain(
+    weight: Tensor,
+    hessian: Tensor | None,
+    *,
+    own_hessian: bool,
+    vector_dim: int,
+    stages: int,
+    bits: int,
+    kmeans_iters: int,
+    hessian_weighted: bool,
+    error_feedback: bool,
+    kmeans_points: int,
+    beam: int,
+    seed: int,
+    refits: int,
+) -> RVQWeight:
+    """:func:`quantize_weight` without rotation. ``own_hessian``: ``hessian`` is a float64 matrix on
+    ``weight``'s device made for this call, which the error feedback may overwrite (saving an ``[in, in]``
+    copy); a Hessian of the caller's is never modified (only copies made here: moved, converted, padded)."""
+    w = weight.detach().float()
+    device = w.device
+    if hessian is not None:
+        own_hessian = own_hessian or hessian.device != w.device  # moved here: the copy is ours
+        hessian = hessian.detach().to(device)
     out, in_features = w.shape
     d = vector_dim
     groups = -(-in_features // d)
     in_pad = groups * d
     if in_pad != in_features:
         w = torch.nn.functional.pad(w, (0, in_pad - in_features))
-    col = column_importance(hessian, in_features, in_pad, hessian_weighted)
+    col = column_importance(hessian, in_features, in_pad, hessian_weighted, device)
 
     rms = (w.pow(2) * col).sum(1).div(col.sum()).sqrt()
     scales = to_fp16_exact(torch.where(rms > 0, rms, torch.ones_like(rms)))
@@ -150,16 +199,19 @@ def quantize_weight(
     k = 1 << bits
     codebooks = learn_codebooks(x, wt, stages, k, kmeans_iters, seed, kmeans_points, refits=refits, beam=beam)
     if error_feedback and hessian is not None and hessian.dim() == 2:
-        h = torch.zeros(in_pad, in_pad, dtype=torch.float64)
-        h[:in_features, :in_features] = hessian.detach().double().cpu()
-        codes = encode_with_feedback(w, h, scales, codebooks, beam=beam)
+        if in_pad == in_features:  # no padding: no copy here (unless a dtype conversion makes one)
+            h, own = hessian.double(), own_hessian or hessian.dtype != torch.float64
+        else:
+            h, own = torch.zeros(in_pad, in_pad, dtype=torch.float64, device=device), True
+            h[:in_features, :in_features] = hessian
+        codes = encode_with_feedback(w, h, scales, codebooks, beam=beam, overwrite_hessian=own)
         return RVQWeight(codes, codebooks, scales, in_features)
 
     if refits > 0:  # the re-fitted codebooks are tuned to beam search, not to greedy stage-by-stage coding
         codes = encode_rvq_chunked(x, codebooks, beam, wt)
-        residual = x - codebooks[torch.arange(stages)[None, :], codes].sum(1)
+        residual = x - codebooks[torch.arange(stages, device=device)[None, :], codes].sum(1)
     else:
-        codes = torch.empty(out * groups, stages, dtype=torch.long)
+        codes = torch.empty(out * groups, stages, dtype=torch.long, device=device)
         residual = x.clone()
         for s in range(stages):
             codes[:, s] = assign(residual, wt, codebooks[s])
@@ -175,25 +227,35 @@ def quantize_weight(
 
 def _quantize_rotated(weight: Tensor, hessian: Tensor | None, *, vector_dim: int, seed: int, max_block: int,
                       **kw) -> RVQWeight:
-    """:func:`quantize_weight` of ``W R`` against ``R^T H R`` over the padded width."""
-    w = weight.detach().float().cpu()
+    """:func:`quantize_weight` of ``W R`` against ``R^T H R`` over the padded width, on ``weight``'s device.
+
+    Besides the caller's Hessian, at most three ``[n, n]`` float64 matrices are alive at once (inside
+    :func:`rotation.rotate_hessian`); the rotated Hessian is then handed on, and the error feedback damps
+    and factors it in place."""
+    w = weight.detach().float()
+    device = w.device
     out, in_features = w.shape
     n = -(-in_features // vector_dim) * vector_dim
     block = rotation.block_size(n, max_block)
-    signs = rotation.random_signs(n, seed)
+    signs = rotation.random_signs(n, seed, device=device)
     w = rotation.rotate(torch.nn.functional.pad(w, (0, n - in_features)), signs, block)
     h = None
     if hessian is not None:
-        full = hessian.detach().double().cpu()
+        full = hessian.detach().to(device=device, dtype=torch.float64)
         if full.dim() == 1:
             full = torch.diag(full)
-        h = torch.zeros(n, n, dtype=torch.float64)
-        h[:in_features, :in_features] = full
+        if n == in_features:  # rotate_hessian does not modify its input: no padded copy needed
+            h = full
+        else:
+            h = torch.zeros(n, n, dtype=torch.float64, device=device)
+            h[:in_features, :in_features] = full
+        del full
         h = rotation.rotate_hessian(h, signs, block)
-        h = (h + h.T) / 2
+        h = h + h.T
+        h /= 2
         if hessian.dim() == 1:  # a diagonal in, a diagonal out (no error feedback without the full matrix)
             h = h.diagonal().clone()
-    q = quantize_weight(w, h, vector_dim=vector_dim, seed=seed, **kw)
+    q = _quantize_plain(w, h, own_hessian=h is not None, vector_dim=vector_dim, seed=seed, **kw)
     return RVQWeight(q.codes, q.codebooks, q.scales, in_features, signs, block)
 
 
@@ -212,7 +274,8 @@ def learn_codebooks(
     """Stage-by-stage weighted k-means on a sample of the vectors, then optional joint re-fits.
 
     Args:
-        x: ``[n, d]`` vectors. wt: ``[n, d]`` their error weights. k: codewords per stage.
+        x: ``[n, d]`` vectors. wt: ``[n, d]`` their error weights, on ``x``'s device. k: codewords per
+            stage.
         points_per_code: the sample holds ``points_per_code * k`` vectors (all of them if fewer).
         refits: rounds of alternating optimisation after the k-means (0: none), starting from the greedy
             codes of the k-means: :func:`rvqllm.rvq.refit.refine_codebooks` (weighted beam encoding under
@@ -221,16 +284,17 @@ def learn_codebooks(
         beam: beam width of the encoding inside the re-fit rounds (unused when ``refits == 0``); use the
             width the final codes will be chosen with, since the re-fitted codebooks are tuned to it.
     Returns:
-        codebooks ``[stages, k, d]`` float32, fp16-exact. Stage ``s`` is fitted to what stages ``< s``
-        leave of the sample, coded greedily with the rounded codebooks (then re-fitted as above).
+        codebooks ``[stages, k, d]`` float32, fp16-exact, on ``x``'s device. Stage ``s`` is fitted to what
+        stages ``< s`` leave of the sample, coded greedily with the rounded codebooks (then re-fitted as above).
     """
     gen = torch.Generator().manual_seed(seed)
     n, d = x.shape
     m = min(n, points_per_code * k)
-    pick = torch.randperm(n, generator=gen)[:m] if m < n else torch.arange(n)
+    # the sample is drawn on the CPU generator (the same on every device), then moved
+    pick = torch.randperm(n, generator=gen)[:m].to(x.device) if m < n else torch.arange(n, device=x.device)
     residual, w = x[pick].clone(), wt[pick]
-    codebooks = torch.empty(stages, k, d)
-    codes = torch.empty(m, stages, dtype=torch.long)
+    codebooks = torch.empty(stages, k, d, device=x.device)
+    codes = torch.empty(m, stages, dtype=torch.long, device=x.device)
     for s in range(stages):
         centers, _ = weighted_kmeans(residual, w, k, iters, seed=seed * 1000 + s, max_points=m)
         centers = to_fp16_exact(centers)
@@ -246,26 +310,39 @@ def learn_codebooks(
     return codebooks
 
 
-def inverse_hessian_factor(h: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+def inverse_hessian_factor(h: Tensor, damp: float = 0.01, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) after damping, as in GPTQ.
 
     Columns the calibration never excited (zero diagonal) get a unit diagonal and are reported in the
-    returned mask so their weights can be zeroed. Returns ``(U [n, n] float32, dead [n] bool)``.
+    returned mask so their weights can be zeroed. ``h`` is ``[n, n]`` (any float dtype); it is not
+    modified unless ``overwrite`` (then, if it is float64, it is damped in place and left so, saving a
+    copy). Returns ``(U [n, n] float32, dead [n] bool)`` on ``h``'s device, computed there in float64.
+
+    Memory: besides ``h``, at most two ``[n, n]`` float64 matrices are alive at a time (the damped copy
+    and its factor, then the factor and the inverse, then the inverse and ``U``). Host syncs: one per
+    Cholesky attempt (reading its status decides whether to damp harder) and the final factor's error
+    check -- a few per layer, none per column.
     """
-    h = h.double().clone()
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1.0
-    mean = h.diagonal().mean()
-    h.diagonal().add_(damp * float(mean))
+    h = h.double() if overwrite else h.double().clone()
+    diag = h.diagonal()
+    dead = diag <= 0
+    diag.masked_fill_(dead, 1.0)
+    mean = diag.mean()
+    diag.add_(damp * mean)  # a 0-dim tensor, not float(mean): no host sync
     for _ in range(6):
         chol, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
+        if int(info) == 0:  # host sync: the branch needs the status
             break
-        h.diagonal().add_(damp * float(mean))  # not positive definite: damp harder
+        chol = None  # free the failed factor before the next attempt
+        diag.add_(damp * mean)  # not positive definite: damp harder
     else:
         raise ValueError("Hessian is not positive definite even after damping")
+    del h, diag
     hinv = torch.cholesky_inverse(chol)
-    return torch.linalg.cholesky(hinv, upper=True).float(), dead
+    del chol
+    u = torch.linalg.cholesky(hinv, upper=True)
+    del hinv
+    return u.float(), dead
 
 
 def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = None) -> Tensor:
@@ -278,6 +355,7 @@ def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = 
     ``beam > 1`` keeps the ``beam`` best partial sums after every stage; each vector then gets the better
     of the best beam and the greedy code, so the result is never worse than greedy.
     The whole ``[n, beam, K]`` score block is materialised: chunk large inputs (:func:`encode_rvq_chunked`).
+    All inputs on one device; the codes come back there, and nothing syncs with the host.
     """
     n = x.shape[0]
     stages, k, _ = codebooks.shape
@@ -298,7 +376,7 @@ def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = 
         def weigh(r: Tensor) -> Tensor:  # r [n, d] or [n, b, d]
             return r * (wt if r.dim() == 2 else wt[:, None, :])
 
-    greedy = torch.empty(n, stages, dtype=torch.long)
+    greedy = torch.empty(n, stages, dtype=torch.long, device=x.device)
     r = x
     for s in range(stages):
         idx = (word_norms(s) - 2.0 * weigh(r) @ codebooks[s].T).argmin(1)
@@ -310,7 +388,7 @@ def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = 
     # beams: residuals [n, B, d], their (weighted) squared norms [n, B], their codes [n, B, s]
     res = x[:, None, :]
     err = (weigh(x) * x).sum(-1, keepdim=True)
-    codes = torch.zeros(n, 1, 0, dtype=torch.long)
+    codes = torch.zeros(n, 1, 0, dtype=torch.long, device=x.device)
     for s in range(stages):
         b = res.shape[1]
         total = err[:, :, None] + word_norms(s)[:, None, :] - 2.0 * weigh(res) @ codebooks[s].T  # [n, b, K]
@@ -330,7 +408,7 @@ def encode_rvq_chunked(
     x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = None, max_elems: int = 1 << 23
 ) -> Tensor:
     """:func:`encode_rvq` over row chunks of ``x [n, d]`` (``wt [n, d]`` likewise), each holding at most
-    ``max_elems`` entries of the ``[rows, beam, K]`` score block. Returns ``[n, S]`` int64."""
+    ``max_elems`` entries of the ``[rows, beam, K]`` score block. Returns ``[n, S]`` int64 on ``x``'s device."""
     n = x.shape[0]
     step = max(1, max_elems // (max(beam, 1) * codebooks.shape[1]))
     if n <= step:
@@ -342,7 +420,8 @@ def encode_rvq_chunked(
 
 
 def encode_with_feedback(
-    w: Tensor, h: Tensor, scales: Tensor, codebooks: Tensor, block: int = 128, beam: int = 1
+    w: Tensor, h: Tensor, scales: Tensor, codebooks: Tensor, block: int = 128, beam: int = 1, *,
+    overwrite_hessian: bool = False
 ) -> Tensor:
     """Choose codes for ``w [out, in_pad]`` against the output error ``tr((W-Q) H (W-Q)^T)``.
 
@@ -352,19 +431,30 @@ def encode_with_feedback(
     columns through ``U`` (GPTQ's update), lazily in blocks of ``block`` columns.
 
     Args:
-        w: ``[out, in_pad]`` float32. h: ``[in_pad, in_pad]`` float64 Hessian (padding rows/cols zero).
-        scales: ``[out]``. codebooks: ``[S, K, d]`` (fixed). beam: see :func:`encode_rvq`.
+        w: ``[out, in_pad]`` float32. h: ``[in_pad, in_pad]`` float64 Hessian (padding rows/cols zero;
+            not modified unless ``overwrite_hessian``: see :func:`inverse_hessian_factor`). scales:
+            ``[out]``. codebooks: ``[S, K, d]`` (fixed). beam: see :func:`encode_rvq`. All on one device.
     Returns:
-        codes ``[out, in_pad // d, S]`` int64.
+        codes ``[out, in_pad // d, S]`` int64 on that device.
+
+    Everything runs on that device without host syncs in the per-group loop. Memory: ``U`` (float32
+    ``[in_pad, in_pad]``), a copy of ``w``, the update ``err @ U[block, rest]`` (``[out, in_pad]`` at
+    most) and per group an ``[out, beam, K]`` score block: nothing of size ``out * in_pad * K``.
     """
     out, in_pad = w.shape
     stages, _, d = codebooks.shape
     block = max(d, block // d * d)
-    u, dead = inverse_hessian_factor(h)
+    u, dead = inverse_hessian_factor(h, overwrite=overwrite_hessian)
     w = w.clone()
-    w[:, dead] = 0.0
-    codes = torch.empty(out, in_pad // d, stages, dtype=torch.long)
+    w.masked_fill_(dead, 0.0)  # w[:, dead] = 0 without the host sync of boolean indexing
+    codes = torch.empty(out, in_pad // d, stages, dtype=torch.long, device=w.device)
+    stage_rows = torch.arange(stages, device=codebooks.device)[None, :]
     inv_s = 1.0 / scales[:, None]
+    # the inverses of U's diagonal [d, d] blocks, all at once: [G, d, d]. inv_ex skips inv's singularity
+    # check (a host sync on a GPU); these blocks of an upper Cholesky factor are triangular with a positive
+    # diagonal, so never singular
+    groups = in_pad // d
+    maps = torch.linalg.inv_ex(u.view(groups, d, groups, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)).inverse
     for b0 in range(0, in_pad, block):
         b1 = min(b0 + block, in_pad)
         wb = w[:, b0:b1].clone()
@@ -372,11 +462,11 @@ def encode_with_feedback(
         err = torch.zeros_like(wb)
         for g0 in range(0, b1 - b0, d):
             g1 = g0 + d
-            a = torch.linalg.inv(ub[g0:g1, g0:g1])  # [d, d]: maps an error to its cost coordinates
+            a = maps[(b0 + g0) // d]  # [d, d]: maps an error to its cost coordinates
             target = (wb[:, g0:g1] * inv_s) @ a
             c = encode_rvq(target, codebooks @ a, beam)
             codes[:, (b0 + g0) // d] = c
-            q = codebooks[torch.arange(stages)[None, :], c].sum(1) * scales[:, None]  # [out, d]
+            q = codebooks[stage_rows, c].sum(1) * scales[:, None]  # [out, d]
             e = (wb[:, g0:g1] - q) @ a
             err[:, g0:g1] = e
             wb[:, g1:] -= e @ ub[g0:g1, g1:]

@@ -19,6 +19,10 @@ and an odd ``in_features`` still gets blocks of at least the largest power of tw
 ``vector_dim``. ``b`` is the largest power of two dividing ``n``, capped at :data:`MAX_BLOCK`. When
 ``n`` is odd (an odd ``vector_dim`` and an odd number of groups) ``b = 1``: the rotation degenerates
 to the sign flip alone, which is orthogonal and harmless but spreads nothing.
+
+Device: the transforms run on the device of the tensor they transform (the Hadamard matrix is cached per
+device, the signs are moved there if needed); the signs are drawn on a CPU generator, so a seed gives the
+same signs on every device.
 """
 
 from __future__ import annotations
@@ -42,14 +46,16 @@ def block_size(n: int, max_block: int = MAX_BLOCK) -> int:
     return min(b, cap)
 
 
-def random_signs(n: int, seed: int) -> Tensor:
-    """``[n]`` int8 of ±1, a deterministic function of ``seed``."""
+def random_signs(n: int, seed: int, device: torch.device | str | None = None) -> Tensor:
+    """``[n]`` int8 of ±1, a deterministic function of ``seed`` (drawn on the CPU), on ``device`` (default CPU)."""
     gen = torch.Generator().manual_seed(int(seed) + SIGN_SEED_OFFSET)
-    return (torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1).to(torch.int8)
+    signs = (torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1).to(torch.int8)
+    return signs if device is None else signs.to(device)
 
 
-def _sylvester(b: int) -> Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
+def _sylvester(b: int, device: torch.device) -> Tensor:
+    """``H_b / sqrt(b)`` in float64, built on ``device`` (exact entries, one IEEE division)."""
+    h = torch.ones(1, 1, dtype=torch.float64, device=device)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / b**0.5
@@ -68,12 +74,14 @@ def hadamard_matrix(b: int, dtype: torch.dtype = torch.float32, device: torch.de
     if h is None:
         if b < 1 or b & (b - 1):
             raise ValueError(f"Hadamard block {b} is not a power of two")
-        h = _CACHE[key] = _sylvester(b).to(device=device, dtype=dtype)
+        h = _CACHE[key] = _sylvester(b, device).to(dtype=dtype)
     return h
 
 
 def hadamard(v: Tensor, block: int) -> Tensor:
-    """``H_b / sqrt(b)`` applied to every block of ``block`` consecutive entries of ``v``'s last dim."""
+    """``H_b / sqrt(b)`` applied to every block of ``block`` consecutive entries of ``v``'s last dim.
+
+    Returns a new tensor of ``v``'s shape, dtype and device (``v`` itself when ``block == 1``)."""
     if block == 1:
         return v
     h = hadamard_matrix(block, v.dtype, v.device)
@@ -95,12 +103,20 @@ def unrotate(v: Tensor, signs: Tensor, block: int) -> Tensor:
 
 
 def rotate_hessian(h: Tensor, signs: Tensor, block: int) -> Tensor:
-    """``R^T H R`` for a symmetric ``H [n, n]`` (the Hessian of the rotated inputs ``x' = x R``)."""
+    """``R^T H R`` for a symmetric ``H [n, n]`` (the Hessian of the rotated inputs ``x' = x R``).
+
+    On ``h``'s device, which is not modified. Besides ``h``, at most two ``[n, n]`` matrices are alive at
+    once (the result is the transpose of a contiguous matrix)."""
+    if signs.device != h.device:
+        signs = signs.to(h.device)
     hr = rotate(h, signs, block)  # H R: every row of H times R
-    return rotate(hr.T.contiguous(), signs, block).T  # ((H R)^T R)^T = R^T H R
+    t = hr.T.contiguous()
+    del hr
+    t.mul_(signs)  # rotate(t) is hadamard(t * signs): the product in place, on a matrix we own
+    return hadamard(t, block).T  # ((H R)^T R)^T = R^T H R
 
 
 def matrix(signs: Tensor, block: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The dense ``R [n, n]`` (tests and analysis)."""
+    """The dense ``R [n, n]`` (tests and analysis), on the signs' device."""
     n = signs.shape[0]
-    return rotate(torch.eye(n, dtype=dtype), signs, block)
+    return rotate(torch.eye(n, dtype=dtype, device=signs.device), signs, block)

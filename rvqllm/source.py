@@ -1,0 +1,312 @@
+"""Where the weights of the model to quantize come from: memory, or the model's safetensors shards.
+
+The pipeline (:mod:`rvqllm.pipeline`) asks a source for one decoder block at a time and gives it back
+when the block is finished; it never needs the whole float model at once.
+
+- :class:`MemorySource` wraps a model already built in memory (the library's ``rvqllm.quantize(model,
+  ...)``, a GGUF file, mixed precision): blocks move to the working device when asked for and back to
+  where the model lives when released, quantized layers and all.
+- :class:`ShardSource` builds an empty skeleton (meta device) from a model folder's ``config.json`` and
+  reads each block's tensors from its safetensors files (``model.safetensors.index.json`` or a single
+  ``model.safetensors``) only when that block is processed; tensors stay in the checkpoint's dtype on the
+  host until they reach the working device, where they are computed in float32. A released block goes
+  back to the meta device (its coded form is on disk by then), so host memory holds about one float block
+  plus embeddings and head, however many blocks the model has.
+
+Every tensor name, file and shape is checked against the config before any work starts (headers only).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .arch import check_causal_lm, find_blocks, find_linears, linear_weight, split_fused_experts
+from .errors import RVQError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _params_and_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """Persistent tensors of ``module`` by name (what a checkpoint stores), tied duplicates included."""
+    return dict(module.state_dict(keep_vars=True))
+
+
+def _assign(root: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Put ``tensors`` (by name under ``root``) into ``root``'s parameters/buffers, replacing meta tensors."""
+    result = root.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:  # names were checked against the skeleton up front
+        raise RVQError(f"internal: no place for tensor {result.unexpected_keys[0]!r}")
+
+
+class MemorySource:
+    """A model built in memory. ``device``: where blocks are worked on (default: where the model is)."""
+
+    streaming = False
+
+    def __init__(self, model: nn.Module) -> None:
+        check_causal_lm(model)
+        self.model = model
+        self.prefix, self.blocks = find_blocks(model)
+        p = next(model.parameters(), None)
+        self.home = p.device if p is not None else torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def layers(self, i: int, skip: list[str]) -> dict[str, tuple[int, int]]:
+        """Block ``i``'s linear layers to quantize: ``{name: (out, in)}``."""
+        return _shapes(find_linears(self.blocks[i], f"{self.prefix}.{i}", skip))
+
+    def other_bytes(self) -> int:
+        """Bytes of the tensors outside the blocks, as the checkpoint will store them (16-bit)."""
+        block_ids = {id(p) for p in self.blocks.parameters()}
+        return 2 * sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values()
+                       if id(p) not in block_ids)
+
+    def load_rest(self, device: torch.device) -> None:
+        """Everything outside the blocks (embeddings, final norm, head) onto ``device``."""
+        _move_except(self.model, self.blocks, device)
+
+    def load_block(self, i: int, device: torch.device) -> nn.Module:
+        return self.blocks[i].to(device)
+
+    def release_block(self, i: int) -> None:
+        self.blocks[i].to(self.home)
+
+    def release_rest(self) -> None:
+        self.load_rest(self.home)
+
+    def fingerprint(self) -> str:
+        from .validate import tensor_digest
+
+        h = hashlib.sha256()
+        for name, t in self.model.state_dict().items():
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(bytes.fromhex(tensor_digest(t)))
+        return h.hexdigest()
+
+
+def _move_except(module: nn.Module, skip: nn.Module, device: torch.device) -> None:
+    """``module.to(device)`` for everything under it except the subtree ``skip``."""
+    if module is skip:
+        return
+    for child in module.children():
+        _move_except(child, skip, device)
+    for key, p in module._parameters.items():
+        if p is not None and p.device != device:
+            module._parameters[key].data = p.data.to(device)
+    for key, b in module._buffers.items():
+        if b is not None and b.device != device:
+            module._buffers[key] = b.to(device)
+
+
+class ShardSource:
+    """A model folder read block by block from its safetensors files (see the module doc)."""
+
+    streaming = True
+
+    def __init__(self, folder: str | Path, spec: str | None = None) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        self.folder = Path(folder)
+        label = spec or str(folder)
+        try:
+            config = AutoConfig.from_pretrained(self.folder)
+        except (OSError, ValueError, KeyError) as err:
+            first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
+            raise RVQError(f"could not read the config of {label!r}: {first}") from None
+        if getattr(config, "is_encoder_decoder", False) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise RVQError(f"{label!r} is a {type(config).__name__.removesuffix('Config')} model, not a causal LM "
+                           "transformers can build with AutoModelForCausalLM: rvqllm quantizes decoder-only LMs")
+        self.config = config
+        source_dtype = getattr(config, "dtype", None)  # before transformers rewrites it to the compute dtype
+        try:
+            with init_empty_weights():
+                self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
+            raise RVQError(f"transformers cannot build {label!r} from its config ({first})") from None
+        self.model.eval()
+        self.model.rvq_source_dtype = source_dtype  # unquantized tensors are stored in it again
+        check_causal_lm(self.model)
+        self.prefix, self.blocks = find_blocks(self.model)
+        self.files, self.headers = self._read_index(label)
+        self._check_against_skeleton(label)
+        self._pristine = [copy.deepcopy(b) for b in self.blocks]  # meta copies: layer names before any split
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    # -- checks (headers only) -------------------------------------------------------------------
+    def _read_index(self, label: str) -> tuple[dict[str, str], dict[str, dict]]:
+        """``(tensor name -> file name, file name -> safetensors header)``."""
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text())
+                weight_map = data["weight_map"]
+                assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+            except (OSError, ValueError, KeyError, TypeError, AssertionError):
+                raise RVQError(f"{index} is not a valid safetensors index (no weight_map): re-download the model") from None
+        elif (self.folder / SINGLE_NAME).is_file():
+            weight_map = None
+        else:
+            raise RVQError(f"{label!r} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME}): convert it with "
+                           "transformers' save_pretrained, or give a .gguf file")
+        names = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
+        headers = {}
+        for name in names:
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise RVQError(f"{index} names file {name!r} outside the model folder: re-download the model")
+            path = self.folder / name
+            if not path.is_file():
+                raise RVQError(f"{label!r} is missing shard {name} (listed in {INDEX_NAME}): re-download the model")
+            headers[name] = _read_header(path)
+        if weight_map is None:
+            weight_map = dict.fromkeys(headers[SINGLE_NAME], SINGLE_NAME)
+        for tensor, name in weight_map.items():
+            if tensor not in headers[name]:
+                raise RVQError(f"{name} lacks tensor {tensor!r} that {INDEX_NAME} puts there: the shards do not "
+                               "match their index; re-download the model")
+        return weight_map, headers
+
+    def _check_against_skeleton(self, label: str) -> None:
+        expected = _params_and_buffers(self.model)
+        tied = self._tied_names()
+        for name, t in expected.items():
+            if name not in self.files:
+                if name in tied or not isinstance(t, nn.Parameter) and not t.is_meta:
+                    continue  # re-tied after loading, or a buffer the config rebuilds
+                raise RVQError(f"{label!r}: the checkpoint lacks tensor {name!r} that its config.json implies: "
+                               "the shards and the config disagree; re-download or re-convert the model")
+            entry = self.headers[self.files[name]][name]
+            if tuple(entry["shape"]) != tuple(t.shape):
+                raise RVQError(f"{label!r}: tensor {name!r} in {self.files[name]} has shape {entry['shape']} but "
+                               f"config.json makes it {list(t.shape)}: the shards and the config disagree")
+
+    def _tied_names(self) -> set[str]:
+        """Names of the output embedding's weight when the config ties it to the input embedding."""
+        out = self.model.get_output_embeddings()
+        if out is None or not getattr(self.config.get_text_config(), "tie_word_embeddings", False):
+            return set()
+        return {f"{n}.weight" for n, m in self.model.named_modules() if m is out}
+
+    # -- the protocol ------------------------------------------------------------------------------
+    def layers(self, i: int, skip: list[str]) -> dict[str, tuple[int, int]]:
+        """Block ``i``'s linear layers to quantize: ``{name: (out, in)}`` (from the meta skeleton)."""
+        return _shapes(find_linears(copy.deepcopy(self._pristine[i]), f"{self.prefix}.{i}", skip))
+
+    def other_bytes(self) -> int:
+        """Bytes of the checkpoint's tensors outside the blocks, as stored."""
+        pre = f"{self.prefix}."
+        return sum(_entry_bytes(self.headers[f][n]) for n, f in self.files.items() if not n.startswith(pre))
+
+    def _read(self, names: list[str], device: torch.device) -> dict[str, Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for file, group in by_file.items():
+            with safe_open(self.folder / file, framework="pt") as f:
+                for n in group:
+                    t = f.get_tensor(n)
+                    out[n] = t.to(device=device, dtype=torch.float32) if t.is_floating_point() else t.to(device)
+        return out
+
+    def load_rest(self, device: torch.device) -> None:
+        block_prefix = f"{self.prefix}."
+        names = [n for n in _params_and_buffers(self.model) if not n.startswith(block_prefix) and n in self.files]
+        _assign(self.model, self._read(names, device))
+        for name, b in list(self.model.named_buffers()):  # non-persistent buffers (rotary inv_freq...)
+            if not name.startswith(block_prefix) and b.device != device:
+                mod, _, key = name.rpartition(".")
+                self.model.get_submodule(mod)._buffers[key] = b.to(device)
+        self.model.tie_weights()
+        left = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(block_prefix)]
+        if left:
+            raise RVQError(f"{self.folder}: the checkpoint lacks tensor {left[0]!r}: re-download the model")
+
+    def load_empty_block(self, i: int) -> nn.Module:
+        """Block ``i`` as a fresh meta skeleton (fused experts split, so quantized layer names exist)."""
+        self.blocks[i] = block = copy.deepcopy(self._pristine[i])
+        split_fused_experts(block)
+        return block
+
+    def load_block(self, i: int, device: torch.device) -> nn.Module:
+        """Block ``i`` with its float weights read from the shards, on ``device`` in float32."""
+        self.blocks[i] = block = copy.deepcopy(self._pristine[i])  # a fresh meta block (drops any earlier state)
+        pre = f"{self.prefix}.{i}."
+        names = [n for n in self.files if n.startswith(pre)]
+        tensors = {n.removeprefix(pre): t for n, t in self._read(names, device).items()}
+        _assign(block, tensors)
+        for name, b in list(block.named_buffers()):
+            if b.device != device:
+                mod, _, key = name.rpartition(".")
+                block.get_submodule(mod)._buffers[key] = b.to(device)
+        left = [n for n, p in block.named_parameters() if p.is_meta]
+        if left:
+            raise RVQError(f"{self.folder}: the checkpoint lacks tensor {pre}{left[0]!r}: re-download the model")
+        return block
+
+    def release_block(self, i: int) -> None:
+        self.blocks[i] = self.blocks[i].to("meta")
+
+    def release_rest(self) -> None:
+        pass
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name in sorted(self.headers):
+            h.update(f"{name}|{(self.folder / name).stat().st_size}|".encode())
+            h.update(json.dumps(self.headers[name], sort_keys=True).encode())
+        h.update(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
+        return h.hexdigest()
+
+
+def _shapes(layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    return {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
+
+
+def _entry_bytes(entry: dict) -> int:
+    return math.prod(entry["shape"]) * _DTYPE_BYTES.get(entry["dtype"], 4)
+
+
+def _read_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header (``{name: {dtype, shape, data_offsets}}``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            size = path.stat().st_size
+            if n < 2 or n > min(size - 8, 100 * 2**20):
+                raise ValueError
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        raise RVQError(f"{path} is not a readable safetensors file (truncated or damaged): re-download the model") from None
+    if not isinstance(header, dict):
+        raise RVQError(f"{path} has no safetensors header: re-download the model")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, e in header.items():
+        try:
+            end = max(end, int(e["data_offsets"][1]))
+            _ = e["shape"], e["dtype"]
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise RVQError(f"{path}: tensor {name!r} has a malformed header entry: re-download the model") from None
+    if 8 + n + end > size:
+        raise RVQError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}): re-download the model")
+    return header
