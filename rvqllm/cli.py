@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .config import RVQConfig, available_presets
-from .errors import RVQError
+from .errors import ResumableError, RVQError
 
 DEFAULT_PRESET = "2bit"
 DEFAULT_TEXTS = ["kjv", "shakespeare"]
@@ -87,6 +87,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
 
 def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) -> dict:
+    import shutil
+
     from .checkpoint import publish
     from .models import open_source
     from .pipeline import run
@@ -118,8 +120,17 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
                    + ", ".join(f"{k} {v:.1f}" for k, v in acc["seconds"].items() if v >= 0.05)
                    + f"), peak RSS {acc['peak_rss_mib'] / 1024:.2f} GiB{dev}, ETA {left / 60:.1f} min")
 
-    report = run(source, cfg, calib, placement, progress=lambda name, d, n: bar("quantize", d, n, name),
-                 on_block=on_block, run_dir=run_dir, resume=resume)
+    had_run = resume and (run_dir / "run.json").is_file()
+    try:
+        report = run(source, cfg, calib, placement, progress=lambda name, d, n: bar("quantize", d, n, name),
+                     on_block=on_block, run_dir=run_dir, resume=resume)
+    except BaseException as err:
+        # keep what a resume can continue from (a kill, Ctrl-C, a full disk, out of memory); an input error
+        # or a run with nothing finished leaves nothing behind
+        resumable = isinstance(err, KeyboardInterrupt | OSError | ResumableError) and _blocks_done(run_dir) > 0
+        if placement.is_main and not had_run and not resumable:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - t0
     model = source.model
     result = {"out": str(out), "config": cfg.to_dict(), "quantize_seconds": round(seconds, 1),
@@ -129,6 +140,7 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
     if not placement.is_main:
         return result
     publish(run_dir, out, model=model, tokenizer=tokenizer, overwrite=args.overwrite)
+    shutil.rmtree(run_dir, ignore_errors=True)  # its shards are the checkpoint's files now (hard links)
     summary = summarize(model.rvq_layers)
     result.update({"bpw": summary["bpw"], "bytes": folder_bytes(out), "layers": summary["layers"],
                    "finetune_seconds": round(sum(b.get("finetune_seconds", 0.0) for b in report.blocks.values()), 1)})
@@ -143,6 +155,14 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
         _say(args, f"distillation: {report.distill['seconds']:.0f} s; KL {report.distill['kl_before']:.4f} -> "
                    f"{report.distill['kl_after']:.4f}")
     return result
+
+
+def _blocks_done(run_dir: Path) -> int:
+    """Blocks an (interrupted) run folder has committed; 0 when it has none or cannot be read."""
+    try:
+        return int(json.loads((run_dir / "progress.json").read_text())["blocks_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _check_disk(source, cfg: RVQConfig, calib, out: Path) -> None:

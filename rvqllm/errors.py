@@ -8,3 +8,8 @@ prints that line and exits non-zero; anything else is a bug and keeps its traceb
 
 class RVQError(Exception):
     """A user-facing error: ``str(err)`` is a single line that names the problem and the fix."""
+
+
+class ResumableError(RVQError):
+    """An :class:`RVQError` after which the run can go on (e.g. out of device memory): the finished blocks
+    are kept for ``--resume``."""

@@ -45,16 +45,21 @@ from .arch import find_linears, linear_weight, set_module
 from .calibration import HessianCollector, capture_block_inputs
 from .checkpoint import storage_dtype
 from .config import RVQConfig
-from .errors import RVQError
+from .errors import ResumableError, RVQError
 from .finetune import TEACHER_TOP_K, distill_model, finetune_block, lm_head_fn, teacher_topk_from_hidden
-from .meter import Meter
+from .meter import Meter, trim_host_memory
 from .mixed import allocate, fisher_sensitivity
 from .nn import QuantizedLinear
 from .placement import Placement, oom_errors
 from .resume import MemoryActivations, RunDir, run_fingerprint
 from .rvq import quantize_weight
 from .source import MemorySource, ShardSource
-from .validate import check_causal_behaviour, check_finite_parameters, check_vector_dim_fits
+from .validate import (
+    check_causal_behaviour,
+    check_causal_first_block,
+    check_finite_parameters,
+    check_vector_dim_fits,
+)
 
 
 @dataclass
@@ -295,15 +300,14 @@ class _Walk:
     # -- before the first block ------------------------------------------------------------------
     def prepare(self, run_dir, resume: bool) -> None:
         cfg, source = self.config, self.source
-        widths = {}
+        widths = {n: s[1] for i in range(len(source)) for n, s in source.layers(i, cfg.skip).items()}
+        for c in cfg.mixed_candidates if cfg.bpw_budget is not None else [cfg.to_dict()]:
+            check_vector_dim_fits(c["vector_dim"], widths)
         if not source.streaming:  # an in-memory model: check all of it up front (cheap at that size)
             for i in range(len(source)):
                 for name, module in find_linears(source.blocks[i], f"{source.prefix}.{i}", cfg.skip).items():
                     _check_weight(name, linear_weight(module))
-                    widths[name] = linear_weight(module).shape[1]
             check_finite_parameters(self.model)
-            for c in cfg.mixed_candidates if cfg.bpw_budget is not None else [cfg.to_dict()]:
-                check_vector_dim_fits(c["vector_dim"], widths)
             check_causal_behaviour(self.model)
         self.model.eval()
         self.run = None
@@ -315,6 +319,9 @@ class _Walk:
                 self.run = RunDir.open(run_dir, self.run.fingerprint, resume=True, n_blocks=len(source))
         source.load_rest(self.device)
         self.start_block = self.run.blocks_done if self.run is not None else 0
+        if source.streaming and self.start_block == 0:  # streamed: the embeddings and the first block tell
+            check_causal_first_block(self.model, source.load_block(0, self.device), self.device)
+            source.release_block(0)
         follow_fp = cfg.distill_epochs > 0 or (cfg.finetune_epochs > 0 and cfg.finetune_target == "model")
         n_all = len(self.all_batches)
         resumed = self.run.resumable_inputs(n_all, mine=list(self.batches)) if self.run is not None else None
@@ -340,10 +347,11 @@ class _Walk:
         try:
             self._block(i, meter)
         except oom_errors() as err:
-            raise RVQError(
+            raise ResumableError(
                 f"out of memory on {self.device} in block {i} ({meter.current}): lower calib_batch_size "
                 f"(now {self.config.calib_batch_size}; --calib-batch-size) or finetune_batch / distill_chunk_tokens "
                 "in the config; the finished blocks are kept: rerun with --resume") from err
+        trim_host_memory()
         acc = meter.result()
         self.report.blocks[i] = {**self.report.blocks.get(i, {}), **acc}
         if self.on_block is not None:
@@ -359,7 +367,6 @@ class _Walk:
             if source.streaming:
                 for name, module in layers.items():
                     _check_weight(name, linear_weight(module))
-                check_vector_dim_fits(cfg.vector_dim, {n: linear_weight(m).shape[1] for n, m in layers.items()})
         with meter.stage("calibrate"):
             fp_next = None
             if self.fp is not None:  # the float block on the float model's inputs: the next fp inputs

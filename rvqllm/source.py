@@ -183,25 +183,20 @@ class ShardSource:
         return weight_map, headers
 
     def _check_against_skeleton(self, label: str) -> None:
+        """Every tensor the config implies is in the shards with its shape (a tied tensor once is enough)."""
+        self.model.tie_weights()
         expected = _params_and_buffers(self.model)
-        tied = self._tied_names()
+        present = {id(t) for n, t in expected.items() if n in self.files}
         for name, t in expected.items():
             if name not in self.files:
-                if name in tied or not isinstance(t, nn.Parameter) and not t.is_meta:
-                    continue  # re-tied after loading, or a buffer the config rebuilds
+                if id(t) in present or not isinstance(t, nn.Parameter) and not t.is_meta:
+                    continue  # tied to a tensor that is there, or a buffer the config rebuilds
                 raise RVQError(f"{label!r}: the checkpoint lacks tensor {name!r} that its config.json implies: "
                                "the shards and the config disagree; re-download or re-convert the model")
             entry = self.headers[self.files[name]][name]
             if tuple(entry["shape"]) != tuple(t.shape):
                 raise RVQError(f"{label!r}: tensor {name!r} in {self.files[name]} has shape {entry['shape']} but "
                                f"config.json makes it {list(t.shape)}: the shards and the config disagree")
-
-    def _tied_names(self) -> set[str]:
-        """Names of the output embedding's weight when the config ties it to the input embedding."""
-        out = self.model.get_output_embeddings()
-        if out is None or not getattr(self.config.get_text_config(), "tie_word_embeddings", False):
-            return set()
-        return {f"{n}.weight" for n, m in self.model.named_modules() if m is out}
 
     # -- the protocol ------------------------------------------------------------------------------
     def layers(self, i: int, skip: list[str]) -> dict[str, tuple[int, int]]:

@@ -643,27 +643,56 @@ def check_finite_parameters(model: nn.Module) -> None:
                            "re-download or re-convert it")
 
 
-def check_causal_behaviour(model: nn.Module, seq_len: int = 8) -> None:
-    """Refuse a model whose outputs at position ``t`` depend on tokens after ``t`` (bidirectional).
-
-    Runs two seeded random sequences that differ only in their last token and compares the logits of
-    every earlier position; a causal LM gives the same values (up to float noise).
-    """
+def _two_sequences(model: nn.Module, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two seeded random ``[1, seq_len]`` token sequences that differ only in their last token."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
     if not vocab or vocab < 2:
-        return
+        return None
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, seq_len), generator=gen)
     other = ids.clone()
     other[0, -1] = (ids[0, -1] + 1 + int(torch.randint(0, vocab - 1, (1,), generator=gen))) % vocab
     if other[0, -1] == ids[0, -1]:
         other[0, -1] = (ids[0, -1] + 1) % vocab
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        a = model(input_ids=ids.to(device), use_cache=False).logits[0, :-1].float()
-        b = model(input_ids=other.to(device), use_cache=False).logits[0, :-1].float()
+    return ids, other
+
+
+def _refuse_if_different(model: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
     scale = a.abs().max().clamp_min(1e-6)
     if (a - b).abs().max() > 1e-3 * scale:
         raise RVQError(f"{type(model).__name__} is not causal: its outputs at a position change with later "
                        "tokens (bidirectional attention); rvqllm quantizes causal (decoder-only) LMs")
+
+
+def check_causal_first_block(model: nn.Module, first_block: nn.Module, device: torch.device,
+                             seq_len: int = 8) -> None:
+    """:func:`check_causal_behaviour` for a model streamed block by block: the embeddings and the first
+    decoder block (loaded) only, which is where bidirectional attention shows."""
+    from .calibration import capture_block_inputs
+
+    pair = _two_sequences(model, seq_len)
+    if pair is None:
+        return
+    outs = []
+    with torch.no_grad():
+        for ids in pair:
+            (inp,) = capture_block_inputs(model, first_block, [ids.to(device)])
+            out = first_block(inp.hidden, **inp.kwargs)
+            outs.append((out[0] if isinstance(out, tuple | list) else out)[0, :-1].float())
+    _refuse_if_different(model, *outs)
+
+
+def check_causal_behaviour(model: nn.Module, seq_len: int = 8) -> None:
+    """Refuse a model whose outputs at position ``t`` depend on tokens after ``t`` (bidirectional).
+
+    Runs two seeded random sequences that differ only in their last token and compares the logits of
+    every earlier position; a causal LM gives the same values (up to float noise).
+    """
+    pair = _two_sequences(model, seq_len)
+    if pair is None:
+        return
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        a, b = (model(input_ids=ids.to(device), use_cache=False).logits[0, :-1].float() for ids in pair)
+    _refuse_if_different(model, a, b)

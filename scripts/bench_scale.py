@@ -2,7 +2,7 @@
 """Scale benchmark: quantize a few decoder blocks of real-shaped models, extrapolate to the whole model.
 
 For each shape (``--shapes``: tinyllama-1.1b, llama-3-8b, llama-3-70b; real widths from
-``rvqllm.synthetic.SHAPES``) this writes a random-weight Llama checkpoint with ``--blocks`` decoder
+``rvqllm.synthetic.SHAPES``) this writes a random-weight Llama checkpoint with ``--blocks`` (3) decoder
 blocks (``rvqllm.synthetic.write_synthetic_llama``; by default with the model's real vocabulary, so the
 embeddings and ``lm_head`` cost what they really cost), then runs, in a subprocess::
 
@@ -12,9 +12,10 @@ embeddings and ``lm_head`` cost what they really cost), then runs, in a subproce
 and reads the per-block accounting of its JSON (the fields are listed in docs/SCALE.md; a missing one
 stops the benchmark with a message naming it). It prints, per shape:
 
-- seconds per block by stage (load, calibrate, code, tune, forward, write): the mean over the blocks
-  after the first (the first is warm-up and is shown on its own row), with peak host RSS and device memory;
-- the whole model, an estimate: ``blocks = first block + (N - 1) x mean of the others``; distillation
+- seconds per block by stage (load, calibrate, code, tune, forward, write): the mean over the typical
+  blocks, 2..m-1 (the first is warm-up; the last has no next block to feed and computes the distillation
+  teacher; both are shown on their own rows), with peak host RSS and device memory;
+- the whole model, an estimate: ``blocks = first + (N - 2) x typical + last``; distillation
   ``x P_full / P_run`` (P = weights the distillation multiplies by: block linears + lm_head; the same
   calibration tokens); everything else (the run's wall time minus blocks and distillation) as measured;
   peak memory: a block's peak (blocks stream, so it does not grow with N), and for distillation its rise
@@ -152,30 +153,40 @@ def _max(values) -> float | None:
     return max(vals) if vals else None
 
 
+def _row(b: dict) -> dict:
+    return {**b["seconds"], "total": b["total_seconds"], "peak_rss_mib": b["peak_rss_mib"],
+            "peak_device_mib": b["peak_device_mib"]}
+
+
 def summarize(record: dict) -> dict:
     """The per-stage means, whole-model extrapolation and goal ratios of one run ``record`` (as appended to
     ``--results``: ``shape``, ``preset``, ``vocab_size``, ``wall_seconds``, ``machine``, ``cli``: the CLI JSON).
 
-    Seconds: ``first`` = the lowest-numbered block, ``rest`` = the others (their mean per stage is the
-    per-block figure; with one block measured, the first block stands in). Whole model with N blocks:
-    ``blocks_full = first.total + (N - 1) * mean(rest.total)``;
+    Seconds: the first block is warm-up and the last one is not typical (it has no next block to feed, so
+    no ``forward``, and with distillation its ``calibrate`` also computes the teacher's logits), so the
+    per-block figure is the mean over the ``middle`` blocks (2..m-1, needs m >= 3). Whole model, N blocks:
+    ``blocks_full = first + (N - 2) * mean(middle) + last``. With m = 2 there is no middle block: the
+    last stands in (``first + (N - 1) * last``, flagged); with m = 1, ``N * first``.
     ``distill_full = distill * P_full / P_run`` (:func:`distill_params`; calibration tokens unchanged);
     ``other = wall - sum(blocks.total) - distill`` (process start, opening the model, tokenizing, saving, and
     whatever the CLI times outside its blocks) taken as measured; ``total_full = blocks_full + distill_full + other``.
     Memory (MiB): ``block peak`` = max over blocks; ``distill_full = block peak + max(0, distill peak - block
     peak) * N / blocks measured`` (an upper bound: all of the rise is taken to grow with the blocks);
-    ``peak_full = max(block peak, distill_full)``, and for host RSS also the run's whole peak (opening the
-    model, the embeddings), which streaming keeps from growing with N.
+    ``peak_full = max(block peak, distill_full)``, and for host RSS also the run's whole peak (the largest
+    of its top-level, block and distillation figures: the top-level one is a high-water mark since the
+    CLI's last reset), which streaming keeps from growing with N.
     """
     cli, shape = record["cli"], record["shape"]
     check_cli_json(cli)
     s = SHAPES[shape]
     n_full = s["blocks"]
     blocks = sorted(cli["blocks"], key=lambda b: b["block"])
-    first, rest = blocks[0], blocks[1:] or blocks[:1]
+    m = len(blocks)
+    first, last = blocks[0], blocks[-1]
+    middle = blocks[1:-1] if m >= 3 else blocks[1:] or blocks[:1]
 
     def mean(key_fn) -> float:
-        return sum(key_fn(b) for b in rest) / len(rest)
+        return sum(key_fn(b) for b in middle) / len(middle)
 
     stage_mean = {st: mean(lambda b, st=st: b["seconds"][st]) for st in STAGES}
     total_mean = mean(lambda b: b["total_seconds"])
@@ -187,7 +198,12 @@ def summarize(record: dict) -> dict:
     p_full = distill_params(shape, n_full, s["vocab"])
     scale = p_full / p_run
     mem_scale = n_full / len(blocks)
-    blocks_full = first["total_seconds"] + (n_full - 1) * total_mean
+    if m >= 3:
+        blocks_full = first["total_seconds"] + (n_full - 2) * total_mean + last["total_seconds"]
+    elif m == 2:
+        blocks_full = first["total_seconds"] + (n_full - 1) * last["total_seconds"]
+    else:
+        blocks_full = n_full * first["total_seconds"]
     distill_full = distill_s * scale
     other = wall - block_sum - distill_s
     inside_other = cli["quantize_seconds"] - block_sum - distill_s
@@ -204,15 +220,18 @@ def summarize(record: dict) -> dict:
                 "run_peak": run_peak, "full": _max([block_peak, dist_full, run_peak])}
 
     summary = {
-        "blocks_measured": len(blocks), "blocks_full": n_full, "warmup_excluded": len(blocks) > 1,
-        "stage_mean": stage_mean, "total_mean": total_mean, "first": {**first["seconds"], "total": first["total_seconds"]},
-        "first_peak_rss_mib": first["peak_rss_mib"], "first_peak_device_mib": first["peak_device_mib"],
-        "rest_peak_rss_mib": _max(b["peak_rss_mib"] for b in rest),
-        "rest_peak_device_mib": _max(b["peak_device_mib"] for b in rest),
+        "blocks_measured": m, "blocks_full": n_full, "typical": m >= 3,
+        "stage_mean": stage_mean, "total_mean": total_mean,
+        "middle_peak_rss_mib": _max(b["peak_rss_mib"] for b in middle),
+        "middle_peak_device_mib": _max(b["peak_device_mib"] for b in middle),
+        "first": _row(first), "last": _row(last),
         "block_sum_s": block_sum, "distill_s": distill_s, "other_s": other, "other_inside_quantize_s": inside_other,
         "wall_s": wall, "params_run": p_run, "params_full": p_full, "scale": scale, "mem_scale": mem_scale,
         "blocks_full_s": blocks_full, "distill_full_s": distill_full, "total_full_s": total_full,
-        "device_mib": mem("peak_device_mib", None), "host_mib": mem("peak_rss_mib", cli["peak_rss_mib"]),
+        "device_mib": mem("peak_device_mib", None),
+        # the CLI's top-level figure is the high-water mark since its last reset (Linux), so take the largest
+        "host_mib": mem("peak_rss_mib", _max([cli["peak_rss_mib"], *(b["peak_rss_mib"] for b in blocks),
+                                              distill.get("peak_rss_mib")])),
     }
     summary["goals"] = goals(record, summary)
     return summary
@@ -236,6 +255,8 @@ def goals(record: dict, summary: dict) -> list[dict]:
         notes.append("small vocabulary: the real embeddings and lm_head are not in the fixed costs")
     if record.get("calib_differs"):
         notes.append("calibration differs from the preset's")
+    if summary["blocks_measured"] < 3:
+        notes.append(f"{summary['blocks_measured']} block(s) measured: no typical block (use --blocks 3)")
     rows = []
     if goal["kind"] == "time":
         v = summary["total_full_s"]
@@ -288,30 +309,48 @@ def format_record(record: dict) -> str:
                                                and str(cli["device"]).startswith("cuda") else ""), "",
         f"Synthetic {shape}: {m} of {n} decoder blocks ({bp / 1e6:,.1f}M weights each), hidden {s['hidden']}, "
         f"vocabulary {record['vocab_size']:,} ({record.get('vocab_kind', '?')}), written in "
-        f"{_s(record.get('write_seconds'))} s; calibration {calib}; {cli['threads']} threads on "
+        f"{_s(record.get('write_seconds'))} s; calibration {calib}; {cli['threads']} thread(s) on "
         f"{mach.get('cores', '?')} cores; torch {mach.get('torch', '?')}.", "",
     ]
-    which = f"mean of blocks 2..{m}" if sm["warmup_excluded"] else "block 1 (only one measured)"
+    if m >= 3:
+        which = f"mean of blocks 2..{m - 1}" if m > 3 else "block 2"
+        intro = (f"Seconds per block by stage: {which} (the typical block; block 1 is warm-up and block {m}, the "
+                 "last, has no next block to feed and computes the distillation teacher: both on their own rows, "
+                 "out of the per-block figure); peak memory in MiB.")
+    elif m == 2:
+        which = "block 2 (the last)"
+        intro = ("Seconds per block by stage: **only 2 blocks measured, so the block after the warm-up is the last "
+                 "one, which is not typical** (no forward to the next block; with distillation its calibrate also "
+                 "computes the teacher): it stands in for every block after the first. Use --blocks 3 or more. "
+                 "Peak memory in MiB.")
+    else:
+        which = "block 1 (only one measured)"
+        intro = ("Seconds per block by stage: one block measured, at once warm-up and last: it stands in for every "
+                 "block. Use --blocks 3 or more. Peak memory in MiB.")
+
+    def row(label: str, r: dict) -> str:
+        return (f"| {label} | " + " | ".join(_s(r[st]) for st in STAGES)
+                + f" | {_s(r['total'])} | {_mib(r['peak_rss_mib'])} | {_mib(r['peak_device_mib'])} |")
+
     lines += [
-        "Seconds per block by stage: the mean over the blocks after the first (block 1 is warm-up, excluded "
-        "from the mean and shown on its own row); peak memory in MiB." if sm["warmup_excluded"] else
-        "Seconds per block by stage: one block measured, so no warm-up could be excluded; peak memory in MiB.", "",
+        intro, "",
         "| blocks | " + " | ".join(STAGES) + " | total | peak host RSS | peak device |",
         "|---|" + "---|" * (len(STAGES) + 3),
-        f"| {which} | " + " | ".join(_s(sm["stage_mean"][st]) for st in STAGES)
-        + f" | {_s(sm['total_mean'])} | {_mib(sm['rest_peak_rss_mib'])} | {_mib(sm['rest_peak_device_mib'])} |",
+        row(which, {**sm["stage_mean"], "total": sm["total_mean"], "peak_rss_mib": sm["middle_peak_rss_mib"],
+                    "peak_device_mib": sm["middle_peak_device_mib"]}),
     ]
-    if sm["warmup_excluded"]:
-        lines.append("| block 1 (warm-up) | " + " | ".join(_s(sm["first"][st]) for st in STAGES)
-                     + f" | {_s(sm['first']['total'])} | {_mib(sm['first_peak_rss_mib'])} | "
-                       f"{_mib(sm['first_peak_device_mib'])} |")
+    if m >= 2:
+        lines.append(row("block 1 (warm-up)", sm["first"]))
+    if m >= 3:
+        lines.append(row(f"block {m} (last)", sm["last"]))
+    how = {1: f"{n} x block 1", 2: f"block 1 + {n - 1} x block 2 (the last; not typical)"}.get(
+        m, f"block 1 + {n - 2} x the typical block + block {m} (the last)")
     dev, host = sm["device_mib"], sm["host_mib"]
     ratio = f"P_full / P_run = {sm['params_full'] / 1e9:.2f}G / {sm['params_run'] / 1e9:.3f}G = {sm['scale']:.1f}"
     lines += [
         "", f"Whole model ({n} blocks), an estimate, not a measurement:", "",
         f"| part | measured ({m} block{'s' if m > 1 else ''}) | whole model | how |", "|---|---|---|---|",
-        f"| decoder blocks | {_dur(sm['block_sum_s'])} | {_dur(sm['blocks_full_s'])} | block 1 + {n - 1} x "
-        f"{'the mean of the others' if sm['warmup_excluded'] else 'block 1'} |",
+        f"| decoder blocks | {_dur(sm['block_sum_s'])} | {_dur(sm['blocks_full_s'])} | {how} |",
         f"| distillation | {_dur(sm['distill_s'])} | {_dur(sm['distill_full_s'])} | x {ratio} (block linears + "
         "lm_head; same calibration tokens) |",
         f"| everything else | {_dur(sm['other_s'])} | {_dur(sm['other_s'])} | as measured: wall - blocks - "
@@ -319,7 +358,8 @@ def format_record(record: dict) -> str:
         f"| total (wall) | {_dur(sm['wall_s'])} | **{_dur(sm['total_full_s'])}** | |",
         f"| peak device memory, MiB | {_mib(_max([dev['block_peak'], dev['distill_peak']]))} | "
         f"**{_mib(dev['full'])}** | a block's peak; distillation: block peak + its rise x {n}/{m} (upper bound) |",
-        f"| peak host RSS, MiB | {_mib(host['run_peak'])} | **{_mib(host['full'])}** | the run's peak; "
+        f"| peak host RSS, MiB | {_mib(host['run_peak'])} | **{_mib(host['full'])}** | the run's peak (the largest "
+        "figure it reports); "
         f"distillation: block peak + its rise x {n}/{m} (upper bound) |",
     ]
     if sm["goals"]:
@@ -506,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="rvqllm preset for every shape (default: each shape's goal preset: "
                          + ", ".join(f"{k} {g['preset']}" for k, g in GOALS.items()) + ")")
     ap.add_argument("--device", default="auto", help="passed to rvqllm quantize: auto, cpu, cuda, cuda:N")
-    ap.add_argument("--blocks", type=int, default=2, help="decoder blocks to write and quantize (2: one after warm-up)")
+    ap.add_argument("--blocks", type=int, default=3,
+                    help="decoder blocks to write and quantize (default 3: warm-up, one typical block, the last; "
+                         "with 2 the block after the warm-up is the last, which is not typical)")
     ap.add_argument("--calib", nargs="+", default=["kjv"], help="calibration sources passed to rvqllm quantize "
                     "(default: the offline reference KJV; a .txt file works where the reference is not installed)")
     ap.add_argument("--calib-sequences", type=int, default=None, help="override the preset's calibration sequences "

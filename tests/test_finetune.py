@@ -153,7 +153,7 @@ def test_model_target_aims_at_the_float_models_activations(calib_ids):
     store_in.put(0, q0)
     store_fp.put(0, fp1)
     # the quantized block 1 (after tuning) on the quantized inputs, measured against the float model's activations
-    assert _relative_error(qblocks[1], store_in, store_fp, [inp.kwargs]) == pytest.approx(
+    assert _relative_error(qblocks[1], store_in, store_fp, {0: inp.kwargs}) == pytest.approx(
         report.blocks[1]["error_after"], rel=1e-5)
 
 

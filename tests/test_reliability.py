@@ -514,8 +514,8 @@ def test_resume_after_interruption_is_bit_identical_and_ignores_uncommitted_file
 
     with pytest.raises(_Kill):
         rvqllm.quantize(tiny_llama(), CFG, CALIB, die_in_block_1, run_dir=run)
-    assert json.loads((run / "progress.json").read_text()) == {"blocks_done": 1}
-    (run / "layers-0001.safetensors").write_bytes(b"half a file")  # what a kill mid-write leaves
+    assert json.loads((run / "progress.json").read_text()) == {"blocks_done": 1, "distilled": False}
+    (run / checkpoint.shard_name(1, 3)).write_bytes(b"half a file")  # what a kill mid-write leaves
     resumed = tiny_llama()
     report = rvqllm.quantize(resumed, CFG, CALIB, run_dir=run, resume=True)
     assert sum(1 for r in report.layers.values() if r.get("resumed")) == 7
@@ -538,7 +538,7 @@ def test_resume_refuses_a_different_run_or_a_damaged_one(tmp_path):
     assert_one_line_error(info.value, "different RVQ config")
     with pytest.raises(RVQError, match="different calibration"):
         rvqllm.quantize(tiny_llama(), CFG, CALIB + 1, run_dir=run, resume=True)
-    path = run / "layers-0000.safetensors"
+    path = run / checkpoint.shard_name(0, 3)
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -724,7 +724,7 @@ BAD_INPUTS = {
     "non-model folder": (_nonmodel, "not a model folder"),
     "no linear layers": (_cfg(skip=["layers"]), "no linear layers"),
     "non-causal (bert)": (_bert, "not causal"),
-    "encoder-decoder (t5)": (_t5, "could not load model"),
+    "encoder-decoder (t5)": (_t5, "not a causal LM"),
     "empty calibration text": (_text(""), "calibration text is empty"),
     "calibration text too short": (_text("w1 w2 w3"), "shorter than one sequence"),
     "nan weights": (_nan_model, "NaN/Inf"),
@@ -766,11 +766,23 @@ def test_existing_output_is_refused_and_kept(cli_env, ckpt, tmp_path, capsys):
 def test_full_disk_in_the_cli(cli_env, ckpt, tmp_path, capsys, monkeypatch):
     out = Path(shutil.copytree(ckpt[0], tmp_path / "out"))
     before = folder_digest(out)
-    monkeypatch.setattr(checkpoint, "write_safetensors", _half_write_then_enospc)
+    write = checkpoint.write_safetensors
+
+    def full_at_the_last_shard(filename, tensors, metadata=None):  # the blocks fit, the checkpoint does not
+        first, _, last = Path(filename).name.partition("-of-")
+        if first.removeprefix("model-") == last.split(".")[0]:
+            return _half_write_then_enospc(filename, tensors, metadata)
+        return write(filename, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", full_at_the_last_shard)
     rc, err = run_cli(capsys, *quantize_args(cli_env, out, "--overwrite"))
     assert_clean_failure(rc, err, "disk is full")
     assert folder_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial"]  # the run can be resumed
+    monkeypatch.setattr(checkpoint, "write_safetensors", write)
+    rc, err = run_cli(capsys, *quantize_args(cli_env, out, "--overwrite", "--resume"))
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.integration

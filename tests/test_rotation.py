@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import rvqllm
 from rvqllm.errors import RVQError
@@ -15,8 +14,8 @@ from rvqllm.nn import QuantizedLinear
 from rvqllm.rvq import quantize_weight
 from rvqllm.rvq import rotation as rot
 from rvqllm.size import layer_bits
-from rvqllm.validate import checksum_metadata
 from tests.conftest import tiny_llama
+from tests.test_reliability import read_tensors, write_as_stranger
 
 pytestmark = pytest.mark.unit
 
@@ -147,7 +146,7 @@ def test_rotated_model_from_pretrained_identical_logits(rotated, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, logits)
     model.save_pretrained(tmp_path / "again")
-    a, b = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    a, b = read_tensors(folder), read_tensors(tmp_path / "again")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -157,20 +156,19 @@ def test_unrotated_checkpoint_has_no_rotation_fields(tmp_path):
     folder = rvqllm.save(model, tmp_path / "plain")
     q = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert not any("hadamard_block" in s for s in q["layers"].values())
-    assert not any(k.endswith(".signs") for k in load_file(str(folder / "model.safetensors")))
+    assert not any(k.endswith(".signs") for k in read_tensors(folder))
 
 
 def _tamper(src, dst, change_tensors=None, change_config=None):
     """Copy a checkpoint, change it, and re-sign it (valid checksums: what a tamperer can do)."""
     folder = shutil.copytree(src, dst)
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = read_tensors(folder)
     config = json.loads((folder / "config.json").read_text())
     if change_tensors:
         change_tensors(tensors)
     if change_config:
         change_config(config)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", **checksum_metadata(tensors, config)})
+    write_as_stranger(folder, tensors, config)
     return folder
 
 

@@ -1,4 +1,5 @@
-"""Synthetic Llama checkpoints (rvqllm.synthetic): real HF folders, exact tensors, same bytes, small memory."""
+"""Synthetic Llama checkpoints (rvqllm.synthetic): real HF folders, exact tensors, same bytes, small memory;
+and the arithmetic of scripts/bench_scale.py on a hand-made sample."""
 
 from __future__ import annotations
 
@@ -150,3 +151,52 @@ def test_peak_memory_while_writing_is_about_one_block(tmp_path):
     grew = m["after"] - m["before"]
     assert m["model_mib"] > 4 * m["block_mib"] > 150  # four fp32 blocks of 11.2M weights (+ embeddings)
     assert grew < 1.5 * m["block_mib"], m  # measured: ~20 MiB (one piece of 4M weights), a block is 43 MiB
+
+
+def _bench_scale():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_scale_extrapolation_on_a_hand_made_sample():
+    """scripts/bench_scale.py's arithmetic on made-up CLI output (not a measurement)."""
+    bench = _bench_scale()
+    stages = dict.fromkeys(bench.STAGES, 0.0)
+    cli = {"quantize_seconds": 100.0, "peak_rss_mib": 9000.0, "threads": 16, "device": "cuda:0",
+           "blocks": [{"block": 0, "seconds": {**stages, "code": 36.5}, "total_seconds": 36.5,
+                       "peak_rss_mib": 8000.0, "peak_device_mib": 12000.0},
+                      {"block": 1, "seconds": {**stages, "code": 29.5}, "total_seconds": 29.5,
+                       "peak_rss_mib": 8100.0, "peak_device_mib": 11000.0}],
+           "distill": {"seconds": 20.0, "peak_rss_mib": 8500.0, "peak_device_mib": 30000.0}}
+    record = {"shape": "llama-3-8b", "preset": "2bit", "vocab_size": 128256, "wall_seconds": 130.0,
+              "machine": {"cores": 16}, "cli": cli}
+    sm = bench.summarize(record)
+    assert sm["stage_mean"]["code"] == 29.5 and sm["first"]["total"] == 36.5
+    assert sm["blocks_full_s"] == pytest.approx(36.5 + 31 * 29.5)
+    p_run = 2 * 218_103_808 + 128256 * 4096
+    p_full = 32 * 218_103_808 + 128256 * 4096
+    assert (sm["params_run"], sm["params_full"]) == (p_run, p_full)
+    assert sm["distill_full_s"] == pytest.approx(20.0 * p_full / p_run)
+    assert sm["other_s"] == pytest.approx(130.0 - 66.0 - 20.0)
+    assert sm["total_full_s"] == pytest.approx(951.0 + 20.0 * p_full / p_run + 44.0)
+    assert sm["device_mib"]["full"] == pytest.approx(12000 + 18000 * 16)
+    assert sm["host_mib"]["full"] == pytest.approx(8100 + 400 * 16)
+    (goal,) = sm["goals"]
+    assert not goal["applies"] and "no typical block" in goal["note"]
+    assert goal["ratio"] == pytest.approx(sm["total_full_s"] / 3600)
+    assert "| decoder blocks |" in bench.format_record({**record, "status": "ok"})
+    # three blocks: warm-up, a typical block, the last; the typical one is the per-block figure
+    last = {"block": 2, "seconds": {**stages, "calibrate": 9.0, "code": 29.5}, "total_seconds": 38.5,
+            "peak_rss_mib": 8000.0, "peak_device_mib": 11000.0}
+    three = bench.summarize({**record, "cli": {**cli, "blocks": [*cli["blocks"], last]}})
+    assert three["typical"] and three["total_mean"] == 29.5 and three["last"]["total"] == 38.5
+    assert three["blocks_full_s"] == pytest.approx(36.5 + 30 * 29.5 + 38.5)
+    assert three["goals"][0]["applies"]
+    del cli["blocks"][1]["seconds"]["tune"]
+    with pytest.raises(bench.SpecError, match=r"blocks\[1\]\.seconds\.tune"):
+        bench.summarize(record)
