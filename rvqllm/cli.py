@@ -76,8 +76,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     _check_input_untouched(args.model, out)
     placement = placement_from_env(args.device)
     try:
-        if placement.world > 1 and not placement.is_main:
-            args.quiet = True  # one voice: rank 0 reports
+        if not placement.is_main:
+            args.quiet, args.json = True, False  # one voice: rank 0 reports
         result = _quantize(args, cfg, out, placement)
     finally:
         shutdown(placement)

@@ -112,11 +112,12 @@ def _capture(model: nn.Module, first_block: nn.Module, batches: dict[int, Tensor
     return kwargs
 
 
-def _forward(block: nn.Module, inputs, kwargs: dict[int, dict], outputs) -> None:
-    """Run every batch of ``inputs`` through ``block``; its outputs go to ``outputs`` (one batch in memory)."""
+def _forward(block: nn.Module, inputs, kwargs: dict[int, dict], outputs, device: torch.device) -> None:
+    """Run every batch of ``inputs`` through ``block`` on ``device``; its outputs go to ``outputs`` (one
+    batch in memory; a disk store hands batches back on the host)."""
     with torch.no_grad():
         for j, kw in kwargs.items():
-            outputs.put(j, _hidden(block(inputs.get(j), **kw)).detach())
+            outputs.put(j, _hidden(block(inputs.get(j).to(device), **kw)).detach())
 
 
 class _Injector(nn.Module):
@@ -371,7 +372,7 @@ class _Walk:
             fp_next = None
             if self.fp is not None:  # the float block on the float model's inputs: the next fp inputs
                 fp_next = MemoryActivations() if last or self.run is None else self.run.inputs(i + 1, "fp")
-                _forward(block, self.fp, self.kwargs, fp_next)
+                _forward(block, self.fp, self.kwargs, fp_next, self.device)
                 if last and self.teacher is not None:
                     self._teacher(fp_next)
             targets = None
@@ -380,7 +381,7 @@ class _Walk:
             with HessianCollector(layers) as collector, torch.no_grad():
                 for j, kw in self.kwargs.items():
                     collector.new_pass()
-                    out = block(self.store.get(j), **kw)
+                    out = block(self.store.get(j).to(self.device), **kw)
                     if targets is not None and cfg.finetune_target == "block":  # the float block on these inputs
                         targets.put(j, _hidden(out).detach())
             hessians = collector.hessians
@@ -422,7 +423,7 @@ class _Walk:
                                          "finetune_seconds": round(time.perf_counter() - t0, 3)}
         elif outputs is not None:
             with meter.stage("forward"):
-                _forward(block, self.store, self.kwargs, outputs)
+                _forward(block, self.store, self.kwargs, outputs, self.device)
         if outputs is not None:
             self.store = outputs
         if fp_next is not None:
@@ -458,7 +459,7 @@ class _Walk:
         blocks = self.source.blocks
         head = lm_head_fn(self.model)
         for j in self.kwargs:
-            normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j))
+            normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j).to(self.device))
             self.teacher.put(j, teacher_topk_from_hidden(normed, head, TEACHER_TOP_K, self.config.distill_chunk_tokens))
 
     def _storage_dtype(self) -> torch.dtype | None:
@@ -469,10 +470,12 @@ class _Walk:
         cfg = self.config
         if self.teacher is not None and not (self.run is not None and self.run.distilled):
             meter = Meter(self.device)
-            if self.source.streaming:  # bring every committed block back, compressed, onto the device
-                for i in range(len(self.source)):
+            for i in range(len(self.source)):  # every block back on the device, compressed
+                if self.source.streaming:
                     self.source.load_empty_block(i)
                     self.run.load_committed_block(i, self.model, self.device)
+                else:
+                    self.source.load_block(i, self.device)
             batches = list(self.batches.values())
             teacher = [self.teacher.get(j) for j in self.batches]
             t0 = time.perf_counter()
@@ -485,8 +488,8 @@ class _Walk:
             if self.run is not None:
                 self.run.commit_distilled(self.model, self._storage_dtype(), write=self.place.is_main)
                 self.place.barrier()
-            if self.source.streaming:
-                for i in range(len(self.source)):
-                    self.source.release_block(i)
+            for i in range(len(self.source)):
+                self.source.release_block(i)
+        self.source.release_rest()
         self.model.rvq_layers = self.specs
         self.model.rvq_config = cfg
