@@ -287,7 +287,8 @@ class _Walk:
             raise RVQError(f"{len(self.all_batches)} calibration batches cannot be shared by {placement.world} ranks: "
                            "lower calib_batch_size (--calib-batch-size), add calibration sequences or use fewer ranks")
         self.batches = {j: self.all_batches[j].to(self.device) for j in placement.my_batches(len(self.all_batches))}
-        self.names = [list(source.layers(i, config.skip)) for i in range(len(source))]
+        self.shapes = [source.layers(i, config.skip) for i in range(len(source))]  # {name: (out, in)} per block
+        self.names = [list(v) for v in self.shapes]
         self.total = sum(len(v) for v in self.names)
         if self.total == 0:
             raise RVQError(f"{type(self.model).__name__}: no linear layers left to quantize (check `skip` in the config)")
@@ -301,7 +302,7 @@ class _Walk:
     # -- before the first block ------------------------------------------------------------------
     def prepare(self, run_dir, resume: bool) -> None:
         cfg, source = self.config, self.source
-        widths = {n: s[1] for i in range(len(source)) for n, s in source.layers(i, cfg.skip).items()}
+        widths = {n: s[1] for shapes in self.shapes for n, s in shapes.items()}
         for c in cfg.mixed_candidates if cfg.bpw_budget is not None else [cfg.to_dict()]:
             check_vector_dim_fits(c["vector_dim"], widths)
         if not source.streaming:  # an in-memory model: check all of it up front (cheap at that size)
@@ -313,11 +314,12 @@ class _Walk:
         self.model.eval()
         self.run = None
         if run_dir is not None:
-            self.run = RunDir.open(run_dir, run_fingerprint(source.fingerprint(), cfg, self.calibration, self.names),
-                                   resume=resume and self.place.is_main, n_blocks=len(source))
+            fingerprint = run_fingerprint(source.fingerprint(), cfg, self.calibration, self.names)
+            if self.place.is_main:
+                self.run = RunDir.open(run_dir, fingerprint, resume=resume)
             self.place.barrier()
-            if not self.place.is_main:  # other ranks read what rank 0 prepared
-                self.run = RunDir.open(run_dir, self.run.fingerprint, resume=True, n_blocks=len(source))
+            if not self.place.is_main:  # the other ranks join the folder rank 0 prepared, as it is
+                self.run = RunDir.open(run_dir, fingerprint, resume=True, clean=False)
         source.load_rest(self.device)
         self.start_block = self.run.blocks_done if self.run is not None else 0
         if source.streaming and self.start_block == 0:  # streamed: the embeddings and the first block tell
@@ -429,9 +431,9 @@ class _Walk:
         if fp_next is not None:
             self.fp = fp_next
         with meter.stage("write"):
-            if self.run is not None:
-                self.run.commit_block(i, self.model, self._storage_dtype(), write=place.is_main)
+            if self.run is not None:  # every rank is done with this block's inputs and has written the next's
                 place.barrier()
+                self.run.commit_block(i, self.model, self._storage_dtype(), write=place.is_main)
             source.release_block(i)
 
     def _restore(self, i: int) -> None:

@@ -142,16 +142,18 @@ class RunDir:
         self.n_blocks = len(fingerprint["layers"])
 
     @classmethod
-    def open(cls, path: str | Path, fingerprint: dict, resume: bool, n_blocks: int | None = None) -> RunDir:
+    def open(cls, path: str | Path, fingerprint: dict, resume: bool, clean: bool = True) -> RunDir:
         """Start a run in ``path`` (wiping what is there), or with ``resume`` continue the one it holds.
 
         Resuming checks that the stored fingerprint equals ``fingerprint`` and that every committed file
-        is present; uncommitted leftovers of a killed run are removed.
+        is present; uncommitted leftovers of a killed run are removed (unless ``clean`` is false: how the
+        ranks other than 0 join the folder that rank 0 has just opened).
         """
         path = Path(path)
         if resume and (path / "run.json").is_file():
             run = cls._reopen(path, fingerprint)
-            run._remove_uncommitted()
+            if clean:
+                run._remove_uncommitted()
             return run
         if path.exists() or path.is_symlink():
             if path.is_symlink() or not path.is_dir():

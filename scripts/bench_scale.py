@@ -17,10 +17,12 @@ stops the benchmark with a message naming it). It prints, per shape:
   teacher; both are shown on their own rows), with peak host RSS and device memory;
 - the whole model, an estimate: ``blocks = first + (N - 2) x typical + last``; distillation
   ``x P_full / P_run`` (P = weights the distillation multiplies by: block linears + lm_head; the same
-  calibration tokens); everything else (the run's wall time minus blocks and distillation) as measured;
-  peak memory: a block's peak (blocks stream, so it does not grow with N), and for distillation its rise
-  above the block peak scaled by ``N / blocks measured`` (an upper bound: its fixed part, the lm_head and
-  logits, is scaled too);
+  calibration tokens), or, when ``--results`` holds runs of the same set-up at other ``--blocks`` counts,
+  the line ``a + b x blocks`` through them at N (fixed part + per block; better); everything else (the
+  run's wall time minus blocks and distillation) as measured; peak memory: a block's peak (blocks
+  stream, so it does not grow with N), and for distillation its rise above the block peak scaled by
+  ``N / blocks measured`` (an upper bound: its fixed part, the lm_head and logits, is scaled too), or
+  the fitted line;
 - the goals, as ratios (< 1 meets it): Llama-3-8B ``2bit`` under 1 GPU-hour; Llama-3-70B fits one
   80 GiB GPU with a 24 GiB host; TinyLlama ``2bit-fast`` under 45 min on a 2-core CPU.
 
@@ -158,20 +160,71 @@ def _row(b: dict) -> dict:
             "peak_device_mib": b["peak_device_mib"]}
 
 
-def summarize(record: dict) -> dict:
+def _kind(device: str) -> str:
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
+def _comparable(a: dict, b: dict) -> bool:
+    """Two ok runs that differ at most in how many blocks they measured (same shape, preset, device kind,
+    vocabulary, calibration, threads and machine)."""
+    def key(r: dict) -> tuple:
+        mach = r.get("machine", {})
+        return (r["shape"], r["preset"], _kind(r["cli"]["device"]), r["vocab_size"], r.get("calib_tokens_desc"),
+                r["cli"]["threads"], mach.get("cores"), mach.get("device_name"))
+    return a.get("status", "ok") == b.get("status", "ok") == "ok" and "cli" in a and "cli" in b and key(a) == key(b)
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least-squares ``(a, b)`` of ``y = a + b x``, or None with fewer than two distinct x."""
+    xs = {x for x, _ in points}
+    if len(xs) < 2:
+        return None
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - b * mx, b
+
+
+def distill_fit(record: dict, others: list[dict], n_full: int) -> dict | None:
+    """Distillation against the number of blocks, fitted over ``record`` and the comparable runs among
+    ``others`` that measured other block counts: ``{"blocks": [m...], key: {"a", "b", "full"}}`` for
+    ``seconds``, ``peak_device_mib``, ``peak_rss_mib`` (``full = a + b * N``), or None if all measured the
+    same count. It splits distillation into a fixed part (lm_head, teacher) and a part per block, which the
+    P scaling of one run cannot."""
+    runs = [record, *(r for r in others if r is not record and _comparable(record, r))]
+    runs = [r for r in runs if r["cli"].get("distill")]
+    if record not in runs:
+        return None
+    out: dict = {"blocks": sorted({len(r["cli"]["blocks"]) for r in runs})}
+    if len(out["blocks"]) < 2:
+        return None
+    for key in ("seconds", "peak_device_mib", "peak_rss_mib"):
+        pts = [(len(r["cli"]["blocks"]), r["cli"]["distill"][key]) for r in runs
+               if r["cli"]["distill"].get(key) is not None]
+        line = _line(pts)
+        if line is not None:
+            out[key] = {"a": line[0], "b": line[1], "full": line[0] + line[1] * n_full}
+    return out
+
+
+def summarize(record: dict, others: list[dict] | tuple = ()) -> dict:
     """The per-stage means, whole-model extrapolation and goal ratios of one run ``record`` (as appended to
     ``--results``: ``shape``, ``preset``, ``vocab_size``, ``wall_seconds``, ``machine``, ``cli``: the CLI JSON).
+    ``others``: more runs; comparable ones with other block counts give the distillation fit (:func:`distill_fit`).
 
     Seconds: the first block is warm-up and the last one is not typical (it has no next block to feed, so
     no ``forward``, and with distillation its ``calibrate`` also computes the teacher's logits), so the
     per-block figure is the mean over the ``middle`` blocks (2..m-1, needs m >= 3). Whole model, N blocks:
     ``blocks_full = first + (N - 2) * mean(middle) + last``. With m = 2 there is no middle block: the
     last stands in (``first + (N - 1) * last``, flagged); with m = 1, ``N * first``.
-    ``distill_full = distill * P_full / P_run`` (:func:`distill_params`; calibration tokens unchanged);
+    ``distill_full = distill * P_full / P_run`` (:func:`distill_params`; calibration tokens unchanged), or,
+    when runs of the same set-up at two or more block counts are at hand, the line through them at N
+    (:func:`distill_fit`); ``distill_upper = distill * N / m`` is shown as an upper bound;
     ``other = wall - sum(blocks.total) - distill`` (process start, opening the model, tokenizing, saving, and
     whatever the CLI times outside its blocks) taken as measured; ``total_full = blocks_full + distill_full + other``.
     Memory (MiB): ``block peak`` = max over blocks; ``distill_full = block peak + max(0, distill peak - block
-    peak) * N / blocks measured`` (an upper bound: all of the rise is taken to grow with the blocks);
+    peak) * N / blocks measured`` (an upper bound: all of the rise is taken to grow with the blocks), or the
+    fitted line at N;
     ``peak_full = max(block peak, distill_full)``, and for host RSS also the run's whole peak (the largest
     of its top-level, block and distillation figures: the top-level one is a high-water mark since the
     CLI's last reset), which streaming keeps from growing with N.
@@ -204,7 +257,9 @@ def summarize(record: dict) -> dict:
         blocks_full = first["total_seconds"] + (n_full - 1) * last["total_seconds"]
     else:
         blocks_full = n_full * first["total_seconds"]
-    distill_full = distill_s * scale
+    fit = distill_fit(record, list(others), n_full)
+    distill_pscaled = distill_s * scale
+    distill_full = fit["seconds"]["full"] if fit and "seconds" in fit else distill_pscaled
     other = wall - block_sum - distill_s
     inside_other = cli["quantize_seconds"] - block_sum - distill_s
     total_full = blocks_full + distill_full + other
@@ -216,6 +271,8 @@ def summarize(record: dict) -> dict:
         if dist_peak is not None:
             base = block_peak or 0.0
             dist_full = base + max(0.0, dist_peak - base) * mem_scale
+            if fit and key in fit:
+                dist_full = fit[key]["full"]
         return {"block_peak": block_peak, "distill_peak": dist_peak, "distill_full": dist_full,
                 "run_peak": run_peak, "full": _max([block_peak, dist_full, run_peak])}
 
@@ -228,6 +285,7 @@ def summarize(record: dict) -> dict:
         "block_sum_s": block_sum, "distill_s": distill_s, "other_s": other, "other_inside_quantize_s": inside_other,
         "wall_s": wall, "params_run": p_run, "params_full": p_full, "scale": scale, "mem_scale": mem_scale,
         "blocks_full_s": blocks_full, "distill_full_s": distill_full, "total_full_s": total_full,
+        "distill_pscaled_s": distill_pscaled, "distill_upper_s": distill_s * mem_scale, "distill_fit": fit,
         "device_mib": mem("peak_device_mib", None),
         # the CLI's top-level figure is the high-water mark since its last reset (Linux), so take the largest
         "host_mib": mem("peak_rss_mib", _max([cli["peak_rss_mib"], *(b["peak_rss_mib"] for b in blocks),
@@ -245,7 +303,7 @@ def goals(record: dict, summary: dict) -> list[dict]:
     notes = []
     if record["preset"] != goal["preset"]:
         notes.append(f"ran preset {record['preset']}, the goal is for {goal['preset']}")
-    kind = "cuda" if str(record["cli"]["device"]).startswith("cuda") else "cpu"
+    kind = _kind(record["cli"]["device"])
     if kind != goal["device"]:
         notes.append(f"ran on {kind}, the goal is for {goal['device']}")
     cores = record.get("machine", {}).get("cores")
@@ -292,13 +350,14 @@ def _dur(x: float) -> str:
     return f"{_s(x)} s" + (f" ({x / 60:.1f} min)" if x >= 120 else "")
 
 
-def format_record(record: dict) -> str:
-    """Markdown for one results line: the run's header, per-block stages, whole-model estimate, goals."""
+def format_record(record: dict, others: list[dict] | tuple = ()) -> str:
+    """Markdown for one results line: the run's header, per-block stages, whole-model estimate, goals
+    (``others``: more runs, for the distillation fit of :func:`summarize`)."""
     shape, status = record["shape"], record.get("status", "ok")
     head = f"### {shape}: preset {record.get('preset')}, --device {record.get('device')}"
     if status != "ok":
         return f"{head}\n\n{status}: {record.get('reason', '')}\n"
-    sm = summarize(record)  # from the CLI's JSON, so a results file reads with today's arithmetic
+    sm = summarize(record, others)  # from the CLI's JSON, so a results file reads with today's arithmetic
     cli, mach = record["cli"], record.get("machine", {})
     s = SHAPES[shape]
     m, n = sm["blocks_measured"], sm["blocks_full"]
@@ -347,20 +406,29 @@ def format_record(record: dict) -> str:
         m, f"block 1 + {n - 2} x the typical block + block {m} (the last)")
     dev, host = sm["device_mib"], sm["host_mib"]
     ratio = f"P_full / P_run = {sm['params_full'] / 1e9:.2f}G / {sm['params_run'] / 1e9:.3f}G = {sm['scale']:.1f}"
+    fit = sm["distill_fit"]
+    pscaled = (f"x {ratio} (block linears + lm_head; same calibration tokens); upper bound x {n}/{m}: "
+               f"{_dur(sm['distill_upper_s'])}")
+    if fit and "seconds" in fit:
+        f = fit["seconds"]
+        dist_how = (f"line through the runs of this set-up at {', '.join(map(str, fit['blocks']))} blocks: "
+                    f"{_s(f['a'])} s + {_s(f['b'])} s x blocks; (P scaling alone: {_dur(sm['distill_pscaled_s'])})")
+    else:
+        dist_how = pscaled + " (run other --blocks counts into the same --results for a fitted line)"
+    mem_how = (f"line through {', '.join(map(str, fit['blocks']))} blocks" if fit else
+               f"block peak + its rise x {n}/{m} (upper bound)")
     lines += [
         "", f"Whole model ({n} blocks), an estimate, not a measurement:", "",
         f"| part | measured ({m} block{'s' if m > 1 else ''}) | whole model | how |", "|---|---|---|---|",
         f"| decoder blocks | {_dur(sm['block_sum_s'])} | {_dur(sm['blocks_full_s'])} | {how} |",
-        f"| distillation | {_dur(sm['distill_s'])} | {_dur(sm['distill_full_s'])} | x {ratio} (block linears + "
-        "lm_head; same calibration tokens) |",
+        f"| distillation | {_dur(sm['distill_s'])} | {_dur(sm['distill_full_s'])} | {dist_how} |",
         f"| everything else | {_dur(sm['other_s'])} | {_dur(sm['other_s'])} | as measured: wall - blocks - "
         f"distillation (of which {_s(sm['other_inside_quantize_s'])} s inside quantize_seconds) |",
         f"| total (wall) | {_dur(sm['wall_s'])} | **{_dur(sm['total_full_s'])}** | |",
         f"| peak device memory, MiB | {_mib(_max([dev['block_peak'], dev['distill_peak']]))} | "
-        f"**{_mib(dev['full'])}** | a block's peak; distillation: block peak + its rise x {n}/{m} (upper bound) |",
+        f"**{_mib(dev['full'])}** | a block's peak; distillation: {mem_how} |",
         f"| peak host RSS, MiB | {_mib(host['run_peak'])} | **{_mib(host['full'])}** | the run's peak (the largest "
-        "figure it reports); "
-        f"distillation: block peak + its rise x {n}/{m} (upper bound) |",
+        f"figure it reports); distillation: {mem_how} |",
     ]
     if sm["goals"]:
         lines += ["", "| goal | whole model (estimate) | limit | ratio (< 1 meets it) | applies |", "|---|---|---|---|---|"]
@@ -474,8 +542,9 @@ def _append(path: Path | None, record: dict) -> None:
 
 
 def run_shape(shape: str, preset: str, args, env: dict, machine: dict, work: Path, models: Path,
-              done: list[dict], t_start: float) -> dict:
-    """Write, quantize and summarize one shape; returns its results record (status ok/skipped/timeout/failed)."""
+              done: list[dict], t_start: float, others: list[dict] = ()) -> dict:
+    """Write, quantize and summarize one shape; returns its results record (status ok/skipped/timeout/failed).
+    ``done``: this invocation's records (for the budget); ``others``: all known runs (for the distillation fit)."""
     kwargs = synthetic_kwargs(shape, blocks=args.blocks, real_vocab=args.vocab == "real")
     vocab = kwargs["vocab"] or 320
     params = model_params(**{**SHAPES[shape], "blocks": args.blocks, "vocab": vocab})
@@ -529,7 +598,7 @@ def run_shape(shape: str, preset: str, args, env: dict, machine: dict, work: Pat
                                       f"{', '.join(args.calib)}"
     record["calib_differs"] = bool(args.calib_sequences or args.calib_seq_len)
     record["status"] = "ok"
-    record["summary"] = summarize(record)
+    record["summary"] = summarize(record, others)
     return record
 
 
@@ -569,10 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.table is not None:
-        for p in args.table:
-            for line in p.read_text().splitlines():
-                if line.strip():
-                    print(format_record(json.loads(line)))
+        records = [json.loads(line) for p in args.table for line in p.read_text().splitlines() if line.strip()]
+        for r in records:
+            print(format_record(r, records))
         return 0
     if args.blocks < 1:
         ap.error("--blocks must be at least 1")
@@ -592,11 +660,15 @@ def main(argv: list[str] | None = None) -> int:
         models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
     done: list[dict] = []
+    history = []  # earlier runs in --results: comparable ones at other block counts give the distillation fit
+    if args.results is not None and args.results.is_file():
+        history = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     try:
         for shape in args.shapes:
             preset = args.preset or GOALS[shape]["preset"]
             try:
-                record = run_shape(shape, preset, args, env, machine, work, models, done, t_start)
+                record = run_shape(shape, preset, args, env, machine, work, models, done, t_start,
+                                   history + done)
             except SpecError as err:
                 record = {"bench": "scale", "shape": shape, "preset": preset, "device": args.device,
                           "status": "failed", "reason": str(err), "machine": machine}
@@ -604,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             done.append(record)
             _append(args.results, record)
-            print(format_record(record), flush=True)
+            print(format_record(record, history + done), flush=True)
             if not args.keep and record.get("model"):
                 shutil.rmtree(record["model"], ignore_errors=True)
     finally:

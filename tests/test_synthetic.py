@@ -197,6 +197,13 @@ def test_bench_scale_extrapolation_on_a_hand_made_sample():
     assert three["typical"] and three["total_mean"] == 29.5 and three["last"]["total"] == 38.5
     assert three["blocks_full_s"] == pytest.approx(36.5 + 30 * 29.5 + 38.5)
     assert three["goals"][0]["applies"]
+    # with the 2-block run beside it, distillation is fitted as a line in the block count: 10 + 10 x blocks
+    rec3 = {**record, "cli": {**cli, "blocks": [*cli["blocks"], last], "distill": {**cli["distill"], "seconds": 40.0}}}
+    rec2 = {**record, "cli": {**cli, "distill": {**cli["distill"], "seconds": 30.0}}}
+    fitted = bench.summarize(rec3, [rec2, rec3])
+    assert fitted["distill_fit"]["blocks"] == [2, 3]
+    assert fitted["distill_full_s"] == pytest.approx(10.0 + 10.0 * 32)
+    assert bench.summarize(rec3, [rec3])["distill_fit"] is None
     del cli["blocks"][1]["seconds"]["tune"]
     with pytest.raises(bench.SpecError, match=r"blocks\[1\]\.seconds\.tune"):
         bench.summarize(record)
