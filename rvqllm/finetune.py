@@ -23,6 +23,7 @@ Everything runs on the device the model (or block) is on; inputs from CPU stores
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -51,11 +52,9 @@ class _TrainableRVQ(nn.Module):
         self.log_gain = nn.Parameter(torch.zeros(layer.out_features, device=layer.scales.device))
         self.bias = nn.Parameter(layer.bias.detach().float().clone()) if layer.bias is not None else None
         self.register_buffer("base_scales", layer.scales.detach().float().clone(), persistent=False)
-        out, groups, stages = layer.codes.shape
-        k = layer.codebooks.shape[1]
-        # flat indices into codebooks.reshape(S*K, d): stage s's codes are offset by s*K
-        offsets = torch.arange(stages, device=layer.codes.device) * k
-        self.register_buffer("flat_idx", (unpack(layer.codes) + offsets).reshape(-1, stages), persistent=False)
+        stages, k = layer.codes.shape[2], layer.codebooks.shape[1]
+        # stage s's codes index codebooks.reshape(S*K, d) from s*K on
+        self.register_buffer("offsets", torch.arange(stages, device=layer.codes.device) * k, persistent=False)
 
     def scales(self) -> Tensor:
         return self.base_scales * self.log_gain.exp()
@@ -64,7 +63,9 @@ class _TrainableRVQ(nn.Module):
         """``[out, in_features]`` float32, differentiable in codebooks and scales."""
         stages, k, d = self.codebooks.shape
         out = self._layer[0].out_features
-        vecs = self.codebooks.reshape(stages * k, d)[self.flat_idx].sum(1)  # [out*G, d]
+        # int64 indices [out*G, S] made here, not kept: 8x the stored codes' bytes, for one layer at a time
+        flat_idx = (unpack(self._layer[0].codes) + self.offsets).reshape(-1, stages)
+        vecs = self.codebooks.reshape(stages * k, d)[flat_idx].sum(1)  # [out*G, d]
         w = vecs.reshape(out, -1)[:, : self.in_features]
         return w * self.scales()[:, None]
 
@@ -507,6 +508,27 @@ def distill_model(
                 yield _distill_kl(decoder, head, ids[sl].to(device), t_logp[sl], idx[sl], chunk_tokens)
 
     float_params = [p for b in blocks for p in b.parameters() if p.is_floating_point()]
-    before, after, _ = _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr, storage_dtype=storage_dtype,
-                             placement=placement)
+    with _recomputed_in_backward(blocks):
+        before, after, _ = _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr,
+                                 storage_dtype=storage_dtype, placement=placement)
     return before, after
+
+
+@contextmanager
+def _recomputed_in_backward(blocks: list[nn.Module]):
+    """While active, each block's forward with gradients on runs under ``torch.utils.checkpoint``: autograd
+    keeps only the block's inputs ``[batch, seq, hidden]`` and runs the block again in backward, so a
+    distillation step holds one block's decoded weights and activations at a time, not the whole model's
+    (an 8B model's decoded fp32 weights alone are 32 GB). Costs one more forward pass per step."""
+    for b in blocks:
+        def forward(*args, _forward=b.forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        b.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
+    try:
+        yield
+    finally:
+        for b in blocks:
+            del b.forward
