@@ -391,26 +391,29 @@ class _Walk:
             sizes = {n: linear_weight(m).numel() for n, m in layers.items()}
             owners = place.assign(groups, sizes)
             place.reduce_hessians(hessians, collector.tokens, owners)
-        with meter.stage("code"):
+        with meter.stage("code"):  # each rank codes the layers it owns, then every layer goes to every rank
+            coded: dict[str, tuple[QuantizedLinear, float]] = {}
             for k, (name, module) in enumerate(layers.items()):
+                if owners[name] != place.rank:
+                    continue
                 t0 = time.perf_counter()
                 shape = self.plan.get(name, {"vector_dim": cfg.vector_dim, "stages": cfg.stages, "bits": cfg.bits})
-                qlayer = spec = None
-                if owners[name] == place.rank:
-                    weight = linear_weight(module).detach()
-                    q = quantize_weight(
-                        weight, hessians.get(name), vector_dim=shape["vector_dim"], stages=shape["stages"],
-                        bits=shape["bits"], kmeans_iters=cfg.kmeans_iters, kmeans_points=cfg.kmeans_points,
-                        beam=cfg.beam_width, hessian_weighted=cfg.hessian_weighted, error_feedback=cfg.error_feedback,
-                        refits=cfg.codebook_refits, seed=cfg.seed * 100_003 + self.offsets[i] + k, rotate=cfg.rotate,
-                    )
-                    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-                    qlayer = QuantizedLinear.from_rvq(q, shape["bits"], bias).to(self.device)
-                    spec = qlayer.spec()
-                qlayer = place.broadcast_layer(qlayer, spec, owners[name])
+                q = quantize_weight(
+                    linear_weight(module).detach(), hessians.get(name), vector_dim=shape["vector_dim"],
+                    stages=shape["stages"], bits=shape["bits"], kmeans_iters=cfg.kmeans_iters,
+                    kmeans_points=cfg.kmeans_points, beam=cfg.beam_width, hessian_weighted=cfg.hessian_weighted,
+                    error_feedback=cfg.error_feedback, refits=cfg.codebook_refits,
+                    seed=cfg.seed * 100_003 + self.offsets[i] + k, rotate=cfg.rotate,
+                )
+                bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+                coded[name] = (QuantizedLinear.from_rvq(q, shape["bits"], bias).to(self.device),
+                               time.perf_counter() - t0)
+            for name in layers:
+                mine, seconds = coded.get(name, (None, 0.0))
+                qlayer = place.broadcast_layer(mine, None if mine is None else mine.spec(), owners[name])
                 set_module(self.model, name, qlayer)
                 self.specs[name] = qlayer.spec()
-                self.report.layers[name] = {**qlayer.spec(), "seconds": round(time.perf_counter() - t0, 3)}
+                self.report.layers[name] = {**qlayer.spec(), "seconds": round(seconds, 3), "rank": owners[name]}
                 self._tick(name)
             del collector, hessians
         outputs = None if last else self.run.inputs(i + 1) if self.run is not None else MemoryActivations()

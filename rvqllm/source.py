@@ -49,7 +49,8 @@ def _assign(root: nn.Module, tensors: dict[str, Tensor]) -> None:
 
 
 class MemorySource:
-    """A model built in memory. ``device``: where blocks are worked on (default: where the model is)."""
+    """A model built in memory: each block visits the working device when asked for and goes back home
+    (the model's device) when released."""
 
     streaming = False
 
@@ -218,8 +219,8 @@ class ShardSource:
         for file, group in by_file.items():
             with safe_open(self.folder / file, framework="pt") as f:
                 for n in group:
-                    t = f.get_tensor(n)
-                    out[n] = t.to(device=device, dtype=torch.float32) if t.is_floating_point() else t.to(device)
+                    t = f.get_tensor(n).to(device)  # in the checkpoint's dtype until it is on the device
+                    out[n] = t.float() if t.is_floating_point() else t
         return out
 
     def load_rest(self, device: torch.device) -> None:
