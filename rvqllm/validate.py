@@ -337,14 +337,18 @@ def read_verified_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
     tensors, metadata = read_checksummed(path)
     if CONFIG_SUM_KEY not in metadata:
         raise RVQError(f"{path} carries no config checksum (not written by this rvqllm, or tampered): {_FIX}")
-    try:
-        want_config = config_digest(config)
-    except ValueError:
-        raise RVQError(f"{path.parent}/config.json holds NaN/Infinity: {_FIX}") from None
-    if metadata[CONFIG_SUM_KEY] != want_config:
-        raise RVQError(f"{path.parent}/config.json does not match the checksum stored in {path.name} "
-                       f"(edited or corrupted): {_FIX}")
+    _check_config_sum(metadata[CONFIG_SUM_KEY], config, path.parent, path.name)
     return tensors
+
+
+def _check_config_sum(stored: str, config: dict, folder: Path, where: str) -> None:
+    """``config.json`` of ``folder`` must have the checksum ``stored`` in file ``where``."""
+    try:
+        want = config_digest(config)
+    except ValueError:
+        raise RVQError(f"{folder}/config.json holds NaN/Infinity: {_FIX}") from None
+    if stored != want:
+        raise RVQError(f"{folder}/config.json does not match the checksum stored in {where} (edited or corrupted): {_FIX}")
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -428,13 +432,7 @@ def read_sharded_tensors(folder: Path, config: dict, quantized: dict[str, dict]
                        f"'{FORMAT_VERSION}': {_FIX}")
     if not isinstance(meta.get(CONFIG_SUM_KEY), str) or not isinstance(meta.get(SHARD_HEADERS_KEY), dict):
         raise RVQError(f"{index} carries no config or shard checksums (not written by this rvqllm, or tampered): {_FIX}")
-    try:
-        want_config = config_digest(config)
-    except ValueError:
-        raise RVQError(f"{folder}/config.json holds NaN/Infinity: {_FIX}") from None
-    if meta[CONFIG_SUM_KEY] != want_config:
-        raise RVQError(f"{folder}/config.json does not match the checksum stored in {INDEX_NAME} "
-                       f"(edited or corrupted): {_FIX}")
+    _check_config_sum(meta[CONFIG_SUM_KEY], config, Path(folder), INDEX_NAME)
     tensors: dict[str, torch.Tensor] = {}
     where: dict[str, Path] = {}
     total = 0

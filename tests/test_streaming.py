@@ -118,6 +118,24 @@ def test_host_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ ranks
+def _one_and_two_ranks(tmp_path: Path, fields: dict, *flags: str):
+    """The same quantization by one process and by ``torchrun --nproc-per-node 2`` (gloo, CPU): the two
+    finished subprocesses and their output folders."""
+    model_dir = _small_model(tmp_path / "model")
+    cfg = _config(tmp_path, fields)
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--config", str(cfg), "--calib", "kjv", "--device", "cpu", *flags)
+    one_res = subprocess.run(_cli("quantize", str(model_dir), "--out", str(one), *common), env=_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert one_res.returncode == 0, one_res.stderr[-2000:]
+    rvqllm_bin = str(Path(sys.executable).parent / "rvqllm")
+    two_res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                              "--no-python", rvqllm_bin, "quantize", str(model_dir), "--out", str(two), *common],
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert two_res.returncode == 0, two_res.stderr[-3000:]
+    return one_res, two_res, one, two
+
+
 @pytest.mark.integration
 def test_two_ranks_under_torchrun_equal_one(tmp_path):
     """``torchrun --nproc-per-node 2 --no-python rvqllm quantize`` (gloo, CPU) against one process.
@@ -126,18 +144,7 @@ def test_two_ranks_under_torchrun_equal_one(tmp_path):
     different order than one process sums them, so equality is up to that rounding: in practice every
     code and every codebook comes out the same (asserted exactly here, with no fine-tuning whose DDP
     steps average several ranks' micro-batches at once: see docs/SCALE.md)."""
-    model_dir = _small_model(tmp_path / "model")
-    cfg = _config(tmp_path, {**CHEAP, "rotate": True, "beam_width": 2})
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--config", str(cfg), "--calib", "kjv", "--device", "cpu", "--quiet")
-    res = subprocess.run(_cli("quantize", str(model_dir), "--out", str(one), *common), env=_env(),
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rvqllm_bin = str(Path(sys.executable).parent / "rvqllm")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                          "--no-python", rvqllm_bin, "quantize", str(model_dir), "--out", str(two), *common],
-                         env=_env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _, _, one, two = _one_and_two_ranks(tmp_path, {**CHEAP, "rotate": True, "beam_width": 2}, "--quiet")
     a, b = _tensors(one), _tensors(two)
     assert a.keys() == b.keys()
     for name in a:
@@ -243,18 +250,7 @@ def test_two_ranks_tune_and_distill_together(tmp_path):
     the result is not the 1-rank one bit for bit (docs/SCALE.md); it must tune (every block's error and
     the KL go down), write one checkpoint (rank 0) that loads, and end near the 1-rank run's KL (measured:
     0.00078 with 2 ranks, 0.00086 with 1, from 0.0008-0.0009 before distillation)."""
-    model_dir = _small_model(tmp_path / "model")
-    cfg = _config(tmp_path, {**TUNED, "finetune_lr": 1e-3, "distill_lr": 1e-3})
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--config", str(cfg), "--calib", "kjv", "--device", "cpu", "--json")
-    one_res = subprocess.run(_cli("quantize", str(model_dir), "--out", str(one), *common), env=_env(),
-                             capture_output=True, text=True, timeout=600)
-    assert one_res.returncode == 0, one_res.stderr[-2000:]
-    rvqllm_bin = str(Path(sys.executable).parent / "rvqllm")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                          "--no-python", rvqllm_bin, "quantize", str(model_dir), "--out", str(two), *common],
-                         env=_env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    one_res, res, _, two = _one_and_two_ranks(tmp_path, {**TUNED, "finetune_lr": 1e-3, "distill_lr": 1e-3}, "--json")
     report = json.loads(res.stdout)  # rank 0 alone prints
     single = json.loads(one_res.stdout)
     assert report["ranks"] == 2 and single["ranks"] == 1
