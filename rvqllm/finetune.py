@@ -358,15 +358,21 @@ def lm_head_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return logits
 
 
-def check_lm_head_fn(model: nn.Module, ids: Tensor, head: Callable[[Tensor], Tensor] | None = None) -> None:
+def check_lm_head_fn(model: nn.Module, ids: Tensor | None, head: Callable[[Tensor], Tensor] | None = None,
+                     hidden: Tensor | None = None, logits: Tensor | None = None) -> None:
     """Raise :class:`RVQError` unless ``head`` (default :func:`lm_head_fn` of ``model``) applied to the
-    decoder's last hidden state gives ``model(ids).logits`` on ``ids [batch, seq]`` (to within 1e-4 of
-    their largest magnitude; both are ``[batch, seq, vocab]``, so keep ``ids`` short)."""
+    decoder's last hidden state gives the model's logits (to within 1e-4 of their largest magnitude).
+
+    Either ``ids [batch, seq]`` (the model is run whole) or, for a model streamed block by block, the
+    ``hidden`` state the head is fed and the ``logits`` the model made from it. Both are ``[batch, seq,
+    vocab]``, so keep them short."""
     head = lm_head_fn(model) if head is None else head
     with torch.no_grad():
-        ids = ids.to(_input_device(model))
-        want = model(input_ids=ids, use_cache=False).logits.float()
-        got = head(_last_hidden(_decoder(model), ids)).float()
+        if hidden is None:
+            ids = ids.to(_input_device(model))
+            logits = model(input_ids=ids, use_cache=False).logits
+            hidden = _last_hidden(_decoder(model), ids)
+        want, got = logits.float(), head(hidden).float()
     if got.shape != want.shape or not float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-6:
         raise RVQError(f"{type(model).__name__}: distillation cannot reproduce this model's logits from its last "
                        "hidden state (an unknown head); quantize it with distill_epochs=0")

@@ -46,7 +46,14 @@ from .calibration import HessianCollector, capture_block_inputs
 from .checkpoint import storage_dtype
 from .config import RVQConfig
 from .errors import ResumableError, RVQError
-from .finetune import TEACHER_TOP_K, distill_model, finetune_block, lm_head_fn, teacher_topk_from_hidden
+from .finetune import (
+    TEACHER_TOP_K,
+    check_lm_head_fn,
+    distill_model,
+    finetune_block,
+    lm_head_fn,
+    teacher_topk_from_hidden,
+)
 from .meter import Meter, trim_host_memory
 from .mixed import allocate, fisher_sensitivity
 from .nn import QuantizedLinear
@@ -141,25 +148,29 @@ class _StopAtHead(Exception):
     pass
 
 
-def final_normed_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor) -> Tensor:
+def final_normed_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor,
+                        with_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """What the model feeds its LM head when its last block outputs ``hidden [batch, seq, hidden]`` on
     token batch ``ids``: the final norm (and whatever else the model does after its blocks), run by the
-    model's own code with every block replaced by a stand-in, stopped at the head."""
+    model's own code with every block replaced by a stand-in, stopped at the head. ``with_logits``: run
+    on to the end and also return the model's logits ``[batch, seq, vocab]`` (keep the batch small)."""
     head = model.get_output_embeddings()
     saved = list(blocks)
     captured: list[Tensor] = []
 
     def grab(_m, args):
         captured.append(args[0].detach())
-        raise _StopAtHead
+        if not with_logits:
+            raise _StopAtHead
 
     handle = head.register_forward_pre_hook(grab)
+    logits = None
     try:
         for k, b in enumerate(saved):
             blocks[k] = _Injector(b, hidden if k == 0 else None)
         with torch.no_grad():
             try:
-                model(input_ids=ids, use_cache=False)
+                logits = model(input_ids=ids, use_cache=False).logits
             except _StopAtHead:
                 pass
     finally:
@@ -169,7 +180,7 @@ def final_normed_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hi
     if not captured:
         raise RVQError(f"{type(model).__name__}: could not find what its LM head is fed; distillation is not "
                        "supported for this architecture (set distill_epochs: 0)")
-    return captured[0]
+    return (captured[0], logits) if with_logits else captured[0]
 
 
 class _TeacherStore:
@@ -463,6 +474,10 @@ class _Walk:
         """Top-k next-token log-probabilities of the float model from its last block's outputs."""
         blocks = self.source.blocks
         head = lm_head_fn(self.model)
+        j = next(iter(self.kwargs))  # the head must give what the model gives, on a few tokens
+        normed, logits = final_normed_hidden(self.model, blocks, self.batches[j][:1, :16],
+                                             final.get(j)[:1, :16].to(self.device), with_logits=True)
+        check_lm_head_fn(self.model, None, head, normed, logits)
         for j in self.kwargs:
             normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j).to(self.device))
             self.teacher.put(j, teacher_topk_from_hidden(normed, head, TEACHER_TOP_K, self.config.distill_chunk_tokens))

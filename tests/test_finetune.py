@@ -409,3 +409,17 @@ def test_distillation_memory_is_bounded_by_the_chunk_not_by_vocab_times_tokens()
     full_logits = seqs * seq_len * vocab * 4
     assert peak < full_logits / 2, (f"peak {peak / 2**20:.0f} MiB above the models, "
                                     f"{peak / (chunk * vocab * 4):.1f} chunk-sized copies")
+
+
+def test_distillation_teacher_is_checked_against_the_models_own_logits(calib_ids, monkeypatch):
+    """The teacher comes from the last block's outputs through the model's own post-block code and the
+    head of :func:`lm_head_fn`; a head that misses a step (here Gemma 2's soft-capping) is refused with one
+    line before any tuning, and the right one passes (the model distils)."""
+    import rvqllm.pipeline as pipeline
+
+    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, beam_width=1, kmeans_iters=2, calib_batch_size=4,
+                           distill_epochs=1)
+    rvqllm.quantize(_tiny("gemma2"), cfg, calib_ids)
+    monkeypatch.setattr(pipeline, "lm_head_fn", lambda model: model.get_output_embeddings())
+    with pytest.raises(rvqllm.RVQError, match="distill_epochs=0"):
+        rvqllm.quantize(_tiny("gemma2"), cfg, calib_ids)
