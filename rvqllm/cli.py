@@ -92,6 +92,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) -> dict:
     import shutil
 
+    import torch
+
     from .checkpoint import publish
     from .models import open_source
     from .pipeline import run
@@ -114,10 +116,13 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
     if placement.is_main and not (resume and (run_dir / "run.json").is_file()):
         _check_disk(source, cfg, calib, out)
     bar = _Progress(args.quiet or args.json)
+    torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
+    finished: list[int] = []  # blocks this process quantized (a resumed run skips the committed ones)
 
     def on_block(i: int, n: int, acc: dict) -> None:
-        left = (time.perf_counter() - t0) / (i + 1) * (n - i - 1)
+        finished.append(i)
+        left = (time.perf_counter() - t0) / len(finished) * (n - i - 1)
         dev = f", device {acc['peak_device_mib'] / 1024:.1f} GiB" if acc.get("peak_device_mib") is not None else ""
         _say(args, f"block {i + 1}/{n}: {acc['total_seconds']:.1f} s ("
                    + ", ".join(f"{k} {v:.1f}" for k, v in acc["seconds"].items() if v >= 0.05)

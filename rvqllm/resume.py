@@ -233,8 +233,7 @@ class RunDir:
         ``i``'s inputs. Block ``i + 1``'s inputs must already be complete in :meth:`inputs` ``(i + 1)``.
         ``write=False`` (ranks other than 0) only advances the in-memory state."""
         if write:
-            specs = {n: model.get_submodule(n).spec() for n in self._layer_names(i)}
-            write_shard(self.shard_path(i), block_tensors(model, i, dtype), specs)
+            self._write_block(i, model, dtype, self.shard_path(i))
             write_json_atomic(self.path / "progress.json", {"blocks_done": i + 1, "distilled": False})
             for stream in ("in", "fp"):
                 shutil.rmtree(self._inputs_path(i, stream), ignore_errors=True)
@@ -246,11 +245,14 @@ class RunDir:
         place (a resume finishes the renames)."""
         if write:
             for i in range(self.n_blocks):
-                specs = {n: model.get_submodule(n).spec() for n in self._layer_names(i)}
-                write_shard(self._distilled_path(i), block_tensors(model, i, dtype), specs)
+                self._write_block(i, model, dtype, self._distilled_path(i))
             write_json_atomic(self.path / "progress.json", {"blocks_done": self.n_blocks, "distilled": True})
             self._rename_distilled()
         self.distilled = True
+
+    def _write_block(self, i: int, model: nn.Module, dtype: torch.dtype | None, path: Path) -> None:
+        specs = {n: model.get_submodule(n).spec() for n in self._layer_names(i)}
+        write_shard(path, block_tensors(model, i, dtype), specs)
 
     def _distilled_path(self, i: int) -> Path:
         return self.shard_path(i).with_name(self.shard_path(i).name + ".distilled")
