@@ -1,5 +1,7 @@
 """Block fine-tuning (rvqllm.finetune): it lowers the block's output error and the result is what is stored."""
 
+import json
+
 import pytest
 import torch
 
@@ -423,3 +425,40 @@ def test_distillation_teacher_is_checked_against_the_models_own_logits(calib_ids
     monkeypatch.setattr(pipeline, "lm_head_fn", lambda model: model.get_output_embeddings())
     with pytest.raises(rvqllm.RVQError, match="distill_epochs=0"):
         rvqllm.quantize(_tiny("gemma2"), cfg, calib_ids)
+
+
+class _Kill(BaseException):
+    """Stands in for a kill inside the process."""
+
+
+@pytest.mark.parametrize("when", ["writing the distilled shards", "renaming them"])
+def test_a_kill_during_the_distilled_commit_resumes_to_the_same_model(calib_ids, tmp_path, monkeypatch, when):
+    """Distillation rewrites every block's shard at the end: all or nothing. Killed while the new shards are
+    written (before the commit point), the resumed run distils again from the committed blocks and the
+    teacher on disk; killed after it (while renaming), it finishes the renames and skips distillation.
+    Either way the model equals an uninterrupted run's."""
+    from rvqllm import resume
+
+    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, beam_width=1, kmeans_iters=2, calib_batch_size=4,
+                           distill_epochs=1)
+    whole = tiny_llama()
+    rvqllm.quantize(whole, cfg, calib_ids)
+    target = "write_json_atomic" if when.startswith("writing") else "_atomic_replace"
+    real = getattr(resume, target)
+
+    def killed(path, other):  # write_json_atomic(path, data) / _atomic_replace(tmp, final)
+        if (isinstance(other, dict) and other.get("distilled")) or str(path).endswith(".distilled"):
+            raise _Kill
+        return real(path, other)
+
+    monkeypatch.setattr(resume, target, killed)
+    with pytest.raises(_Kill):
+        rvqllm.quantize(tiny_llama(), cfg, calib_ids, run_dir=tmp_path / "run")
+    monkeypatch.setattr(resume, target, real)
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress == {"blocks_done": 2, "distilled": when == "renaming them"}
+    resumed = tiny_llama()
+    report = rvqllm.quantize(resumed, cfg, calib_ids, run_dir=tmp_path / "run", resume=True)
+    assert bool(report.distill) == (when.startswith("writing"))
+    for (n, a), (m, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert n == m and torch.equal(a, b), n
