@@ -131,7 +131,7 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
     had_run = resume and (run_dir / "run.json").is_file()
     try:
         report = run(source, cfg, calib, placement, progress=lambda name, d, n: bar("quantize", d, n, name),
-                     on_block=on_block, run_dir=run_dir, resume=resume)
+                     on_block=on_block, run_dir=run_dir, resume=resume, reset_host_peak=True)
     except BaseException as err:
         # keep what a resume can continue from (a kill, Ctrl-C, a full disk, out of memory); an input error
         # or a run with nothing finished leaves nothing behind

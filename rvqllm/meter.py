@@ -1,9 +1,10 @@
 """Accounting of a quantization run: wall time by stage, peak host memory and peak device memory.
 
-Peak host RSS is the kernel's high-water mark (``VmHWM`` in ``/proc/self/status``), reset at the start of
-each block where Linux allows it (``/proc/self/clear_refs``), so each block reports its own peak; where
-it cannot be reset (other systems) the figure is the process's peak so far, and :attr:`Meter.rss_resets`
-says so. Peak device memory is ``torch.cuda.max_memory_allocated`` (``None`` on a CPU).
+Peak host RSS is the kernel's high-water mark (``VmHWM`` in ``/proc/self/status``). Resetting it is a
+change to the whole process (anyone else measuring its peak loses theirs), so only the owner of the
+process asks for it (the CLI: ``reset_host_peak``); then each block reports its own peak, where Linux
+allows the reset (``/proc/self/clear_refs``; :attr:`Meter.rss_resets` says whether it happened).
+Otherwise a block's figure is the process's peak so far. Peak device memory is ``torch.cuda.max_memory_allocated`` (``None`` on a CPU).
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ class Meter:
     ``{"seconds": {stage: s}, "total_seconds", "peak_rss_mib", "peak_device_mib"}``.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, reset_host_peak: bool = False) -> None:
         self.device = device
-        self.rss_resets = reset_peak_rss()
+        self.rss_resets = reset_peak_rss() if reset_host_peak else False
         reset_peak_device(device)
         self.start = time.perf_counter()
         self.seconds = dict.fromkeys(STAGES, 0.0)

@@ -261,9 +261,12 @@ def run(
     on_block: BlockFn | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    reset_host_peak: bool = False,
 ) -> QuantizeReport:
     """Walk ``source``'s blocks (see the module doc). ``on_block(i, n_blocks, accounting)`` is called as
-    each block finishes. With a :class:`ShardSource` a ``run_dir`` is required: it receives the shards."""
+    each block finishes. With a :class:`ShardSource` a ``run_dir`` is required: it receives the shards.
+    ``reset_host_peak``: reset the process's peak-RSS mark at each block so each reports its own (a change
+    to the whole process: for the process's owner, the CLI; :mod:`rvqllm.meter`)."""
     if calibration.dim() != 2 or calibration.numel() == 0:
         raise RVQError("calibration must be a non-empty [n_sequences, seq_len] tensor of token ids")
     if source.streaming and run_dir is None:
@@ -272,7 +275,7 @@ def run(
         raise RVQError("bpw_budget (mixed precision) measures every layer's sensitivity on the whole float model: "
                        "load the model in memory for it (rvqllm.quantize(model, ...)) or use a uniform preset")
     start = time.perf_counter()
-    walk = _Walk(source, config, calibration, placement, progress, on_block)
+    walk = _Walk(source, config, calibration, placement, progress, on_block, reset_host_peak)
     walk.prepare(run_dir, resume)
     for i in range(len(source)):
         walk.block(i)
@@ -285,8 +288,9 @@ class _Walk:
     """The state of one walk over the blocks: streams of activations, the run folder, the report."""
 
     def __init__(self, source, config: RVQConfig, calibration: Tensor, placement: Placement,
-                 progress: ProgressFn | None, on_block: BlockFn | None) -> None:
+                 progress: ProgressFn | None, on_block: BlockFn | None, reset_host_peak: bool = False) -> None:
         self.source, self.config, self.place = source, config, placement
+        self.reset_host_peak = reset_host_peak
         self.calibration = calibration
         self.progress, self.on_block = progress, on_block
         self.model = source.model
@@ -357,7 +361,7 @@ class _Walk:
         if i < self.start_block:
             self._restore(i)
             return
-        meter = Meter(self.device)
+        meter = Meter(self.device, self.reset_host_peak)
         try:
             self._block(i, meter)
         except oom_errors() as err:
@@ -489,7 +493,7 @@ class _Walk:
     def finish(self) -> None:
         cfg = self.config
         if self.teacher is not None and not (self.run is not None and self.run.distilled):
-            meter = Meter(self.device)
+            meter = Meter(self.device, self.reset_host_peak)
             for i in range(len(self.source)):  # every block back on the device, compressed
                 if self.source.streaming:
                     self.source.load_empty_block(i)
