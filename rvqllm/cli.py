@@ -124,9 +124,13 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
         finished.append(i)
         left = (time.perf_counter() - t0) / len(finished) * (n - i - 1)
         dev = f", device {acc['peak_device_mib'] / 1024:.1f} GiB" if acc.get("peak_device_mib") is not None else ""
-        _say(args, f"block {i + 1}/{n}: {acc['total_seconds']:.1f} s ("
-                   + ", ".join(f"{k} {v:.1f}" for k, v in acc["seconds"].items() if v >= 0.05)
-                   + f"), peak RSS {acc['peak_rss_mib'] / 1024:.2f} GiB{dev}, ETA {left / 60:.1f} min")
+        if not (args.quiet or args.json):
+            from tqdm import tqdm
+
+            tqdm.write(f"block {i + 1}/{n}: {acc['total_seconds']:.1f} s ("
+                       + ", ".join(f"{k} {v:.1f}" for k, v in acc["seconds"].items() if v >= 0.05)
+                       + f"), peak RSS {acc['peak_rss_mib'] / 1024:.2f} GiB{dev}, ETA {left / 60:.1f} min",
+                       file=sys.stderr)  # above the progress bar, not into it
 
     had_run = resume and (run_dir / "run.json").is_file()
     try:
