@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -29,11 +28,9 @@ from torch import Tensor, nn
 
 from .arch import check_causal_lm, find_blocks, find_linears, linear_weight, split_fused_experts
 from .errors import RVQError
+from .validate import INDEX_NAME, WEIGHTS_NAME, read_header_only
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+SINGLE_NAME = WEIGHTS_NAME  #: a model saved as one file
 
 
 def _params_and_buffers(module: nn.Module) -> dict[str, Tensor]:
@@ -167,14 +164,17 @@ class ShardSource:
             raise RVQError(f"{label!r} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME}): convert it with "
                            "transformers' save_pretrained, or give a .gguf file")
         names = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
-        headers = {}
+        headers: dict[str, dict] = {}
+        self.header_sums: dict[str, str] = {}
         for name in names:
             if "/" in name or "\\" in name or name.startswith("."):
                 raise RVQError(f"{index} names file {name!r} outside the model folder: re-download the model")
             path = self.folder / name
             if not path.is_file():
                 raise RVQError(f"{label!r} is missing shard {name} (listed in {INDEX_NAME}): re-download the model")
-            headers[name] = _read_header(path)
+            entries, _, digest = read_header_only(path)  # bounds-checked against the file's size
+            headers[name] = entries
+            self.header_sums[name] = digest
         if weight_map is None:
             weight_map = dict.fromkeys(headers[SINGLE_NAME], SINGLE_NAME)
         for tensor, name in weight_map.items():
@@ -195,8 +195,8 @@ class ShardSource:
                 raise RVQError(f"{label!r}: the checkpoint lacks tensor {name!r} that its config.json implies: "
                                "the shards and the config disagree; re-download or re-convert the model")
             entry = self.headers[self.files[name]][name]
-            if tuple(entry["shape"]) != tuple(t.shape):
-                raise RVQError(f"{label!r}: tensor {name!r} in {self.files[name]} has shape {entry['shape']} but "
+            if entry.shape != tuple(t.shape):
+                raise RVQError(f"{label!r}: tensor {name!r} in {self.files[name]} has shape {list(entry.shape)} but "
                                f"config.json makes it {list(t.shape)}: the shards and the config disagree")
 
     # -- the protocol ------------------------------------------------------------------------------
@@ -207,7 +207,8 @@ class ShardSource:
     def other_bytes(self) -> int:
         """Bytes of the checkpoint's tensors outside the blocks, as stored."""
         pre = f"{self.prefix}."
-        return sum(_entry_bytes(self.headers[f][n]) for n, f in self.files.items() if not n.startswith(pre))
+        return sum(self.headers[f][n].end - self.headers[f][n].begin for n, f in self.files.items()
+                   if not n.startswith(pre))
 
     def _read(self, names: list[str], device: torch.device) -> dict[str, Tensor]:
         from safetensors import safe_open
@@ -268,41 +269,10 @@ class ShardSource:
         h = hashlib.sha256()
         for name in sorted(self.headers):
             h.update(f"{name}|{(self.folder / name).stat().st_size}|".encode())
-            h.update(json.dumps(self.headers[name], sort_keys=True).encode())
+            h.update(self.header_sums[name].encode())
         h.update(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
         return h.hexdigest()
 
 
 def _shapes(layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
     return {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
-
-
-def _entry_bytes(entry: dict) -> int:
-    return math.prod(entry["shape"]) * _DTYPE_BYTES.get(entry["dtype"], 4)
-
-
-def _read_header(path: Path) -> dict[str, dict]:
-    """The tensor entries of a safetensors file's header (``{name: {dtype, shape, data_offsets}}``)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            size = path.stat().st_size
-            if n < 2 or n > min(size - 8, 100 * 2**20):
-                raise ValueError
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
-        raise RVQError(f"{path} is not a readable safetensors file (truncated or damaged): re-download the model") from None
-    if not isinstance(header, dict):
-        raise RVQError(f"{path} has no safetensors header: re-download the model")
-    header.pop("__metadata__", None)
-    end = 0
-    for name, e in header.items():
-        try:
-            end = max(end, int(e["data_offsets"][1]))
-            _ = e["shape"], e["dtype"]
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise RVQError(f"{path}: tensor {name!r} has a malformed header entry: re-download the model") from None
-    if 8 + n + end > size:
-        raise RVQError(f"{path} is truncated ({size} bytes, its header needs {8 + n + end}): re-download the model")
-    return header
