@@ -7,7 +7,9 @@ one line (``error: ...``) with exit code 2, and a traceback only with ``--debug`
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,12 +17,19 @@ from pathlib import Path
 from .config import RVQConfig, available_presets
 from .errors import ResumableError, RVQError
 
-DEFAULT_PRESET = "2bit"
+DEFAULT_PRESET = "2bit"  #: `rvqllm quantize`'s preset
+DEMO_PRESET = "2bit-fast"  #: `rvqllm demo`'s preset: minutes on a laptop; the demo's last line names the best one
+BEST_PRESET = "2bit"
+#: minutes `rvqllm demo --config 2bit` takes on 2 CPU cores, printed by the demo; it must match the quantization
+#: time README.md and docs/RESULTS.md report for the 2bit preset
+BEST_PRESET_MINUTES = 24
 DEFAULT_TEXTS = ["kjv", "shakespeare"]
 
 
 class _Progress:
     """tqdm progress bars on stderr, silenced by --quiet/--json."""
+
+    live: set = set()  #: bars not finished yet (closed before an error line, so that it starts a line of its own)
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -34,12 +43,20 @@ class _Progress:
         bar = self.bars.get(key)
         if bar is None:
             bar = self.bars[key] = tqdm(total=total, desc=key, unit="step", file=sys.stderr, dynamic_ncols=True)
+            _Progress.live.add(bar)
         if label:
             bar.set_postfix_str(label[-40:], refresh=False)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
             self.bars.pop(key)
+            _Progress.live.discard(bar)
+
+    @staticmethod
+    def close_all() -> None:
+        for bar in list(_Progress.live):
+            bar.close()
+        _Progress.live.clear()
 
 
 def _say(args: argparse.Namespace, *msg: object) -> None:
@@ -55,12 +72,32 @@ def _calibration(args, tokenizer, cfg: RVQConfig):
 
 
 def _load_config(args) -> RVQConfig:
+    if Path(args.config).is_dir():
+        raise RVQError(f"--config {args.config} is a folder: give a preset name ({', '.join(available_presets())}) "
+                       "or a YAML file")
     cfg = RVQConfig.load(args.config)
     changes = {k: v for k, v in {
         "calib_sequences": args.calib_sequences, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
         "calib_batch_size": getattr(args, "calib_batch_size", None),
     }.items() if v is not None}
     return cfg.replace(**changes) if changes else cfg
+
+
+def _check_writable(target: Path, option: str, *, inside: bool = False) -> None:
+    """Refuse, before any work, an output ``target`` that cannot be written: a file in its way, or a
+    folder without write permission. ``inside``: files are written in ``target`` itself (a report folder);
+    else beside it (a checkpoint is assembled in a sibling and renamed into place)."""
+    if target.exists() and not target.is_dir():
+        raise RVQError(f"{option} {target} is a file, not a folder: choose another {option}")
+    target = Path(os.path.abspath(target))
+    where = target if inside else target.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise RVQError(f"{option} {target} cannot be created: {where} is a file, not a folder; choose another {option}")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise RVQError(f"{option} {target} cannot be written: {where} is read-only for you (permission denied); "
+                       f"choose another {option} on a writable location")
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict:
@@ -72,6 +109,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
     cfg = _load_config(args)
     out = Path(args.out)
+    _check_writable(out, "--out")
     check_output_folder(out, args.overwrite)
     _check_input_untouched(args.model, out)
     placement = placement_from_env(args.device)
@@ -139,10 +177,15 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
     except BaseException as err:
         # keep what a resume can continue from (a kill, Ctrl-C, a full disk, out of memory); an input error
         # or a run with nothing finished leaves nothing behind
-        resumable = isinstance(err, KeyboardInterrupt | OSError | ResumableError) and _blocks_done(run_dir) > 0
+        # (a file that could not be written comes as an RVQError caused by the OSError)
+        resumable = (isinstance(err, KeyboardInterrupt | OSError | ResumableError)
+                     or isinstance(err.__cause__, OSError)) and _blocks_done(run_dir) > 0
         if placement.is_main and not had_run and not resumable:
             shutil.rmtree(run_dir, ignore_errors=True)
+        if placement.is_main and resumable:
+            args.kept_run = run_dir  # main() says so in the one line it prints
         raise
+    args.kept_run = run_dir  # every block is committed: a failed save is resumed by saving again
     seconds = time.perf_counter() - t0
     model = source.model
     result = {"out": str(out), "config": cfg.to_dict(), "quantize_seconds": round(seconds, 1),
@@ -152,6 +195,7 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
     if not placement.is_main:
         return result
     publish(run_dir, out, model=model, tokenizer=tokenizer, overwrite=args.overwrite)
+    args.kept_run = None
     shutil.rmtree(run_dir, ignore_errors=True)  # its shards are the checkpoint's files now (hard links)
     summary = summarize(model.rvq_layers)
     result.update({"bpw": summary["bpw"], "bytes": folder_bytes(out), "layers": summary["layers"],
@@ -211,6 +255,65 @@ def _check_input_untouched(model_spec: str, out: Path) -> None:
                        "modified; choose an output folder outside it")
 
 
+def checkpoint_config(folder: str | Path) -> tuple[dict, dict]:
+    """``(config.json, its quantization_config)`` of a checkpoint folder, checked; a model folder that is not
+    a checkpoint is refused with what to do with it instead."""
+    from .validate import check_quantization_config, read_config
+
+    config = read_config(folder)
+    if "quantization_config" not in config:
+        raise RVQError(f"{folder} is a model folder, not an rvqllm checkpoint (its config.json has no "
+                       f"quantization_config): quantize it with `rvqllm quantize {folder} --out DIR`, or give it "
+                       "as --baseline to compare checkpoints with")
+    return config, check_quantization_config(config, folder)
+
+
+def quick_check(folder: str | Path) -> dict:
+    """Cheap consistency check of a checkpoint folder; returns its ``quantization_config``.
+
+    :func:`checkpoint_config`, then :func:`rvqllm.validate.check_headers`: every weights file present with
+    exactly the size its header declares, the checksums the headers hold, and the tensors the config
+    implies (names, shapes, dtypes), in work bounded by the files whatever the config declares. Headers
+    only, a few KiB per file: a truncated, missing or swapped file is caught, a flipped data byte is not
+    (``rvqllm info DIR --verify`` and loading check every byte)."""
+    from .validate import check_headers
+
+    _, q = checkpoint_config(folder)
+    check_headers(Path(folder))
+    return q
+
+
+def _check_checkpoints(folders: list[Path]) -> None:
+    """The cheap check of every checkpoint, before minutes of evaluation (``rvqllm info --verify`` does all)."""
+    for folder in folders:
+        quick_check(folder)
+
+
+def _tokenizers(args, quantized: list[Path], baseline: str | None) -> tuple[object | None, dict[Path, object]]:
+    """``(--tokenizer's tokenizer or None, {checkpoint: tokenizer or None})``, loaded before any evaluation; a
+    checkpoint without tokenizer files takes --tokenizer's, else the baseline's (``None`` here)."""
+    from .models import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer, tokenizer_files
+
+    given = getattr(args, "tokenizer", None)
+    override = load_tokenizer(*resolve_tokenizer(given)) if given else None
+    own: dict[Path, object] = {}
+    for folder in quantized:
+        if override is not None:
+            own[folder] = override
+        elif tokenizer_files(folder):
+            own[folder] = load_tokenizer(folder)
+        elif baseline is None:
+            from .validate import validate_checkpoint
+
+            validate_checkpoint(folder)  # a damaged checkpoint says so first: that is the bigger problem
+            raise RVQError(f"no tokenizer in {folder}: none of {', '.join(TOKENIZER_FILES)} found there, and no "
+                           "--baseline to take one from; give one with --tokenizer PATH_OR_ID (a folder holding "
+                           "them, e.g. the original model's, a .gguf file or a hub id)")
+        else:
+            own[folder] = None
+    return override, own
+
+
 def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[list[dict], list[str]]:
     from .checkpoint import load
     from .data import load_text, source_label
@@ -218,6 +321,8 @@ def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[l
     from .models import load_model, resolve
     from .size import folder_bytes, summarize
 
+    _check_checkpoints(quantized)  # a broken checkpoint fails now, not after the baseline's evaluation
+    override, own = _tokenizers(args, quantized, baseline)
     texts = {source_label(s): load_text(s, "test", text_column=args.text_column) for s in args.text}
     bar = _Progress(args.quiet or args.json)
     rows = []
@@ -237,7 +342,7 @@ def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[l
 
     tokenizer = None
     if baseline:
-        model, tokenizer = load_model(baseline)
+        model, tokenizer = load_model(baseline, tokenizer=override)
         ppl, tokens = run("baseline", model, tokenizer)
         where, gguf = resolve(baseline)
         size = folder_bytes(Path(where) / gguf if gguf else where) if Path(where).exists() else None
@@ -245,12 +350,8 @@ def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[l
                      "baseline": True, **tasks("baseline", model, tokenizer)})
         del model
     for folder in quantized:
-        from transformers import AutoTokenizer
-
         model = load(folder)
-        tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else tokenizer
-        if tok is None:
-            raise RVQError(f"{folder} has no tokenizer files and no --baseline was given to take one from")
+        tok = own[folder] or tokenizer
         ppl, tokens = run(folder.name, model, tok)
         rows.append({"model": str(folder), "bpw": summarize(model.rvq_layers)["bpw"], "bytes": folder_bytes(folder),
                      "ppl": ppl, "tokens": tokens, **tasks(folder.name, model, tok)})
@@ -272,27 +373,38 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 def cmd_report(args: argparse.Namespace) -> dict:
     """Evaluate checkpoints beside the baseline; write report.md/.json/.png and a README card per checkpoint."""
-    from .eval.report import format_table, plot, write_json, write_model_card
+    from .eval.report import format_table, model_card, plot, write_json
 
     folders = [Path(d) for d in args.checkpoints]
-    for f in folders:
-        if not (f / "config.json").exists():
-            raise RVQError(f"{f} is not an rvqllm checkpoint folder (no config.json): give folders written by `rvqllm quantize`")
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for f in folders:
+        if f.is_dir() and not (f / "config.json").exists():
+            raise RVQError(f"{f} is not an rvqllm checkpoint folder (no config.json): give folders written by "
+                           "`rvqllm quantize`")
+    _check_checkpoints(folders)
+    _check_writable(out, "--out-dir", inside=True)
+    for f in [] if args.no_card else folders:
+        if not os.access(f, os.W_OK | os.X_OK):
+            raise RVQError(f"cannot write the model card README.md into {f} (read-only for you): pass --no-card, "
+                           "or make the folder writable")
     rows, names = _evaluate_rows(args, folders, args.baseline)
     protocol = (f"ppl-{args.context}x{args.windows}: context {args.context}, {args.windows} windows, "
                 f"{args.windows * (args.context - 1)} predicted tokens per text")
     command = "rvqllm " + " ".join(sys.argv[1:]) if sys.argv and "report" in sys.argv else ""
     table = format_table(rows, names)
-    (out / "report.md").write_text(f"Perplexity {protocol}.\n\n{table}\n" + (f"\nCommand: `{command}`\n" if command else ""))
-    write_json(rows, out / "report.json", protocol=protocol, command=command, texts=names)
-    png = plot(rows, names, out / "report.png", title=f"rvqllm: perplexity vs bits per weight ({protocol.split(':')[0]})")
+    out.mkdir(parents=True, exist_ok=True)
+    # each file is written under a temporary name and renamed: a failure never leaves half a file
+    _write_atomic(out / "report.md", lambda p: p.write_text(
+        f"Perplexity {protocol}.\n\n{table}\n" + (f"\nCommand: `{command}`\n" if command else "")))
+    _write_atomic(out / "report.json", lambda p: write_json(rows, p, protocol=protocol, command=command, texts=names))
+    png = _write_atomic(out / "report.png", lambda p: plot(
+        rows, names, p, title=f"rvqllm: perplexity vs bits per weight ({protocol.split(':')[0]})"))
     base = next((r for r in rows if r.get("baseline")), None)
     cards = []
     if not args.no_card:
         for folder, row in zip(folders, [r for r in rows if not r.get("baseline")], strict=True):
-            cards.append(str(write_model_card(folder, row, base, protocol, command)))
+            text = model_card(folder, row, base, protocol, command)
+            cards.append(str(_write_atomic(folder / "README.md", lambda p, t=text: p.write_text(t))))
     if not args.json:
         print(f"perplexity: {protocol}")
         print(table)
@@ -301,16 +413,30 @@ def cmd_report(args: argparse.Namespace) -> dict:
             "model_cards": cards}
 
 
+def _write_atomic(path: Path, write) -> Path:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # the suffix tells plot() the format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def cmd_info(args: argparse.Namespace) -> dict:
-    from .checkpoint import read_quantization_config
     from .size import folder_bytes, layer_bpw, summarize
+    from .validate import check_headers, validate_checkpoint
 
-    q = read_quantization_config(args.checkpoint)
+    _, q = checkpoint_config(args.checkpoint)
     if args.verify:
-        from .validate import validate_checkpoint
-
         checked = validate_checkpoint(args.checkpoint)
         _say(args, f"verified: {len(checked.tensors)} tensors, checksums, shapes, dtypes, code ranges, finite values")
+    else:
+        try:
+            check_headers(Path(args.checkpoint))  # headers only
+        except RVQError as err:
+            raise RVQError(f"{err} (`rvqllm info {args.checkpoint} --verify` runs every check)") from err
     s = summarize(q["layers"])
     info = {"folder": args.checkpoint, "format_version": q["format_version"], "config": q.get("rvq_config", {}),
             **s, "bytes": folder_bytes(args.checkpoint)}
@@ -341,7 +467,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         _say(args, f"{out} exists: re-using it (pass --overwrite to quantize again)")
         qres = None
     else:
-        args.overwrite = True
+        args.overwrite = args.overwrite or out.exists()  # an interrupted demo is still refused without --resume
         qres = cmd_quantize(args)
     rows, names = _evaluate_rows(args, [out], "reference")
     table = format_table(rows, names)
@@ -351,7 +477,14 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         if qres:
             print(f"quantization: {qres['quantize_seconds']} s on {qres['threads']} threads ({os.cpu_count()} cores)")
         print(table)
+        if Path(args.config).stem != BEST_PRESET:
+            print(best_preset_line())
     return {"quantize": qres, "rows": rows, "table": table}
+
+
+def best_preset_line() -> str:
+    """The demo's last line: how to get the best quality, and what it costs."""
+    return f"best quality: rvqllm demo --config {BEST_PRESET} (about {BEST_PRESET_MINUTES} min on 2 cores)"
 
 
 def _preset_description(name: str) -> str:
@@ -372,9 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON object with the results")
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    def quant_opts(sp):
-        sp.add_argument("--config", default=DEFAULT_PRESET,
-                        help=f"preset name ({presets}) or YAML file; more stages/bits cost time and size, gain quality")
+    def quant_opts(sp, preset: str = DEFAULT_PRESET):
+        sp.add_argument("--config", default=preset,
+                        help=f"preset name ({presets}) or YAML file (default: {preset}); more stages/bits cost time "
+                             "and size, gain quality")
         sp.add_argument("--calib", nargs="+", default=["kjv", "shakespeare"],
                         help="calibration text sources: reference names (kjv, shakespeare), .txt/.jsonl/.parquet "
                              "files or data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. "
@@ -394,8 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "torchrun each rank takes cuda:LOCAL_RANK")
         sp.add_argument("--calib-batch-size", type=int, help="override the preset: calibration sequences per forward "
                         "pass (lower it when the device runs out of memory)")
-        sp.add_argument("--tokenizer", help="tokenizer to use (a folder, a .gguf or a hub id) when the model folder has none")
+        tokenizer_opt(sp)
         text_column(sp)
+
+    def tokenizer_opt(sp):
+        if not any(a.dest == "tokenizer" for a in sp._actions):
+            sp.add_argument("--tokenizer", metavar="PATH_OR_ID",
+                            help="tokenizer to use instead of the model's own, needed for a model or checkpoint "
+                                 "folder without one: a folder with tokenizer.json / tokenizer_config.json, a .gguf "
+                                 "file or a hub id (e.g. the original model's)")
 
     def text_column(sp):
         if not any(a.dest == "text_column" for a in sp._actions):
@@ -404,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def eval_opts(sp):
         text_column(sp)
+        tokenizer_opt(sp)
         sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS,
                         help="evaluation texts: reference names (kjv, shakespeare), .txt/.jsonl/.parquet files or "
                              "data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. wikitext:wikitext-2-raw-v1)")
@@ -444,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="quantize the built-in reference model and compare it with fp16")
     d.add_argument("--out", help="checkpoint folder (default: out/smollm2-135m-<preset>)")
-    quant_opts(d)
+    quant_opts(d, DEMO_PRESET)
     eval_opts(d)
     common(d)
     return p
@@ -463,27 +605,56 @@ def main(argv: list[str] | None = None) -> int:
         datasets.disable_progress_bars()
     handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
                 "report": cmd_report}
+    if not args.debug:  # a hub fetch that fails retries with a warning per try: the error line says it all
+        import logging
+
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    args.kept_run = None  # set by a quantization that stops with a resumable run folder
     try:
         result = handlers[args.command](args)
     except RVQError as err:
+        _Progress.close_all()
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        kept = getattr(args, "kept_run", None) is not None and "--resume" not in str(err)
+        print(f"error: {err}" + (f"; {_after_stop(args)}" if kept else ""), file=sys.stderr)
         return 2
     except OSError as err:  # the environment (disk full, permissions, a vanished file), not a bug
+        _Progress.close_all()
         if args.debug:
             raise
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}: check the path, permissions and free disk space", file=sys.stderr)
+        print(f"error: {_os_error(err)}; {_after_stop(args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = " (`rvqllm quantize ... --resume` continues from the last finished block)" \
-            if args.command in ("quantize", "demo") else ""
-        print(f"interrupted{resume}", file=sys.stderr)
-        return 130
+        _Progress.close_all()
+        if args.debug:
+            raise
+        print(f"interrupted: {_after_stop(args)}", file=sys.stderr)
+        return 2
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _os_error(err: OSError) -> str:
+    """One line for an ``OSError``: what failed, on which path, and what to check."""
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return f"the disk is full{where}: free space or choose a location with more room"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{err.strerror}{where}: choose a location you can write to, or fix its permissions"
+    return f"{err.strerror or err}{where}: check the path, permissions and free disk space"
+
+
+def _after_stop(args: argparse.Namespace) -> str:
+    """What a stopped command left behind and how to go on: resume a kept run folder, or start again."""
+    kept = getattr(args, "kept_run", None)
+    if kept is not None and Path(kept).exists():
+        return (f"the finished blocks are kept in {kept}: rerun the same command with --resume to continue "
+                "(or with --overwrite to start over)")
+    if args.command in ("quantize", "demo"):
+        return "nothing was written: run the command again to start over"
+    return "no report file was replaced" if args.command == "report" else "nothing was written"
 
 
 if __name__ == "__main__":

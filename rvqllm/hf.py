@@ -11,7 +11,9 @@ How it plugs in (transformers 5 quantizer API):
 
 - :class:`RVQQuantizationConfig` (registered as ``"rvq"``) is ``config.json``'s ``quantization_config``;
   its ``to_dict`` is exactly the dict :func:`rvqllm.checkpoint.quantization_config` writes.
-- :class:`RVQHfQuantizer` only reshapes the empty (meta) model before weights load: it splits fused
+- :class:`RVQHfQuantizer` first checks a local folder's headers against its config (bounded work, as
+  :func:`rvqllm.load` does: :func:`rvqllm.validate.check_headers`), then reshapes the empty (meta)
+  model before weights load: it splits fused
   MoE experts the checkpoint quantized and swaps each listed layer for an empty ``QuantizedLinear``;
   the regular loader then fills ``codes``/``codebooks``/``scales``/``bias`` by name from the shards the
   index names (tied embeddings are stored once and re-tied by transformers).
@@ -98,6 +100,18 @@ class RVQHfQuantizer(HfQuantizer):
 
     requires_calibration = True
     quantization_config: RVQQuantizationConfig
+
+    def update_attn_implementation(self, config: Any) -> Any:
+        """Called with the model config before transformers builds the model: for a local checkpoint
+        folder, size the config against the files' headers first (:func:`rvqllm.validate.check_headers`,
+        bounded work), so that a config declaring a model larger than its files is refused before
+        transformers builds anything from it."""
+        from .validate import check_headers
+
+        folder = Path(str(getattr(config, "name_or_path", "") or ""))
+        if str(folder) and folder.is_dir() and (folder / "config.json").is_file():
+            check_headers(folder)
+        return config
 
     def _process_model_before_weight_loading(self, model: torch.nn.Module, dtype: torch.dtype | None = None,
                                              **kwargs: Any) -> torch.nn.Module:

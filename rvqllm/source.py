@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from .arch import check_causal_lm, find_blocks, find_linears, linear_weight, split_fused_experts
+from .bounds import build_skeleton, check_declared_counts
 from .errors import RVQError
-from .validate import INDEX_NAME, WEIGHTS_NAME, read_header_only
+from .validate import INDEX_NAME, MAX_HEADER_BYTES, WEIGHTS_NAME, config_cap, read_header_only
 
 SINGLE_NAME = WEIGHTS_NAME  #: a model saved as one file
 
@@ -114,15 +115,19 @@ class ShardSource:
     streaming = True
 
     def __init__(self, folder: str | Path, spec: str | None = None) -> None:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         self.folder = Path(folder)
         label = spec or str(folder)
+        self.files, self.headers = self._read_index(label)  # headers only: what the files hold
+        n_tensors = sum(len(h) for h in self.headers.values())
+        fix = "the shards and the config disagree; re-download or re-convert the model"
+        n_bytes = sum((self.folder / f).stat().st_size for f in self.headers)
+        check_declared_counts(_raw_config(self.folder, config_cap(n_bytes)), n_tensors, label, fix)
         try:
             config = AutoConfig.from_pretrained(self.folder)
-        except (OSError, ValueError, KeyError) as err:
+        except Exception as err:  # config classes validate with their own exception types
             first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
             raise RVQError(f"could not read the config of {label!r}: {first}") from None
         if getattr(config, "is_encoder_decoder", False) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -130,18 +135,13 @@ class ShardSource:
                            "transformers can build with AutoModelForCausalLM: rvqllm quantizes decoder-only LMs")
         self.config = config
         source_dtype = getattr(config, "dtype", None)  # before transformers rewrites it to the compute dtype
-        try:
-            with init_empty_weights():
-                self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-            first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
-            raise RVQError(f"transformers cannot build {label!r} from its config ({first})") from None
+        self.model = build_skeleton(config, n_tensors=n_tensors, n_bytes=n_bytes, label=label, fix=fix,
+                                    check=lambda meta: self._check_against(meta, label))
         self.model.eval()
         self.model.rvq_source_dtype = source_dtype  # unquantized tensors are stored in it again
         check_causal_lm(self.model)
         self.prefix, self.blocks = find_blocks(self.model)
-        self.files, self.headers = self._read_index(label)
-        self._check_against_skeleton(label)
+        self.model.tie_weights()
         self._pristine = [copy.deepcopy(b) for b in self.blocks]  # meta copies: layer names before any split
 
     def __len__(self) -> int:
@@ -153,7 +153,8 @@ class ShardSource:
         index = self.folder / INDEX_NAME
         if index.is_file():
             try:
-                data = json.loads(index.read_text())
+                with open(index, "rb") as f:
+                    data = json.loads(f.read(MAX_HEADER_BYTES + 1)[:MAX_HEADER_BYTES])
                 weight_map = data["weight_map"]
                 assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
             except (OSError, ValueError, KeyError, TypeError, AssertionError):
@@ -183,15 +184,17 @@ class ShardSource:
                                "match their index; re-download the model")
         return weight_map, headers
 
-    def _check_against_skeleton(self, label: str) -> None:
-        """Every tensor the config implies is in the shards with its shape (a tied tensor once is enough)."""
-        self.model.tie_weights()
-        expected = _params_and_buffers(self.model)
+    def _check_against(self, model: nn.Module, label: str) -> None:
+        """Every parameter the config implies is in the shards with its shape (a tied one once is enough),
+        and every buffer that is there has its shape. ``model`` is the all-meta skeleton: nothing of a
+        size the shards do not hold has been allocated yet (:func:`rvqllm.bounds.build_skeleton`)."""
+        model.tie_weights()
+        expected = _params_and_buffers(model)
         present = {id(t) for n, t in expected.items() if n in self.files}
         for name, t in expected.items():
             if name not in self.files:
-                if id(t) in present or not isinstance(t, nn.Parameter) and not t.is_meta:
-                    continue  # tied to a tensor that is there, or a buffer the config rebuilds
+                if id(t) in present or not isinstance(t, nn.Parameter):
+                    continue  # tied to a tensor that is there, or a buffer the model computes
                 raise RVQError(f"{label!r}: the checkpoint lacks tensor {name!r} that its config.json implies: "
                                "the shards and the config disagree; re-download or re-convert the model")
             entry = self.headers[self.files[name]][name]
@@ -272,6 +275,24 @@ class ShardSource:
             h.update(self.header_sums[name].encode())
         h.update(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
         return h.hexdigest()
+
+
+def _raw_config(folder: Path, cap: int) -> dict:
+    """A model folder's ``config.json`` as a dict (at most ``cap`` bytes), before transformers reads it."""
+    path = folder / "config.json"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(cap + 1)
+        config = json.loads(raw) if len(raw) <= cap else None
+    except OSError as err:
+        raise RVQError(f"{path} cannot be read ({err.strerror or err}): check the file") from None
+    except ValueError:
+        raise RVQError(f"{path} is not valid JSON: re-download the model") from None
+    if not isinstance(config, dict):
+        what = f"larger than {cap:,} bytes, more than a config of these weights needs" if raw and len(raw) > cap \
+            else "not a JSON object"
+        raise RVQError(f"{path} is {what}: re-download the model")
+    return config
 
 
 def _shapes(layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:

@@ -13,17 +13,22 @@ no ``trust_remote_code``) and no tensor reaches a kernel before it has passed, i
    Each safetensors header is parsed by hand (:func:`read_header`) with bounds checks: header length
    within the file, known dtypes, ``data_offsets`` that match each shape and tile the data area exactly.
    A truncated or padded file fails here, naming the tensor.
-3. Checksums stored at save time match: sha256 of every tensor's raw bytes (in each safetensors file's
-   metadata) and sha256 of ``config.json``'s content (canonical JSON; in ``model.safetensors``' metadata,
-   or in the index's, which also holds the sha256 of each shard's header, so that shards of another
-   checkpoint cannot be mixed in).
-4. The model skeleton built from the config (on the meta device, no memory) says which tensors must be
-   present, with which shape and dtype; each quantized layer's spec must match the layer it replaces.
-   Missing, unexpected, mis-shaped or mis-typed tensors fail, naming the tensor.
-5. Values: every code index is below its codebook size ``2**bits``; a rotated layer's signs are
-   exactly ±1; codebooks, scales and every other floating tensor are finite.
+3. The checksums stored at save time that headers hold: sha256 of ``config.json``'s content (canonical
+   JSON; in ``model.safetensors``' metadata, or in the index's, which also holds the sha256 of each
+   shard's header, so that shards of another checkpoint cannot be mixed in).
+4. Sizes, before anything is built: every count of layers or experts the config declares is at most
+   the number of tensors in the files, and the model skeleton is built on the meta device under a
+   budget of registrations and computed-buffer bytes set by the files (:mod:`rvqllm.bounds`); the
+   skeleton then says which tensors must be present, with which shape and dtype, and each quantized
+   layer's spec must match the layer it replaces. Missing, unexpected, mis-shaped or mis-typed tensors
+   fail, naming the tensor. Steps 1-4 read headers only (:func:`check_headers`): a config that declares
+   a model larger than its files is refused in time and memory bounded by the files, whatever it declares.
+5. Only then is tensor data read: sha256 of every tensor's raw bytes against the sums in its file's
+   metadata; every code index below its codebook size ``2**bits``; a rotated layer's signs exactly ±1;
+   codebooks, scales and every other floating tensor finite.
 
-Checksums alone only catch accidents (anyone can recompute them), so 4 and 5 are checked independently.
+Checksums alone only catch accidents (anyone can recompute them), so sizes, structure and values are
+checked independently.
 Every failure is an :class:`RVQError` with one line naming the file or tensor and what is wrong.
 """
 
@@ -88,7 +93,19 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 def canonical_json(obj: Any) -> bytes:
     """The canonical bytes of a JSON value (sorted keys, no spaces), as the config checksum sees it."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    if _has_nan(obj):
+        raise ValueError("NaN in a config")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode()
+
+
+def _has_nan(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return obj != obj
+    if isinstance(obj, dict):
+        return any(_has_nan(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(_has_nan(v) for v in obj)
+    return False
 
 
 def config_digest(config: dict) -> str:
@@ -97,7 +114,7 @@ def config_digest(config: dict) -> str:
 
 
 def checksum_metadata(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, str]:
-    """The safetensors metadata entries that :func:`read_verified_tensors` checks on load.
+    """The safetensors metadata entries that :func:`read_layout` and :func:`read_tensors` check on load.
 
     ``config`` must be the dict exactly as it will be read back from ``config.json`` (JSON round-tripped).
     """
@@ -115,13 +132,47 @@ def read_config(folder: str | Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise RVQError(f"{folder} is not an rvqllm checkpoint (no config.json): give a folder written by `rvqllm quantize`")
+    cap = config_cap(weights_bytes(folder))
     try:
-        config = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+        with open(path, "rb") as f:
+            raw = f.read(cap + 1)
+    except OSError as err:
+        raise RVQError(f"{path} cannot be read ({err.strerror or err}): check the file") from err
+    if len(raw) > cap:
+        raise RVQError(f"{path} is larger than {cap:,} bytes, more than a config of these weights needs: {_FIX}")
+    try:
+        config = json.loads(raw.decode("utf-8"), parse_constant=_infinity_only)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
         raise RVQError(f"{path} is not valid JSON: {_FIX}") from None
     if not isinstance(config, dict):
         raise RVQError(f"{path} is not a JSON object: {_FIX}")
     return config
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of a folder's safetensors files (``model.safetensors`` and shards), from ``stat`` alone."""
+    total = 0
+    for p in folder.glob("*.safetensors"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:
+            pass
+    return total
+
+
+def config_cap(n_bytes: int) -> int:
+    """Largest ``config.json`` read beside ``n_bytes`` of weights: 1 MiB plus 1/16 of the weights (a
+    config of a few KiB plus one spec per quantized layer: ~3 MiB for a 36,000-layer MoE of ~60 GB),
+    so that parsing the JSON costs memory in proportion to the files, whatever the config holds."""
+    return min((1 << 20) + n_bytes // 16, MAX_HEADER_BYTES)
+
+
+def _infinity_only(name: str) -> float:
+    """``config.json`` may hold ``Infinity`` / ``-Infinity`` (transformers writes them, e.g. Mamba's
+    ``time_step_limit``); ``NaN`` is refused."""
+    if name == "NaN":
+        raise ValueError("JSON constant NaN is not allowed")
+    return float(name.replace("Infinity", "inf"))
 
 
 def _reject_constant(name: str) -> None:
@@ -328,25 +379,12 @@ def _read_checksummed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata, header_sum
 
 
-def read_verified_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
-    """Read a checkpoint's safetensors file, checking its header and every stored checksum.
-
-    ``config`` is the parsed ``config.json`` (its checksum is stored in the weights file's metadata).
-    Returns CPU tensors by name.
-    """
-    tensors, metadata = read_checksummed(path)
-    if CONFIG_SUM_KEY not in metadata:
-        raise RVQError(f"{path} carries no config checksum (not written by this rvqllm, or tampered): {_FIX}")
-    _check_config_sum(metadata[CONFIG_SUM_KEY], config, path.parent, path.name)
-    return tensors
-
-
 def _check_config_sum(stored: str, config: dict, folder: Path, where: str) -> None:
     """``config.json`` of ``folder`` must have the checksum ``stored`` in file ``where``."""
     try:
         want = config_digest(config)
     except ValueError:
-        raise RVQError(f"{folder}/config.json holds NaN/Infinity: {_FIX}") from None
+        raise RVQError(f"{folder}/config.json holds NaN: {_FIX}") from None
     if stored != want:
         raise RVQError(f"{folder}/config.json does not match the checksum stored in {where} (edited or corrupted): {_FIX}")
 
@@ -419,12 +457,30 @@ def read_index(folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
     return weight_map, index["metadata"]
 
 
-def read_sharded_tensors(folder: Path, config: dict, quantized: dict[str, dict]
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    """Read a sharded checkpoint's tensors, checking the index (:func:`read_index`), the config checksum
-    and shard header checksums it stores, every shard's header and tensor checksums, that each tensor sits
-    in the shard the index names (once) and that each shard's ``rvq_specs`` agree with ``quantized``
-    (``config.json``'s layer specs). Returns ``(CPU tensors by name, the file each came from)``."""
+@dataclass
+class Layout:
+    """A checkpoint's weights as their headers describe them (no tensor data read yet)."""
+
+    entries: dict[str, TensorEntry]  #: every tensor, by name
+    files: dict[str, Path]  #: the file each tensor is in
+    header_sums: dict[Path, str]  #: sha256 of each file's header bytes
+    size: int  #: bytes of all the files
+    sharded: bool
+
+
+def read_layout(folder: Path, config: dict, quantized: dict[str, dict]) -> Layout:
+    """Read and check a checkpoint's weight headers, not its tensor data: the safetensors headers (bounds,
+    dtypes, offsets), the config checksum, and for the sharded layout the index (:func:`read_index`), the
+    shard header checksums it stores, that each tensor sits in the shard the index names (once), the
+    index's ``total_size`` and that each shard's ``rvq_specs`` agree with ``quantized`` (``config.json``'s
+    layer specs). Reads a few KiB per file."""
+    single = folder / WEIGHTS_NAME
+    if single.exists() or single.is_symlink() or not (folder / INDEX_NAME).exists():
+        entries, metadata, header_sum = read_header_only(single)  # says so if it is missing
+        if TENSOR_SUMS_KEY not in metadata or CONFIG_SUM_KEY not in metadata:
+            raise RVQError(f"{single} carries no checksums (not written by this rvqllm, or tampered): {_FIX}")
+        _check_config_sum(metadata[CONFIG_SUM_KEY], config, folder, WEIGHTS_NAME)
+        return Layout(entries, dict.fromkeys(entries, single), {single: header_sum}, single.stat().st_size, False)
     index = folder / INDEX_NAME
     weight_map, meta = read_index(folder)
     if meta.get("quant_method") != QUANT_METHOD or meta.get("format_version") != str(FORMAT_VERSION):
@@ -432,33 +488,49 @@ def read_sharded_tensors(folder: Path, config: dict, quantized: dict[str, dict]
                        f"'{FORMAT_VERSION}': {_FIX}")
     if not isinstance(meta.get(CONFIG_SUM_KEY), str) or not isinstance(meta.get(SHARD_HEADERS_KEY), dict):
         raise RVQError(f"{index} carries no config or shard checksums (not written by this rvqllm, or tampered): {_FIX}")
-    _check_config_sum(meta[CONFIG_SUM_KEY], config, Path(folder), INDEX_NAME)
-    tensors: dict[str, torch.Tensor] = {}
-    where: dict[str, Path] = {}
+    _check_config_sum(meta[CONFIG_SUM_KEY], config, folder, INDEX_NAME)
+    layout = Layout({}, {}, {}, 0, True)
     total = 0
     for file in sorted(set(weight_map.values())):
         path = folder / file
-        shard, metadata, header_sum = _read_checksummed(path)
+        shard, metadata, header_sum = read_header_only(path)
+        if TENSOR_SUMS_KEY not in metadata:
+            raise RVQError(f"{path} carries no checksums (not written by this rvqllm, or tampered): {_FIX}")
         if meta[SHARD_HEADERS_KEY].get(file) != header_sum:
             raise RVQError(f"{path} is not the shard {INDEX_NAME} was written with (its header checksum differs: "
                            f"edited, or a shard of another checkpoint): {_FIX}")
-        for name, t in shard.items():
+        for name, e in shard.items():
             if weight_map.get(name) != file:
                 listed = f"places in {weight_map[name]}" if name in weight_map else "does not list"
                 raise RVQError(f"{path} holds tensor {name!r}, which {INDEX_NAME} {listed}: {_FIX}")
-            tensors[name], where[name] = t, path
-            total += t.numel() * t.element_size()
+            layout.entries[name], layout.files[name] = e, path
+            total += e.end - e.begin
         specs = shard_specs(path, metadata)
         held = {n for n in quantized if f"{n}.codes" in shard}
         for n in sorted(held | set(specs)):
             if specs.get(n) != quantized.get(n):
                 raise RVQError(f"{path}: its {SPECS_KEY} entry for layer {n!r} disagrees with config.json: {_FIX}")
+        layout.header_sums[path] = header_sum
+        layout.size += path.stat().st_size
     for name, file in weight_map.items():
-        if name not in tensors:
+        if name not in layout.entries:
             raise RVQError(f"{folder / file} lacks tensor {name!r} (listed in {INDEX_NAME}): {_FIX}")
     if meta.get("total_size") != total:
         raise RVQError(f"{index}: total_size {meta.get('total_size')!r} is not the {total} bytes its shards hold: {_FIX}")
-    return tensors, where
+    return layout
+
+
+def read_tensors(layout: Layout) -> dict[str, torch.Tensor]:
+    """Every tensor of a checked :class:`Layout`, each checked against its stored sha256 (CPU tensors).
+
+    A file whose header changed since :func:`read_layout` read it is refused."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, header_sum in layout.header_sums.items():
+        shard, _, now = _read_checksummed(path)
+        if now != header_sum:
+            raise RVQError(f"{path} changed while it was being loaded: load it again once nothing writes to it")
+        tensors.update(shard)
+    return tensors
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -502,7 +574,7 @@ def check_structure(path: Path, tensors: dict[str, torch.Tensor], skeleton: nn.M
     for group in groups:
         present = [n for n in group if n in tensors]
         if not present:
-            raise RVQError(f"{path} lacks tensor {group[0]!r}: the checkpoint is incomplete; {_FIX}")
+            raise RVQError(f"{path} lacks tensor {group[0]!r}: {_FIX}")
         if len(present) > 1:
             raise RVQError(f"{path} stores tied tensor {present[1]!r} twice (also as {present[0]!r}): {_FIX}")
     for name, t in tensors.items():
@@ -570,52 +642,70 @@ def validate_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) 
     The returned skeleton's non-quantized parameters are on the meta device in ``dtype``; the caller
     assigns the returned tensors (``load_state_dict(..., assign=True)``).
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    folder = Path(folder)
+    skeleton, layout, config, qcfg = check_headers(folder, dtype)
+    weights = folder if layout.sharded else folder / WEIGHTS_NAME
+    tensors = read_tensors(layout)
+    check_values(weights, tensors, qcfg["layers"], layout.files if layout.sharded else None)
+    return ValidatedCheckpoint(skeleton, tensors, config, qcfg)
+
+
+def check_headers(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Layout, dict, dict]:
+    """Every check that needs no tensor data (steps 1, 2, 4 of the module doc and the config checksum),
+    in time and memory bounded by the files' headers whatever the config declares (:mod:`rvqllm.bounds`).
+
+    Returns ``(meta skeleton with quantized layers in place, layout, config, quantization_config)``."""
+    from transformers import AutoConfig
 
     from .arch import is_conv1d, is_linear, prepare_for_layers, set_module
+    from .bounds import build_skeleton, check_declared_counts
     from .nn import QuantizedLinear
 
     folder = Path(folder)
     config = read_config(folder)
     qcfg = check_quantization_config(config, folder)
-    weights, where = folder / WEIGHTS_NAME, None
-    if weights.exists() or weights.is_symlink() or not (folder / INDEX_NAME).exists():
-        tensors = read_verified_tensors(weights, config)  # the single-file layout (says so if it is missing)
-    else:
-        tensors, where = read_sharded_tensors(folder, config, qcfg["layers"])
-        weights = folder
+    layout = read_layout(folder, config, qcfg["layers"])  # headers only: a few KiB per file
+    n = len(layout.entries)
+    if 3 * len(qcfg["layers"]) > n:  # codes, codebooks and scales each
+        raise RVQError(f"{folder}/config.json lists {len(qcfg['layers'])} quantized layers but the weights hold "
+                       f"only {n} tensors: {_FIX}")
+    check_declared_counts(config, n, str(folder), _FIX)
     try:
         hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except Exception as err:  # config classes validate with their own exception types
         first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
         raise RVQError(f"{folder}/config.json is not a model config transformers can build ({first}): {_FIX}") from None
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
-    try:
-        with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError, AttributeError, AssertionError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
-        raise RVQError(f"{folder}/config.json does not describe a causal LM rvqllm can load ({first}): {_FIX}") from None
-    prepare_for_layers(skeleton, list(qcfg["layers"]))  # e.g. split fused MoE experts (rvqllm.arch)
-    for name, spec in qcfg["layers"].items():
-        try:
-            module = skeleton.get_submodule(name)
-        except AttributeError:
-            raise RVQError(f"{folder}/config.json lists quantized layer {name!r}, which the model has not: {_FIX}") from None
-        if not is_linear(module):
-            raise RVQError(f"{folder}/config.json lists quantized layer {name!r}, which is a "
-                           f"{type(module).__name__}, not a linear layer: {_FIX}")
-        out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if is_conv1d(module) else module.weight.shape
-        if (spec["out_features"], spec["in_features"]) != (out_f, in_f):
-            raise RVQError(f"{folder}/config.json says layer {name!r} is {spec['out_features']}x{spec['in_features']} "
-                           f"but the model config makes it {out_f}x{in_f}: {_FIX}")
-        set_module(skeleton, name, QuantizedLinear.from_spec(spec, bias_dtype=dtype, device="meta"))
-    skeleton.tie_weights()
-    check_structure(weights, tensors, skeleton, qcfg["layers"], where)
-    check_values(weights, tensors, qcfg["layers"], where)
-    return ValidatedCheckpoint(skeleton, tensors, config, qcfg)
+    weights = folder if layout.sharded else folder / WEIGHTS_NAME
+    where = layout.files if layout.sharded else None
+    declared = {k: torch.empty(e.shape, dtype=DTYPES[e.dtype][0], device="meta") for k, e in layout.entries.items()}
+
+    def swap_quantized(skeleton: nn.Module) -> nn.Module:
+        prepare_for_layers(skeleton, list(qcfg["layers"]))  # e.g. split fused MoE experts (rvqllm.arch)
+        for name, spec in qcfg["layers"].items():
+            try:
+                module = skeleton.get_submodule(name)
+            except AttributeError:
+                raise RVQError(f"{folder}/config.json lists quantized layer {name!r}, which the model has not: {_FIX}") from None
+            if not is_linear(module):
+                raise RVQError(f"{folder}/config.json lists quantized layer {name!r}, which is a "
+                               f"{type(module).__name__}, not a linear layer: {_FIX}")
+            out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if is_conv1d(module) else module.weight.shape
+            if (spec["out_features"], spec["in_features"]) != (out_f, in_f):
+                raise RVQError(f"{folder}/config.json says layer {name!r} is {spec['out_features']}x{spec['in_features']} "
+                               f"but the model config makes it {out_f}x{in_f}: {_FIX}")
+            set_module(skeleton, name, QuantizedLinear.from_spec(spec, bias_dtype=dtype, device="meta"))
+        skeleton.tie_weights()
+        return skeleton
+
+    def check(meta_skeleton: nn.Module) -> None:  # before anything real is built
+        check_structure(weights, declared, swap_quantized(meta_skeleton), qcfg["layers"], where)
+
+    skeleton = build_skeleton(hf_config, n_tensors=n, n_bytes=layout.size, label=str(folder), fix=_FIX, dtype=dtype,
+                              check=check)
+    swap_quantized(skeleton)
+    return skeleton, layout, config, qcfg
 
 
 # ------------------------------------------------------------------------------------------ inputs to quantize

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 import rvqllm
 from rvqllm.cli import main
@@ -185,7 +186,7 @@ def test_bad_shards_and_models_get_one_line(tmp_path, capsys):
     t5.mkdir()
     (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32, "num_layers": 1, "num_heads": 2,
                                                 "d_kv": 16, "d_ff": 64, "vocab_size": 300}))
-    (t5 / "model.safetensors").write_bytes(b"")
+    save_file({f"w{i}": torch.zeros(2) for i in range(4)}, str(t5 / "model.safetensors"))  # sized for the config
     code, err = _run(["quantize", str(t5), "--out", str(tmp_path / "o3"), "--tokenizer", str(model_dir), *common],
                      capsys)
     assert code == 2 and "not a causal LM" in err and err.count("\n") == 1, err
