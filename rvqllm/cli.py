@@ -19,6 +19,8 @@ from .errors import ResumableError, RVQError
 
 DEFAULT_PRESET = "2bit"  #: `rvqllm quantize`'s preset
 DEMO_PRESET = "2bit-fast"  #: `rvqllm demo`'s preset: minutes on a laptop; the demo's last line names the best one
+#: perplexity windows per text in `rvqllm demo` (ppl-512x16: a quarter of the ppl-512x64 protocol, same windows first)
+DEMO_WINDOWS = 16
 BEST_PRESET = "2bit"
 #: minutes `rvqllm demo --config 2bit` takes on 2 CPU cores, printed by the demo; it must match the quantization
 #: time README.md and docs/RESULTS.md report for the 2bit preset
@@ -342,13 +344,29 @@ def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[l
 
     tokenizer = None
     if baseline:
-        model, tokenizer = load_model(baseline, tokenizer=override)
-        ppl, tokens = run("baseline", model, tokenizer)
+        from .eval import baseline_cache
+        from .models import load_tokenizer, resolve_tokenizer
+
         where, gguf = resolve(baseline)
+        given = getattr(args, "tokenizer", None)
+        key = None if getattr(args, "tasks", None) else baseline_cache.key(
+            where, gguf, str(resolve_tokenizer(given)[0]) if given else None, texts, args.context, args.windows)
+        cached = None if getattr(args, "no_cache", False) else baseline_cache.get(key)
         size = folder_bytes(Path(where) / gguf if gguf else where) if Path(where).exists() else None
-        rows.append({"model": f"{baseline} (fp16 baseline)", "bpw": 16.0, "bytes": size, "ppl": ppl, "tokens": tokens,
-                     "baseline": True, **tasks("baseline", model, tokenizer)})
-        del model
+        label = f"{baseline} (fp16 baseline)"
+        if cached:
+            tokenizer = override or load_tokenizer(where, gguf)
+            ppl, tokens = cached["ppl"], cached["tokens"]
+            _say(args, f"baseline perplexity: cached from {cached['measured']} (--no-cache measures it again)")
+            extra = {}
+        else:
+            model, tokenizer = load_model(baseline, tokenizer=override)
+            ppl, tokens = run("baseline", model, tokenizer)
+            baseline_cache.put(key, ppl, tokens)
+            extra = tasks("baseline", model, tokenizer)
+            del model
+        rows.append({"model": label, "bpw": 16.0, "bytes": size, "ppl": ppl, "tokens": tokens, "baseline": True,
+                     **({"cached": cached["measured"]} if cached else {}), **extra})
     for folder in quantized:
         model = load(folder)
         tok = own[folder] or tokenizer
@@ -362,6 +380,8 @@ def _evaluate_rows(args, quantized: list[Path], baseline: str | None) -> tuple[l
 def cmd_eval(args: argparse.Namespace) -> dict:
     from .eval.report import format_table
 
+    if not args.checkpoints and not args.baseline:
+        raise RVQError("nothing to evaluate: give checkpoint folders, a --baseline, or both")
     rows, names = _evaluate_rows(args, [Path(d) for d in args.checkpoints], args.baseline)
     table = format_table(rows, names)
     if not args.json:
@@ -473,7 +493,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     table = format_table(rows, names)
     if not args.json:
         print(f"\nSmolLM2-135M-Instruct, preset {args.config}; perplexity: context {args.context}, "
-              f"{args.windows} windows, {args.windows * (args.context - 1)} predicted tokens per text")
+              f"{args.windows} windows, {args.windows * (args.context - 1)} predicted tokens per text"
+              + (" (the full ppl-512x64 protocol: add --windows 64)" if args.windows != 64 else ""))
         if qres:
             print(f"quantization: {qres['quantize_seconds']} s on {qres['threads']} threads ({os.cpu_count()} cores)")
         print(table)
@@ -546,11 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
     def eval_opts(sp):
         text_column(sp)
         tokenizer_opt(sp)
+        sp.add_argument("--no-cache", action="store_true",
+                        help="measure the baseline's perplexity again instead of reusing the number measured earlier "
+                             "on this machine for the same model files, texts, protocol and library versions")
         sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS,
                         help="evaluation texts: reference names (kjv, shakespeare), .txt/.jsonl/.parquet files or "
                              "data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. wikitext:wikitext-2-raw-v1)")
         sp.add_argument("--context", type=int, default=512, help="tokens per window (ppl-512x64 protocol: 512)")
-        sp.add_argument("--windows", type=int, default=64, help="windows per text (ppl-512x64 protocol: 64)")
+        sp.add_argument("--windows", type=int, default=64,
+                        help="windows per text (default: %(default)s; the ppl-512x64 protocol uses 64)")
         sp.add_argument("--tasks", nargs="+", metavar="TASK",
                         help="lm-eval tasks to run beside perplexity (offline: rvq_kjv_next_verse; hub tasks such "
                              "as hellaswag need internet); minutes per task on CPU")
@@ -564,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(q)
 
     e = sub.add_parser("eval", help="perplexity and size of checkpoints beside a baseline")
-    e.add_argument("checkpoints", nargs="+", help="rvqllm checkpoint folders")
+    e.add_argument("checkpoints", nargs="*", help="rvqllm checkpoint folders (none: the baseline alone)")
     e.add_argument("--baseline", help="the unquantized model ('reference', a folder, a .gguf or a hub id)")
     eval_opts(e)
     common(e)
@@ -589,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant_opts(d, DEMO_PRESET)
     eval_opts(d)
     common(d)
+    d.set_defaults(windows=DEMO_WINDOWS)
     return p
 
 

@@ -496,7 +496,7 @@ class _Walk:
             meter = Meter(self.device, self.reset_host_peak)
             for i in range(len(self.source)):  # every block back on the device, compressed
                 if self.source.streaming:
-                    self.source.load_empty_block(i)
+                    self.source.load_empty_block(i, skip=cfg.skip)
                     self.run.load_committed_block(i, self.model, self.device)
                 else:
                     self.source.load_block(i, self.device)

@@ -240,10 +240,11 @@ class ShardSource:
         if left:
             raise RVQError(f"{self.folder}: the checkpoint lacks tensor {left[0]!r}: re-download the model")
 
-    def load_empty_block(self, i: int) -> nn.Module:
-        """Block ``i`` as a fresh meta skeleton (fused experts split, so quantized layer names exist)."""
+    def load_empty_block(self, i: int, skip: list[str] | None = None) -> nn.Module:
+        """Block ``i`` as a fresh meta skeleton (fused experts split, so quantized layer names exist; those
+        in ``skip``, the layers not quantized, left fused as they were)."""
         self.blocks[i] = block = copy.deepcopy(self._pristine[i])
-        split_fused_experts(block)
+        split_fused_experts(block, skip=skip, prefix=f"{self.prefix}.{i}")
         return block
 
     def load_block(self, i: int, device: torch.device) -> nn.Module:

@@ -26,3 +26,6 @@ from rvqllm.reference import reference_model_dir, reference_texts
 print("reference model:", reference_model_dir())
 print("reference texts:", ", ".join(f"{k}/{s}" for k, v in reference_texts().items() for s in v))
 PY
+# The fp16 baseline's perplexity on the demo's protocol, measured once here and cached per machine
+# (rvqllm/eval/baseline_cache.py): `rvqllm demo` then spends its minutes on the quantization.
+.venv/bin/rvqllm eval --baseline reference --windows 16 --quiet --json >/dev/null

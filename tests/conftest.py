@@ -23,6 +23,20 @@ def tiny_gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_baseline_cache(tmp_path_factory):
+    """Tests measure baselines themselves (never read a number cached on this machine before the run)."""
+    import os
+
+    old = os.environ.get("RVQLLM_BASELINE_CACHE")
+    os.environ["RVQLLM_BASELINE_CACHE"] = str(tmp_path_factory.mktemp("baselines"))
+    yield
+    if old is None:
+        os.environ.pop("RVQLLM_BASELINE_CACHE", None)
+    else:
+        os.environ["RVQLLM_BASELINE_CACHE"] = old
+
+
 @pytest.fixture
 def calib_ids() -> torch.Tensor:
     return torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))

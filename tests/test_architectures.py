@@ -108,6 +108,10 @@ def _config(arch: str):
                                  shared_expert_intermediate_size=48, linear_num_value_heads=4, linear_num_key_heads=2,
                                  linear_key_head_dim=16, linear_value_head_dim=16,
                                  layer_types=["linear_attention", "full_attention"])
+    if arch == "granitemoehybrid":  # Granite 4.0-H: Mamba2 + attention blocks with MoE; its config holds Infinity
+        return T.GraniteMoeHybridConfig(**DENSE, layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_d_head=16,
+                                        mamba_d_state=16, mamba_n_groups=1, mamba_expand=2, num_local_experts=4,
+                                        num_experts_per_tok=2, shared_intermediate_size=32)
     if arch == "lfm2":  # short-convolution blocks
         return T.Lfm2Config(**DENSE, layer_types=["conv", "full_attention"])
     raise AssertionError(arch)
@@ -117,11 +121,11 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2
          "mixtral", "qwen2_moe", "qwen3_moe",
          "olmo2", "granite", "starcoder2", "cohere", "stablelm", "phi", "falcon", "falcon_new", "gpt_bigcode", "bloom",
          "gptj", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "granitemoe", "hunyuan_v1_moe", "gpt_oss",
-         "qwen3_next", "lfm2"]
+         "qwen3_next", "lfm2", "granitemoehybrid"]
 #: MoE families: (experts per MoE block, number of MoE blocks out of the 2)
 MOE = {"mixtral": (4, 2), "qwen2_moe": (4, 2), "qwen3_moe": (4, 2), "deepseek_v3": (4, 1), "deepseek_v2": (4, 1),
        "glm4_moe": (4, 1), "olmoe": (4, 2), "granitemoe": (4, 2), "hunyuan_v1_moe": (4, 2), "gpt_oss": (4, 2),
-       "qwen3_next": (4, 2)}
+       "qwen3_next": (4, 2), "granitemoehybrid": (4, 2)}
 #: Layers that must be among the quantized ones (name suffixes): the unusual projections of a family.
 EXPECTED = {
     "deepseek_v3": ["layers.0.self_attn.q_a_proj", "layers.0.self_attn.q_b_proj", "layers.0.self_attn.kv_a_proj_with_mqa",
@@ -141,6 +145,8 @@ EXPECTED = {
     "hunyuan_v1_moe": ["layers.0.mlp.shared_mlp.down_proj"],
     "gpt_oss": ["layers.0.mlp.experts.gate_up_proj.0", "layers.1.mlp.experts.down_proj.3"],
     "qwen3_next": ["layers.0.linear_attn.in_proj_qkvz", "layers.0.linear_attn.out_proj", "layers.1.self_attn.q_proj"],
+    "granitemoehybrid": ["layers.0.mamba.in_proj", "layers.0.mamba.out_proj", "layers.1.self_attn.q_proj",
+                         "layers.1.shared_mlp.input_linear", "layers.1.block_sparse_moe.experts.down_proj.3"],
     "lfm2": ["layers.0.conv.in_proj", "layers.0.conv.out_proj", "layers.1.self_attn.q_proj"],
 }
 
