@@ -195,6 +195,10 @@ def run(examples: int, seed: int | None, work: Path, limit_s: float = LIMIT_S) -
         summary["cases"] += 1
         summary["slowest_s"] = max(summary["slowest_s"], round(seconds, 3))
         summary["largest_growth_mib"] = max(summary["largest_growth_mib"], round(growth / 2**20, 2))
+        by_path = summary.setdefault("largest_growth_mib_by_path", {})
+        by_path[how] = max(by_path.get(how, 0.0), round(growth / 2**20, 2))
+        slowest = summary.setdefault("slowest_s_by_path", {})
+        slowest[how] = max(slowest.get(how, 0.0), round(seconds, 3))
         if seconds > limit_s:
             raise Violation(f"{item['name']} {how} {edits}: {outcome} after {seconds:.1f} s (limit {limit_s} s)")
         files = item["size"] + len(config_text)

@@ -464,7 +464,7 @@ def test_demo_defaults_to_the_fast_preset_and_ends_with_the_best_one(tmp_path, c
          {"model": str(q[0]), "bpw": 2.1, "bytes": 1, "ppl": {"kjv": 3.0}}], ["kjv"]))
     rc, out, _ = run(capfd, "demo", "--out", tmp_path / "d", "--quiet")
     assert rc == 0 and seen["config"] == "2bit-fast"
-    assert out.strip().splitlines()[-1] == (f"best quality: rvqllm demo --config 2bit "
-                                            f"(about {cli.BEST_PRESET_MINUTES} min on 2 cores)")
+    assert out.strip().splitlines()[-1] == cli.best_preset_line()
+    assert "--config 2bit " in cli.best_preset_line() and f"{cli.BEST_PRESET_MINUTES} min" in cli.best_preset_line()
     rc, out, _ = run(capfd, "demo", "--out", tmp_path / "d", "--config", "2bit", "--quiet")
     assert rc == 0 and "best quality" not in out
