@@ -33,8 +33,9 @@ from torch import nn
 
 from .errors import RVQError
 
-#: keys whose integer value counts layers, blocks or experts
-COUNT_KEY = re.compile(r"(layers?|experts?|blocks?|n_layer)$", re.IGNORECASE)
+#: keys whose integer value counts layers, blocks or experts (``num_hidden_layers``, ``n_layer``,
+#: ``moe_num_experts``...; not e.g. Qwen2's ``max_window_layers``, an index that may pass the count)
+COUNT_KEY = re.compile(r"(^|_)(num|n)_(\w*_)?(layers?|experts?|blocks?)$", re.IGNORECASE)
 #: registrations (modules + parameters + buffers) allowed per tensor in the files, and in any case
 PER_TENSOR, FLOOR = 8, 10_000
 #: bytes of computed (non-persistent) buffers allowed beyond the files' size
@@ -68,7 +69,7 @@ def check_declared_counts(config: dict, n_tensors: int, label: str, fix: str) ->
                            f"weights hold: the config does not describe these files; {fix}")
 
 
-class _TooLarge(Exception):
+class _TooLarge(BaseException):  # not an Exception: no `except Exception` in a model's code swallows it
     pass
 
 
