@@ -63,7 +63,8 @@ def check_declared_counts(config: dict, n_tensors: int, label: str, fix: str) ->
     """Refuse a raw ``config.json`` dict that counts more layers/experts than ``n_tensors`` tensors can hold.
 
     ``label`` names the folder in the message, ``fix`` says what to do."""
-    for key, value in _counts(config):
+    rest = {k: v for k, v in config.items() if k != "quantization_config"}  # its specs meet the tensors later
+    for key, value in _counts(rest):
         if value > n_tensors:
             raise RVQError(f"{label}/config.json declares {key}={value}, more than the {n_tensors} tensors its "
                            f"weights hold: the config does not describe these files; {fix}")

@@ -15,7 +15,9 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
 
 
 def test_counts_of_layers_and_experts_must_fit_the_tensors():
-    check_declared_counts({"num_hidden_layers": 2, "max_window_layers": 28, "num_experts_per_tok": 8}, 20, "m", "fix")
+    check_declared_counts({"num_hidden_layers": 2, "max_window_layers": 28, "num_experts_per_tok": 8,
+                           "quantization_config": {"layers": {"a": {"hadamard_block": 64, "num_layers": 99}}}},
+                          20, "m", "fix")
     for config in ({"num_hidden_layers": 21}, {"text_config": {"n_layer": 10**9}}, {"moe_num_experts": 64},
                    {"sub": [{"num_local_experts": 99}]}):
         with pytest.raises(RVQError, match="more than the 20 tensors its weights hold: the config does not"):
