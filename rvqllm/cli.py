@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import RVQConfig, available_presets
 from .errors import ResumableError, RVQError
+from .reference import CALIB_TEXTS, EVAL_TEXTS
 
 DEFAULT_PRESET = "2bit"  #: `rvqllm quantize`'s preset
 DEMO_PRESET = "2bit-fast"  #: `rvqllm demo`'s preset: minutes on a laptop; the demo's last line names the best one
@@ -25,7 +26,7 @@ BEST_PRESET = "2bit"
 #: minutes the 2bit preset's quantization of the reference took (24.4 at one thread, docs/RESULTS.md; README.md
 #: says the same): printed by the demo as what the best preset costs (2 cores take less, not re-timed)
 BEST_PRESET_MINUTES = 24
-DEFAULT_TEXTS = ["kjv", "shakespeare"]
+DEFAULT_TEXTS = list(EVAL_TEXTS)  #: kjv, shakespeare (the calibration's domains) and django (out of domain)
 
 
 class _Progress:
@@ -531,8 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default=preset,
                         help=f"preset name ({presets}) or YAML file (default: {preset}); more stages/bits cost time "
                              "and size, gain quality")
-        sp.add_argument("--calib", nargs="+", default=["kjv", "shakespeare"],
-                        help="calibration text sources: reference names (kjv, shakespeare), .txt/.jsonl/.parquet "
+        sp.add_argument("--calib", nargs="+", default=list(CALIB_TEXTS),
+                        help=f"calibration text sources (default: {' '.join(CALIB_TEXTS)}): reference names (kjv, shakespeare, "
+                             "fortunes, django), .txt/.jsonl/.parquet "
                              "files or data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. "
                              "wikitext:wikitext-2-raw-v1); text from the domain you care about helps quality")
         sp.add_argument("--calib-sequences", type=int, help="override the preset: calibration sequences "
@@ -572,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure the baseline's perplexity again instead of reusing the number measured earlier "
                              "on this machine for the same model files, texts, protocol and library versions")
         sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS,
-                        help="evaluation texts: reference names (kjv, shakespeare), .txt/.jsonl/.parquet files or "
+                        help=f"evaluation texts (default: {' '.join(EVAL_TEXTS)}; django is out of the default calibration's "
+                             "domains): reference names (kjv, shakespeare, fortunes, django), .txt/.jsonl/.parquet files or "
                              "data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. wikitext:wikitext-2-raw-v1)")
         sp.add_argument("--context", type=int, default=512, help="tokens per window (ppl-512x64 protocol: 512)")
         sp.add_argument("--windows", type=int, default=64,

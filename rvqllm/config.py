@@ -37,6 +37,7 @@ class RVQConfig:
     hessian_weighted: bool = True  #: weight the k-means by diag(H) of the layer inputs
     beam_width: int = 8  #: codes of all stages chosen jointly by beam search (1 = greedy; cost grows ~linearly)
     error_feedback: bool = True  #: GPTQ-style: code against the output error, push each group's error onward
+    hessian_damp: float = 0.01  #: add this x mean(diag H) x I to each layer's input Hessian (larger: less bent to the calibration text)
     codebook_refits: int = 0  #: rounds of joint least-squares codebook re-fit to beam-searched codes (0 = off)
     rotate: bool = False  #: code W R, R a random sign flip + block Hadamard, applied to x at run time (docs/ROTATION.md)
     # --- block fine-tuning (rvqllm.finetune) -----------------------------------------------------------
@@ -83,6 +84,8 @@ class RVQConfig:
         need(isinstance(self.codebook_refits, int) and self.codebook_refits >= 0,
              f"codebook_refits={self.codebook_refits!r} must be a non-negative integer (0 turns re-fitting off)")
         need(isinstance(self.rotate, bool), f"rotate={self.rotate!r} must be true or false")
+        need(isinstance(self.hessian_damp, int | float) and 1e-6 <= self.hessian_damp <= 100,
+             f"hessian_damp={self.hessian_damp!r} is out of range: use a number from 1e-6 to 100 (0.01 is GPTQ's)")
         need(not self.rotate or self.error_feedback is True,
              "rotate=true needs error_feedback=true (without it rotation raises the output error, docs/ROTATION.md)")
         need(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 0,

@@ -418,7 +418,7 @@ class _Walk:
                     stages=shape["stages"], bits=shape["bits"], kmeans_iters=cfg.kmeans_iters,
                     kmeans_points=cfg.kmeans_points, beam=cfg.beam_width, hessian_weighted=cfg.hessian_weighted,
                     error_feedback=cfg.error_feedback, refits=cfg.codebook_refits,
-                    seed=cfg.seed * 100_003 + self.offsets[i] + k, rotate=cfg.rotate,
+                    seed=cfg.seed * 100_003 + self.offsets[i] + k, rotate=cfg.rotate, damp=cfg.hessian_damp,
                 )
                 bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
                 coded[name] = (QuantizedLinear.from_rvq(q, shape["bits"], bias).to(self.device),

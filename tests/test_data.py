@@ -71,6 +71,25 @@ def test_reference_splits_differ(reference):
     assert load_text("reference:shakespeare", "calib") == load_text("shakespeare", "train")
 
 
+def test_reference_texts_keep_the_out_of_domain_text_out_of_the_calibration(reference):
+    from rvqllm.reference import CALIB_TEXTS, EVAL_TEXTS, TEXTS
+
+    assert "django" in EVAL_TEXTS and "django" not in CALIB_TEXTS
+    assert set(CALIB_TEXTS) | set(EVAL_TEXTS) <= set(TEXTS)
+    texts = {(n, s): load_text(n, s) for n in TEXTS for s in ("test", "calib")}
+    for (name, split), text in texts.items():
+        assert len(text) > 400_000, (name, split, len(text))  # > 64 x 512 tokens of any tokenizer
+    topics, ref = texts["django", "test"], texts["django", "calib"]
+    assert "Django" in topics and ".. code-block::" in topics  # reStructuredText sources, markup kept
+    assert topics[:5000] not in ref and ref[:5000] not in topics
+    fortunes = texts["fortunes", "test"] + texts["fortunes", "calib"]
+    assert "\n%\n" not in fortunes  # separators became blank lines
+    # no calibration text is technical prose: the computing fortunes are left out, django is not calibrated on
+    assert fortunes.count("Linux") < 20 and "sys_call_table" not in fortunes
+    for name in CALIB_TEXTS:
+        assert ".. code-block::" not in texts[name, "calib"]
+
+
 def test_same_options_for_calibration_and_evaluation():
     tok = CharTokenizer()
     text = "\n".join(LINES)

@@ -126,3 +126,30 @@ def test_beam_lowers_output_error_with_feedback():
     w, h = _correlated_layer(seed=7)
     kw = dict(vector_dim=4, stages=3, bits=4, seed=1, error_feedback=True)
     assert _output_error(quantize_weight(w, h, beam=8, **kw), w, h) < _output_error(quantize_weight(w, h, beam=1, **kw), w, h)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_hessian_damp_trades_calibration_fit_for_robustness(rotate):
+    """A Hessian from a narrow calibration text leaves input directions it never excited: a larger damp
+    codes them better (lower error on inputs the calibration never showed), at some cost on the
+    calibration's own metric."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=g)
+    x = torch.randn(2048, 64, generator=g)
+    x[:, 32:] *= 0.02  # the calibration barely uses half the input directions
+    h = (x.T @ x).double()
+    kw = dict(vector_dim=4, stages=2, bits=4, seed=1, beam=1, rotate=rotate)
+    tight, damped = (quantize_weight(w, h, damp=d, **kw) for d in (0.01, 1.0))
+    unseen = torch.diag(torch.cat([torch.zeros(32), torch.ones(32)])).double()  # text that uses the rest
+    assert _output_error(damped, w, unseen) < 0.85 * _output_error(tight, w, unseen)
+    assert _output_error(tight, w, h) < _output_error(damped, w, h)
+
+
+def test_hessian_damp_is_range_checked():
+    from rvqllm.config import RVQConfig
+    from rvqllm.errors import RVQError
+
+    assert RVQConfig(hessian_damp=0.5).hessian_damp == 0.5
+    for bad in (0, -1.0, 1e3, "0.1"):
+        with pytest.raises(RVQError, match="hessian_damp"):
+            RVQConfig(hessian_damp=bad)

@@ -85,12 +85,17 @@ def to_fp16_exact(t: Tensor) -> Tensor:
     return t.clamp(-65504.0, 65504.0).half().float()
 
 
+#: default Hessian damping: ``DAMP * mean(diag H)`` added to the diagonal (GPTQ's 1 %)
+DAMP = 0.01
+
+
 def column_importance(
-    h: Tensor | None, in_features: int, in_pad: int, hessian_weighted: bool, device: torch.device | str | None = None
+    h: Tensor | None, in_features: int, in_pad: int, hessian_weighted: bool, device: torch.device | str | None = None,
+    damp: float = DAMP,
 ) -> Tensor:
     """Per-input-column weight ``[in_pad]`` float32 from the Hessian diagonal; padding columns get weight 0.
 
-    ``h`` is the Hessian ``[in, in]`` or its diagonal ``[in]``. A small floor (1% of the mean) keeps
+    ``h`` is the Hessian ``[in, in]`` or its diagonal ``[in]``. A floor (``damp`` of the mean) keeps
     columns the calibration never excited from being coded arbitrarily (a Hessian whose mean diagonal is
     not positive and finite weighs all columns alike). The result is on ``device`` (default: ``h``'s,
     else the CPU); ``h`` must be there too.
@@ -104,7 +109,7 @@ def column_importance(
     diag = (h.diagonal() if h.dim() == 2 else h).double().clamp_min(0)
     mean = diag.mean()
     usable = torch.isfinite(mean) & (mean > 0)  # decided on the device: no host sync
-    imp[:in_features] = torch.where(usable, ((diag + 0.01 * mean) / mean).float(), 1.0)
+    imp[:in_features] = torch.where(usable, ((diag + damp * mean) / mean).float(), 1.0)
     return imp
 
 
@@ -124,6 +129,7 @@ def quantize_weight(
     refits: int = 0,
     rotate: bool = False,
     rotation_max_block: int = rotation.MAX_BLOCK,
+    damp: float = DAMP,
 ) -> RVQWeight:
     """Code ``weight [out, in]`` with ``stages`` residual codebooks of ``2**bits`` entries each.
 
@@ -135,6 +141,9 @@ def quantize_weight(
     ``refits > 0`` follows the k-means with that many rounds of joint codebook re-fitting on the sample
     (:func:`learn_codebooks`, encoding with ``beam``); the codes are then chosen with ``beam`` on the
     non-feedback path too (with ``refits == 0`` that path stays greedy, as before).
+    ``damp`` adds ``damp * mean(diag H) * I`` to the Hessian everywhere it is used (the k-means weights
+    and the error feedback): the larger, the more the code treats all input directions alike, the less
+    it leans on which directions the calibration text happened to excite.
     Deterministic for a given ``seed``.
 
     With ``rotate``, ``W R`` is coded against ``R^T H R`` instead (``R`` over the width padded to a
@@ -151,11 +160,11 @@ def quantize_weight(
         return _quantize_rotated(weight, hessian, vector_dim=vector_dim, stages=stages, bits=bits,
                                  kmeans_iters=kmeans_iters, hessian_weighted=hessian_weighted,
                                  error_feedback=error_feedback, kmeans_points=kmeans_points, beam=beam,
-                                 seed=seed, refits=refits, max_block=rotation_max_block)
+                                 seed=seed, refits=refits, max_block=rotation_max_block, damp=damp)
     return _quantize_plain(weight, hessian, own_hessian=False, vector_dim=vector_dim, stages=stages, bits=bits,
                            kmeans_iters=kmeans_iters, hessian_weighted=hessian_weighted,
                            error_feedback=error_feedback, kmeans_points=kmeans_points, beam=beam, seed=seed,
-                           refits=refits)
+                           refits=refits, damp=damp)
 
 
 def _quantize_plain(
@@ -173,6 +182,7 @@ def _quantize_plain(
     beam: int,
     seed: int,
     refits: int,
+    damp: float = DAMP,
 ) -> RVQWeight:
     """:func:`quantize_weight` without rotation. ``own_hessian``: ``hessian`` is a float64 matrix on
     ``weight``'s device made for this call, which the error feedback may overwrite (saving an ``[in, in]``
@@ -188,7 +198,7 @@ def _quantize_plain(
     in_pad = groups * d
     if in_pad != in_features:
         w = torch.nn.functional.pad(w, (0, in_pad - in_features))
-    col = column_importance(hessian, in_features, in_pad, hessian_weighted, device)
+    col = column_importance(hessian, in_features, in_pad, hessian_weighted, device, damp=damp)
 
     rms = (w.pow(2) * col).sum(1).div(col.sum()).sqrt()
     scales = to_fp16_exact(torch.where(rms > 0, rms, torch.ones_like(rms)))
@@ -204,7 +214,7 @@ def _quantize_plain(
         else:
             h, own = torch.zeros(in_pad, in_pad, dtype=torch.float64, device=device), True
             h[:in_features, :in_features] = hessian
-        codes = encode_with_feedback(w, h, scales, codebooks, beam=beam, overwrite_hessian=own)
+        codes = encode_with_feedback(w, h, scales, codebooks, beam=beam, overwrite_hessian=own, damp=damp)
         return RVQWeight(codes, codebooks, scales, in_features)
 
     if refits > 0:  # the re-fitted codebooks are tuned to beam search, not to greedy stage-by-stage coding
@@ -310,7 +320,7 @@ def learn_codebooks(
     return codebooks
 
 
-def inverse_hessian_factor(h: Tensor, damp: float = 0.01, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
+def inverse_hessian_factor(h: Tensor, damp: float = DAMP, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) after damping, as in GPTQ.
 
     Columns the calibration never excited (zero diagonal) get a unit diagonal and are reported in the
@@ -421,7 +431,7 @@ def encode_rvq_chunked(
 
 def encode_with_feedback(
     w: Tensor, h: Tensor, scales: Tensor, codebooks: Tensor, block: int = 128, beam: int = 1, *,
-    overwrite_hessian: bool = False
+    overwrite_hessian: bool = False, damp: float = DAMP
 ) -> Tensor:
     """Choose codes for ``w [out, in_pad]`` against the output error ``tr((W-Q) H (W-Q)^T)``.
 
@@ -444,7 +454,7 @@ def encode_with_feedback(
     out, in_pad = w.shape
     stages, _, d = codebooks.shape
     block = max(d, block // d * d)
-    u, dead = inverse_hessian_factor(h, overwrite=overwrite_hessian)
+    u, dead = inverse_hessian_factor(h, damp, overwrite=overwrite_hessian)
     w = w.clone()
     w.masked_fill_(dead, 0.0)  # w[:, dead] = 0 without the host sync of boolean indexing
     codes = torch.empty(out, in_pad // d, stages, dtype=torch.long, device=w.device)
