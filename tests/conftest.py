@@ -55,10 +55,11 @@ def quantize_reference(preset: str, sequences: int = 16, seq_len: int = 256):
     import rvqllm
     from rvqllm.data import calibration_tokens, load_text
     from rvqllm.models import load_model
+    from rvqllm.reference import CALIB_TEXTS
 
     model, tok = load_model("reference")
     cfg = rvqllm.RVQConfig.load(preset).replace(calib_sequences=sequences, calib_seq_len=seq_len)
-    texts = [load_text(t, "calib") for t in ("kjv", "shakespeare")]
+    texts = [load_text(t, "calib") for t in CALIB_TEXTS]
     rvqllm.quantize(model, cfg, calibration_tokens(texts, tok, cfg.calib_sequences, cfg.calib_seq_len, cfg.seed))
     return model, tok
 

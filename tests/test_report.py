@@ -23,8 +23,9 @@ ROWS = [
 def test_table_has_ratios_and_task_columns():
     table = format_table(ROWS, ["a", "b"]).splitlines()
     assert table[0] == ("| model | bpw (block linears) | size on disk | ppl a | × base a | ppl b | × base b | t acc |")
-    assert table[3] == "| out/q2 | 2.100 | 0.5 MiB | 15.000 | 1.500 | 30.000 | 1.500 | 0.250 |"
-    assert table[4] == "| out/q4 | 4.100 | 1.0 MiB | 11.000 | 1.100 | — | — | — |"
+    assert table[2] == "| base (fp16 baseline) | 16.000 | 2.0 MiB | 10.000 | 1.000 (ln 0.000) | 20.000 | 1.000 (ln 0.000) | 0.500 |"
+    assert table[3] == "| out/q2 | 2.100 | 0.5 MiB | 15.000 | 1.500 (ln 0.405) | 30.000 | 1.500 (ln 0.405) | 0.250 |"
+    assert table[4] == "| out/q4 | 4.100 | 1.0 MiB | 11.000 | 1.100 (ln 0.095) | — | — | — |"
 
 
 @pytest.mark.unit

@@ -11,6 +11,7 @@ A *row* is one evaluated model::
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,13 @@ def _task_columns(rows: list[dict]) -> list[tuple[str, str]]:
     return cols
 
 
+def _ratio(p: float | None, base: float | None) -> str:
+    """``x (ln y)``: the ratio to the baseline and its natural log (logs average sanely across texts)."""
+    if p is None or not base or p <= 0:
+        return "—"
+    return f"{p / base:.3f} (ln {math.log(p / base):.3f})"
+
+
 def format_table(rows: list[dict], texts: list[str]) -> str:
     """Markdown table. Each row: ``{"model", "bpw", "bytes", "ppl": {text: float}}`` (+ optional
     ``"tasks"``); the first row is the baseline that ratios refer to."""
@@ -45,7 +53,7 @@ def format_table(rows: list[dict], texts: list[str]) -> str:
         cells = [r["model"], f"{r['bpw']:.3f}" if isinstance(r["bpw"], float) else str(r["bpw"]), _mib(r.get("bytes"))]
         for t in texts:
             p = r["ppl"].get(t)
-            cells += [f"{p:.3f}" if p is not None else "—", f"{p / base[t]:.3f}" if p is not None and base.get(t) else "—"]
+            cells += [f"{p:.3f}" if p is not None else "—", _ratio(p, base.get(t))]
         for task, metric in cols:
             v = (r.get("tasks") or {}).get(task, {}).get(metric)
             cells.append("—" if v is None else f"{v:.3f}")
