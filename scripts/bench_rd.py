@@ -9,11 +9,18 @@ measures the mean squared error per scalar on a separate held-out set of ``--tes
 same k-means with ``d = 1`` and 4 levels (its known optimum is 0.1175); the last row is the
 rate-distortion bound ``2^(-2R) = 0.0625``.
 
+With ``--trellis``, rows of the bitshift trellis code (:mod:`rvqllm.rvq.trellis`: computed codewords,
+Viterbi, ``k = 2`` bits per step, ``L`` = 12, 14, 16 state bits, walks of 1,024 scalars) follow, measured on
+the first ``--trellis-scalars`` scalars of their own seeded stream: the trellis learns nothing, so every
+scalar it codes is held out. Its rate is ``(L + 1023 * 2) / 1024`` bits (2.010-2.014: the first state is
+stored whole), printed in the bpw column. Its one setting, the codeword gain 1.0, was chosen on a
+different stream (seed 1: 0.0744 at gain 1.0 against 0.0749 / 0.0761 at 1.05 / 1.1, ``L`` = 14).
+
 ``seconds`` is the single-threaded wall time to build that row's quantizer from scratch (its k-means, plus
 its re-fit rounds) and code the test set: rows of one code shape share one k-means and one chain of
 re-fit rounds, so their times overlap and the table's total is less than the sum of the rows.
 
-    OMP_NUM_THREADS=1 python scripts/bench_rd.py [--train 131072] [--test 32768] [--seed 0]
+    OMP_NUM_THREADS=1 python scripts/bench_rd.py [--train 131072] [--test 32768] [--seed 0] [--trellis]
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from rvqllm.rvq.residual import encode_rvq_chunked, learn_codebooks
 
 RATE = 2.0  # bits per dimension
 KMEANS_ITERS = 25
+TRELLIS_STATE_BITS = (12, 14, 16)
+TRELLIS_LENGTH = 1024
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,25 @@ def run(train: int, test: int, seed: int) -> list[dict]:
     return rows
 
 
+def run_trellis(scalars: int, seed: int) -> list[dict]:
+    """One row per :data:`TRELLIS_STATE_BITS`: held-out MSE of the trellis code on ``scalars`` N(0, 1)
+    scalars (rounded down to whole walks of :data:`TRELLIS_LENGTH`)."""
+    from rvqllm.rvq import trellis
+
+    walks = max(1, scalars // TRELLIS_LENGTH)
+    x = torch.randn(walks, TRELLIS_LENGTH, generator=torch.Generator().manual_seed(seed * 1009 + 7_000_001))
+    rows = []
+    for bits in TRELLIS_STATE_BITS:
+        t0 = time.perf_counter()
+        _, recon = trellis.quantize(x, state_bits=bits, step_bits=2, rows_per_chunk=4)
+        rows.append(dict(
+            name=f"bitshift trellis L={bits}, k=2, computed codewords, Viterbi", d=1, stages=1, bits=2, beam=0,
+            refits=0, mse=float((x - recon).double().pow(2).mean()), seconds=time.perf_counter() - t0,
+            bpw=trellis.rate(TRELLIS_LENGTH, bits, 2), scalars=x.numel(),
+        ))
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table (MSE also relative to the bound)."""
     bound = 2.0 ** (-2 * RATE)
@@ -116,7 +144,7 @@ def table(rows: list[dict]) -> str:
         shape = f"{r['stages']} x {r['bits']}" if r["stages"] else "-"
         lines.append(
             f"| {r['name']} | {r['d'] or '-'} | {shape} | {r['beam'] or '-'} | {r['refits'] if r['d'] else '-'} "
-            f"| {r['bpw']:g} | {r['mse']:.4f} | {r['mse'] / bound:.3f} | {r['seconds']:.1f} |"
+            f"| {r['bpw']:.4g} | {r['mse']:.4f} | {r['mse'] / bound:.3f} | {r['seconds']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -126,9 +154,16 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=1 << 17, help="training vectors per code shape")
     parser.add_argument("--test", type=int, default=1 << 15, help="held-out vectors per code shape")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trellis", action="store_true", help="add the bitshift trellis rows")
+    parser.add_argument("--trellis-scalars", type=int, default=1 << 16, help="held-out scalars for the trellis rows")
+    parser.add_argument("--trellis-only", action="store_true", help="only the trellis rows (and the bound)")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    rows = run(args.train, args.test, args.seed)
+    rows = [] if args.trellis_only else run(args.train, args.test, args.seed)
+    if args.trellis or args.trellis_only:
+        bound = rows.pop() if rows else dict(name="rate-distortion bound 2^(-2R)", d=0, stages=0, bits=0, beam=0,
+                                             refits=0, mse=2.0 ** (-2 * RATE), seconds=0.0, bpw=RATE)
+        rows += run_trellis(args.trellis_scalars, args.seed) + [bound]
     print(table(rows))
     print(f"\ntrain {args.train} / test {args.test} vectors per shape, seed {args.seed}, "
           f"{torch.get_num_threads()} thread(s), total {time.perf_counter() - t0:.0f} s")

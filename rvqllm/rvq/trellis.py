@@ -1,0 +1,83 @@
+"""A bitshift trellis code with computed codewords, coded by Viterbi (issue 13, technique 3).
+
+A sequence of ``T`` scalars is coded as a walk through ``2**L`` states. Each step shifts ``k`` new bits
+into an ``L``-bit state, ``s_t = ((s_{t-1} << k) | b_t) mod 2**L``, and emits the state's codeword
+``v(s_t)``. The codewords are *computed* from the state (a multiplicative hash whose four bytes are
+summed, then standardised: close to a unit Gaussian), so no codebook is stored and a decoder needs one
+multiply and a byte sum per weight. The encoder picks the walk of least squared error by dynamic
+programming over the states (Viterbi). Stored: the first state (``L`` bits) and ``k`` bits per later
+step, so the rate is ``(L + (T - 1) k) / T`` bits per scalar (exactly what :func:`rate` reports; no
+tail-biting trick hides the first state).
+
+Measured so far only on the unit Gaussian source (``scripts/bench_rd.py --trellis``); it is not a stage
+of the model quantizer yet.
+
+Shapes: sources ``x [B, T]`` float32; states ``[B, T]`` int64 in ``[0, 2**L)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MUL = 0x9E3779B1  # Knuth's multiplicative-hash constant (odd, 32 bits)
+_ADD = 0x7F4A7C15
+_BYTE_SUM_MEAN = 4 * 127.5
+_BYTE_SUM_STD = (4 * (256**2 - 1) / 12) ** 0.5
+
+
+def codewords(states: Tensor) -> Tensor:
+    """The computed codeword of each state (any integer shape): the four bytes of
+    ``(s * _MUL + _ADD) mod 2**32`` summed and standardised. float32, mean ~0, variance ~1."""
+    h = (states.to(torch.int64) * _MUL + _ADD) & 0xFFFFFFFF
+    total = (h & 0xFF) + ((h >> 8) & 0xFF) + ((h >> 16) & 0xFF) + ((h >> 24) & 0xFF)
+    return (total.to(torch.float32) - _BYTE_SUM_MEAN) / _BYTE_SUM_STD
+
+
+def rate(length: int, state_bits: int, step_bits: int) -> float:
+    """Stored bits per scalar of a ``length``-step walk."""
+    return (state_bits + (length - 1) * step_bits) / length
+
+
+def viterbi(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1.0) -> Tensor:
+    """States ``[B, T]`` of the walk minimising ``sum_t (x_t - gain * v(s_t))^2`` for each row of ``x``.
+
+    Every ``s_t`` is reachable from exactly ``2**step_bits`` states ``s_{t-1}`` (the top bits that
+    shift out); the first state is free. Memory: ``B x T x 2**L`` back-pointers (uint8) plus a few
+    ``[B, 2**L]`` float32 rows; time ``O(B T 2**(L + k))``."""
+    if not 1 <= step_bits < state_bits <= 24:
+        raise ValueError(f"need 1 <= step_bits < state_bits <= 24, got k={step_bits}, L={state_bits}")
+    x = x.float()
+    b, t = x.shape
+    n, k = 1 << state_bits, 1 << step_bits
+    values = gain * codewords(torch.arange(n, device=x.device))  # [n]
+    # predecessors of state s: (s >> step_bits) + j * 2**(L - step_bits), j < 2**step_bits
+    pred = (torch.arange(n, device=x.device)[:, None] >> step_bits) + \
+        torch.arange(k, device=x.device)[None, :] * (n >> step_bits)  # [n, k]
+    cost = (x[:, :1] - values[None, :]).pow(2)  # [B, n]
+    back = torch.empty(t, b, n, dtype=torch.uint8, device=x.device)
+    for i in range(1, t):
+        best, arg = cost[:, pred].min(dim=2)  # [B, n]
+        back[i] = arg.to(torch.uint8)
+        cost = best + (x[:, i : i + 1] - values[None, :]).pow(2)
+    states = torch.empty(b, t, dtype=torch.int64, device=x.device)
+    states[:, -1] = cost.argmin(dim=1)
+    rows = torch.arange(b, device=x.device)
+    for i in range(t - 1, 0, -1):
+        j = back[i, rows, states[:, i]].to(torch.int64)
+        states[:, i - 1] = pred[states[:, i], j]
+    return states
+
+
+def decode(states: Tensor, gain: float = 1.0) -> Tensor:
+    """``gain * v(states)``, float32, same shape."""
+    return gain * codewords(states)
+
+
+def quantize(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1.0,
+             rows_per_chunk: int = 8) -> tuple[Tensor, Tensor]:
+    """``(states, reconstruction)`` of ``x [B, T]``, coded ``rows_per_chunk`` rows at a time (bounds the
+    back-pointer memory to ``rows_per_chunk x T x 2**L`` bytes)."""
+    states = torch.cat([viterbi(x[i : i + rows_per_chunk], state_bits, step_bits, gain)
+                        for i in range(0, x.shape[0], rows_per_chunk)])
+    return states, decode(states, gain)
