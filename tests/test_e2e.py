@@ -43,8 +43,9 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     ppl = {k: r.ppl for k, r in evaluate(loaded, tok, texts, windows=WINDOWS).items()}
     # A regression bound, not the goal: the 4-bit preset measures x1.07 (KJV) / x1.02 (Shakespeare) on
-    # ppl-512x64 with its full calibration (docs/RESULTS.md); the first 8 windows are harder on every
-    # quantized model (a greedy-coded run without fine-tuning measured x1.26 / x1.09 there).
+    # ppl-512x64 with its full calibration (docs/RESULTS.md); on this test's calibration (8 x 256 tokens of
+    # kjv+shakespeare+fortunes) and first 8 windows it measured x1.15 / x1.05 / x1.19 (django, out of
+    # domain); a greedy-coded run without fine-tuning measured x1.26 / x1.09 (KJV / Shakespeare) there.
     for name in TEXTS:
         assert ppl[name] < baseline_ppl[name] * 1.35, (name, ppl[name], baseline_ppl[name])
 
@@ -52,12 +53,14 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
 def test_2bit_preset_quality_regression_bound(texts, baseline_ppl, reference_2bit):
     model, tok = reference_2bit
     ppl = {k: r.ppl for k, r in evaluate(model, tok, texts, windows=WINDOWS).items()}
-    # The 2-bit preset on this quick protocol (16x256 calibration, 8 windows) measured 28.24 / 71.36
-    # against the baseline's 10.66 / 44.48 (x2.65 / x1.60; the first 8 KJV windows are hard for it).
-    # The bounds sit ~15% above. They catch the preset without its distillation (x3.02 / x1.72 with
-    # block fine-tuning instead), without error feedback (x4.98 / x2.38) and the session-1 preset
-    # (x3.86 / x2.13); docs/RESULTS.md has the ablation.
-    bounds = {"kjv": 3.1, "shakespeare": 1.85}
+    # The 2-bit preset on this quick protocol (16x256 calibration from kjv+shakespeare+fortunes, 8 windows)
+    # measured 29.57 / 73.80 / 67.88 against the baseline's 10.66 / 44.48 / 16.01 (x2.77 / x1.66 / x4.24;
+    # the first 8 KJV windows are hard for it). The bounds sit 10-15% above. They catch the preset without
+    # its distillation (x3.02 / x1.72 with block fine-tuning instead), without error feedback (x4.98 /
+    # x2.38) and the session-1 preset (x3.86 / x2.13); the django bound, an out-of-domain collapse such as
+    # session 5's narrower calibration gave 2bit-fast (x10.5 on django, ppl-512x16; this preset under that
+    # calibration was not measured on this protocol). docs/RESULTS.md has the ablation.
+    bounds = {"kjv": 3.1, "shakespeare": 1.85, "django": 4.9}
     for name in TEXTS:
         assert math.isfinite(ppl[name])
         assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
