@@ -48,6 +48,7 @@ TECHNIQUES = {
     "beam search (8)": ("beam_width", 1, 8),
     "error feedback": ("error_feedback", False, True),
     "diag(H)-weighted k-means": ("hessian_weighted", False, True),
+    "Hessian damp 0.1 (GPTQ's 0.01 when off)": ("hessian_damp", 0.01, 0.1),
     "codebook re-fit": ("codebook_refits", 0, 2),
     "Hadamard rotation": ("rotate", False, True),
     "whole-model distillation": ("distill_epochs", 0, 2),
