@@ -2,7 +2,8 @@
 
 A text source is one string:
 
-- ``kjv`` / ``shakespeare`` (optionally ``reference:kjv``): the offline reference texts; the split
+- ``kjv`` / ``shakespeare`` / ``fortunes`` / ``django`` (optionally ``reference:kjv``): the offline
+  reference texts (:mod:`rvqllm.reference`); the split
   (``test`` for evaluation, ``calib`` for calibration) is chosen by the caller;
 - a path to a local ``.txt``, ``.jsonl`` (a ``text`` field per line) or ``.parquet`` (a ``text`` column);
 - a local folder of data files (``.parquet``/``.jsonl``/``.csv``), read with ``datasets``;

@@ -1,4 +1,4 @@
-"""The offline reference: SmolLM2-135M-Instruct and two public-domain texts, all from package registries.
+"""The offline reference: SmolLM2-135M-Instruct and four texts, all from package registries.
 
 Everything is converted once into a cache folder (``~/.cache/rvqllm`` unless told otherwise) and read
 from there afterwards; every step is idempotent and writes through a temporary name, so an interrupted
@@ -191,8 +191,8 @@ def _write_text(name: str, paths: dict[str, Path], cache_dir: Path) -> None:
 
 
 def reference_texts(cache_dir: Path | None = None) -> dict[str, dict[str, Path]]:
-    """``{"kjv": {"test": path, "calib": path}, "shakespeare": {...}, "django": {...}}``, each text built
-    on first use."""
+    """``{name: {"test": path, "calib": path}}`` for every name of :data:`TEXTS`, each text built on
+    first use."""
     cache_dir = cache_dir or default_cache_dir()
     folder = cache_dir / "texts-v1"  # bump the version whenever the layout of a text changes
     paths = {name: {split: folder / f"{name}_{split}.txt" for split in ("test", "calib")} for name in TEXTS}
