@@ -262,6 +262,16 @@ _DIGESTS = {
 }
 
 
+#: the same results on a second AVX-512 machine (one with avx512_fp16/bf16 too) whose float64 matmul rounds
+#: the rotated Hessian differently: the code before session 6 (b54e921) gives exactly these there as well,
+#: so they are the platform's, not a change of the math. Only these two digests differ between the machines.
+_ALTERNATES = {"rotate-hessian": {"72dcf2db0345a00c"}, "d8-s3-b5-ef-rot": {"d16371f5a336d078"}}
+
+
+def _known(name: str, digest: str) -> bool:
+    return digest == _DIGESTS[name] or digest in _ALTERNATES.get(name, set())
+
+
 def _same_platform() -> bool:
     return (torch.__version__, torch.backends.cpu.get_cpu_capability()) == _RECORDED_ON
 
@@ -307,13 +317,14 @@ def _pieces() -> dict[str, str]:
 @pytest.mark.parametrize("name,hess,kw", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_cpu_bits_unchanged(name, hess, kw):
     w, h = _inputs(hess)
-    assert _q_digest(_quantize(w, h, **kw)) == _DIGESTS[name]
+    got = _q_digest(_quantize(w, h, **kw))
+    assert _known(name, got), (got, _DIGESTS[name])
 
 
 @pytest.mark.skipif(not _same_platform(), reason=f"digests recorded on torch/CPU {_RECORDED_ON}")
 def test_cpu_bits_unchanged_pieces():
     got = _pieces()
-    assert got == {k: _DIGESTS[k] for k in got}
+    assert all(_known(k, v) for k, v in got.items()), {k: (v, _DIGESTS[k]) for k, v in got.items() if not _known(k, v)}
 
 
 def _multinomial_seeding(x, w, k, gen):
