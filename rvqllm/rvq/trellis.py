@@ -45,12 +45,13 @@ def viterbi(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1
     Every ``s_t`` is reachable from exactly ``2**step_bits`` states ``s_{t-1}`` (the top bits that
     shift out); the first state is free. Memory: ``B x T x 2**L`` back-pointers (uint8) plus a few
     ``[B, 2**L]`` float32 rows; time ``O(B T 2**(L + k))``."""
-    if not 1 <= step_bits < state_bits <= 24:
-        raise ValueError(f"need 1 <= step_bits < state_bits <= 24, got k={step_bits}, L={state_bits}")
+    if not (1 <= step_bits <= 8 and step_bits < state_bits <= 24):  # back-pointers are uint8
+        raise ValueError(f"need 1 <= step_bits <= 8 and step_bits < state_bits <= 24, got k={step_bits}, "
+                         f"L={state_bits}")
     x = x.float()
     b, t = x.shape
     n, k = 1 << state_bits, 1 << step_bits
-    values = gain * codewords(torch.arange(n, device=x.device))  # [n]
+    values = decode(torch.arange(n, device=x.device), gain)  # [n]
     # predecessors of state s: (s >> step_bits) + j * 2**(L - step_bits), j < 2**step_bits
     pred = (torch.arange(n, device=x.device)[:, None] >> step_bits) + \
         torch.arange(k, device=x.device)[None, :] * (n >> step_bits)  # [n, k]
