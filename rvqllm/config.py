@@ -47,6 +47,9 @@ class RVQConfig:
     finetune_target: str = "block"  #: "block": the float block on the same inputs; "model": the float model's activations
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
     distill_lr: float = 1e-3  #: Adam learning rate of the distillation (what the 2bit presets use)
+    distill_code_fraction: float = 0.0  #: codes move in distillation: share of each layer's groups re-encoded per update (0 = frozen)
+    distill_code_every: int = 8  #: Adam steps between those code updates
+    distill_code_lr: float = 1e-2  #: Adam learning rate of the float shadows the moving codes follow
     distill_chunk_tokens: int = 1024  #: tokens whose full-vocabulary logits exist at once in distillation (memory ~ chunk x vocab x 16 B)
     # --- mixed precision (rvqllm.mixed) ----------------------------------------------------------------
     bpw_budget: float | None = None  #: all-in bpw for the whole model; layers get candidate shapes by sensitivity
@@ -96,6 +99,13 @@ class RVQConfig:
              f"distill_epochs={self.distill_epochs!r} must be a non-negative integer (0 turns distillation off)")
         need(isinstance(self.distill_lr, int | float) and 0 < self.distill_lr < 1,
              f"distill_lr={self.distill_lr!r} is out of range: use a positive number below 1 (1e-3 is typical)")
+        need(isinstance(self.distill_code_fraction, int | float) and 0 <= self.distill_code_fraction <= 1,
+             f"distill_code_fraction={self.distill_code_fraction!r} is out of range: use 0 (codes frozen) to 1 "
+             "(0.01 re-encodes 1% of each layer's groups per update)")
+        need(isinstance(self.distill_code_every, int) and self.distill_code_every >= 1,
+             f"distill_code_every={self.distill_code_every!r} must be a positive integer (Adam steps between code updates)")
+        need(isinstance(self.distill_code_lr, int | float) and 0 < self.distill_code_lr < 10,
+             f"distill_code_lr={self.distill_code_lr!r} is out of range: use a positive number below 10 (1e-2 is typical)")
         need(isinstance(self.distill_chunk_tokens, int) and self.distill_chunk_tokens >= 1,
              f"distill_chunk_tokens={self.distill_chunk_tokens!r} must be a positive integer (tokens per logit chunk)")
         need(isinstance(self.finetune_batch, int) and self.finetune_batch >= 1,

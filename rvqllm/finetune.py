@@ -33,7 +33,8 @@ from .config import RVQConfig
 from .errors import RVQError
 from .nn import QuantizedLinear
 from .placement import Placement
-from .rvq import unpack
+from .rvq import pack, unpack
+from .rvq.residual import encode_rvq_chunked
 
 
 class _TrainableRVQ(nn.Module):
@@ -43,7 +44,7 @@ class _TrainableRVQ(nn.Module):
     trained; the codes ``[out, G, S]`` are fixed.
     """
 
-    def __init__(self, layer: QuantizedLinear) -> None:
+    def __init__(self, layer: QuantizedLinear, shadow: bool = False) -> None:
         super().__init__()
         self._layer = (layer,)  # held outside the module tree: the swap must not see it as a child
         self.in_features = layer.op_in_features  # the coded width in a rotated layer (forward rotates x)
@@ -55,19 +56,58 @@ class _TrainableRVQ(nn.Module):
         stages, k = layer.codes.shape[2], layer.codebooks.shape[1]
         # stage s's codes index codebooks.reshape(S*K, d) from s*K on
         self.register_buffer("offsets", torch.arange(stages, device=layer.codes.device) * k, persistent=False)
+        # codes that move (distill_code_fraction): a float shadow of every coded vector [out*G, d], in the
+        # codebooks' units; it takes the decoded weight's gradient (straight through) and leads re-encoding
+        self.shadow = nn.Parameter(self.vectors().detach().clone()) if shadow else None
 
     def scales(self) -> Tensor:
         return self.base_scales * self.log_gain.exp()
 
-    def weight(self) -> Tensor:
-        """``[out, in_features]`` float32, differentiable in codebooks and scales."""
+    def vectors(self) -> Tensor:
+        """``[out*G, d]`` float32: every group's decoded vector (before its row's scale)."""
         stages, k, d = self.codebooks.shape
-        out = self._layer[0].out_features
         # int64 indices [out*G, S] made here, not kept: 8x the stored codes' bytes, for one layer at a time
         flat_idx = (unpack(self._layer[0].codes) + self.offsets).reshape(-1, stages)
-        vecs = self.codebooks.reshape(stages * k, d)[flat_idx].sum(1)  # [out*G, d]
-        w = vecs.reshape(out, -1)[:, : self.in_features]
+        return self.codebooks.reshape(stages * k, d)[flat_idx].sum(1)
+
+    def weight(self) -> Tensor:
+        """``[out, in_features]`` float32, differentiable in codebooks and scales (and, straight through,
+        in the shadow: its value is the decoded one, its gradient the decoded weight's)."""
+        vecs = self.vectors()
+        if self.shadow is not None:
+            vecs = vecs + (self.shadow - self.shadow.detach())
+        w = vecs.reshape(self._layer[0].out_features, -1)[:, : self.in_features]
         return w * self.scales()[:, None]
+
+    @torch.no_grad()
+    def recode(self, fraction: float, fisher: Tensor | None) -> int:
+        """Re-encode the ``fraction`` of groups whose shadow lies farthest from their decoded vector.
+
+        Distances are weighted by ``fisher [out*G, d]`` (the optimizer's running mean of squared
+        gradients, a diagonal Fisher estimate of the tuning loss) or plain when it is ``None``. Each
+        chosen group gets the beam-searched code (:data:`RECODE_BEAM`) nearest to its shadow under the
+        current codebooks, kept only where it is strictly nearer than the group's current code.
+        Returns how many groups changed code."""
+        vecs = self.vectors()
+        wt = None if fisher is None else fisher.float()
+        diff = (self.shadow - vecs).pow(2)
+        gap = (diff if wt is None else diff * wt).sum(1)
+        n = int(fraction * gap.numel())
+        if n < 1:
+            return 0
+        idx = gap.topk(n).indices
+        target = self.shadow[idx]
+        new = encode_rvq_chunked(target, self.codebooks.detach(), RECODE_BEAM, None if wt is None else wt[idx])
+        stages, k, d = self.codebooks.shape
+        decoded = self.codebooks.reshape(stages * k, d)[new + self.offsets].sum(1)
+        err = (target - decoded).pow(2)
+        err = (err if wt is None else err * wt[idx]).sum(1)
+        flat = self._layer[0].codes.view(-1, stages)
+        old = unpack(flat[idx])
+        better = (err < gap[idx]) & (new != old).any(1)
+        chosen = idx[better]
+        flat[chosen] = pack(new[better], self._layer[0].bits)
+        return int(chosen.numel())
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._layer[0].rotate_input(x)
@@ -145,7 +185,8 @@ def _micro_batches(x: Tensor, tgt: Tensor, kw: dict, size: int):
 def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[[], float],
           losses: Callable[[], Iterator[Tensor]], *, epochs: int, lr: float,
           storage_dtype: torch.dtype | None, evaluate_after: Callable[[], float] | None = None,
-          placement: Placement | None = None) -> tuple[float, float, bool]:
+          placement: Placement | None = None, code_fraction: float = 0.0, code_every: int = 8,
+          code_lr: float = 1e-2, stats: dict | None = None) -> tuple[float, float, bool]:
     """Adam on every :class:`QuantizedLinear` under ``root`` (codebooks, scale gains, biases) and on
     ``float_params``, one step per loss that ``losses()`` yields, ``epochs`` times; then round to the
     stored precision and keep the result only if ``evaluate_after()`` (default ``evaluate``; lower is
@@ -156,27 +197,38 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
     averages the gradients of the ranks that still had a loss for it (data parallel, as DDP does): a step
     then sees ``world`` micro-batches at once, so N ranks take about N times fewer, larger steps than one
     process; ``evaluate`` must already combine the ranks' batches.
+    With ``code_fraction > 0`` the codes move too (PV-style): every layer keeps a straight-through float
+    shadow of its coded vectors, trained by Adam at ``code_lr`` (it must move by a fair part of the distance
+    between codewords to change a code: larger than ``lr``), and every ``code_every`` steps re-encodes that
+    fraction of its groups (:meth:`_TrainableRVQ.recode`, weighted by Adam's squared-gradient average);
+    ``stats`` (a dict, when given) then gets ``codes_changed`` (the fraction of groups whose final code
+    differs from the one they had), ``recoded`` (accepted re-encodings, all updates) and ``code_updates``.
     Returns ``(before, after, tuned)``: ``tuned`` is False when nothing changed (no epochs, or reverted)."""
     before = evaluate()
     if epochs <= 0:
         return before, before, False
-    wrappers = {m: _TrainableRVQ(m) for m in root.modules() if isinstance(m, QuantizedLinear)}
+    moving = code_fraction > 0
+    wrappers = {m: _TrainableRVQ(m, shadow=moving) for m in root.modules() if isinstance(m, QuantizedLinear)}
     saved_float = [p.detach().clone() for p in float_params]
     saved_layers = {m: (m.codebooks.clone(), m.scales.clone(), None if m.bias is None else m.bias.clone())
                     for m in wrappers}
+    saved_codes = {m: m.codes.clone() for m in wrappers} if moving else {}
+    step = recoded = updates = 0
     requires = [p.requires_grad for p in float_params]
     trained = {id(p) for p in float_params}
     frozen = [p for p in root.parameters() if p.requires_grad and id(p) not in trained]
     _swap(root, wrappers)
     try:
-        params = [p for w in wrappers.values() for p in w.parameters()]
+        shadows = [w.shadow for w in wrappers.values() if w.shadow is not None]
+        params = [p for w in wrappers.values() for p in w.parameters() if p is not w.shadow]
         for p in frozen:
             p.requires_grad_(False)
         for p in float_params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam([{"params": params}, {"params": float_params}], lr=lr, betas=(0.9, 0.95))
+        groups = [{"params": params}, {"params": float_params}] + ([{"params": shadows, "lr": code_lr}] if shadows else [])
+        opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.95))
         ranks = placement is not None and placement.world > 1
-        every = params + list(float_params)
+        every = params + list(float_params) + shadows
         with torch.enable_grad():
             for _ in range(epochs):
                 steps = iter(losses())
@@ -193,6 +245,11 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
                         for p in every:
                             p.grad.div_(active)
                     opt.step()
+                    step += 1
+                    if moving and step % code_every == 0:
+                        updates += 1
+                        for w in wrappers.values():
+                            recoded += w.recode(code_fraction, opt.state[w.shadow].get("exp_avg_sq"))
     finally:
         for p, r in zip(float_params, requires, strict=True):
             p.requires_grad_(r)
@@ -205,6 +262,10 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
         if storage_dtype is not None:
             for p in float_params:
                 p.copy_(p.to(storage_dtype))
+    if moving and stats is not None:
+        groups = sum(c[..., 0].numel() for c in saved_codes.values())
+        changed = sum(int((m.codes != c).any(-1).sum()) for m, c in saved_codes.items())
+        stats.update(codes_changed=changed / max(groups, 1), recoded=recoded, code_updates=updates)
     after = (evaluate_after or evaluate)()
     if not after <= before:  # also catches NaN: keep what the model had
         with torch.no_grad():
@@ -215,6 +276,10 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
                 m.scales.copy_(sc)
                 if b is not None:
                     m.bias.copy_(b)
+            for m, c in saved_codes.items():
+                m.codes.copy_(c)
+        if stats is not None:
+            stats["reverted"] = True
         return before, before, False
     return before, after, True
 
@@ -483,6 +548,10 @@ def distill_model(
     storage_dtype: torch.dtype | None = None,
     chunk_tokens: int = DISTILL_CHUNK_TOKENS,
     placement: Placement | None = None,
+    code_fraction: float = 0.0,
+    code_every: int = 8,
+    code_lr: float = 1e-2,
+    stats: dict | None = None,
 ) -> tuple[float, float]:
     """Tune every quantized layer and the blocks' float parameters (norms) of ``model`` at once so its
     next-token distribution matches the float model's (:func:`teacher_topk`) on the calibration batches.
@@ -495,6 +564,8 @@ def distill_model(
     each measured on the first ``EVAL_SEQUENCES`` sequences (per rank; the tuned state is kept only if
     it lowered that KL). With several ranks (``placement``),
     ``batches`` are this rank's, and gradients and the KL are combined across ranks (see :func:`_tune`).
+    ``code_fraction`` / ``code_every`` / ``code_lr``: codes that move during the distillation (PV-style,
+    see :func:`_tune`; fraction 0 keeps them frozen); ``stats`` gets the code-change figures.
     """
     _check_chunk(chunk_tokens)
     decoder, head, device = _decoder(model), lm_head_fn(model), _input_device(model)
@@ -522,10 +593,13 @@ def distill_model(
     float_params = [p for b in blocks for p in b.parameters() if p.is_floating_point()]
     with _recomputed_in_backward(blocks) if _needs_recompute(blocks) else nullcontext():
         before, after, _ = _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr,
-                                 storage_dtype=storage_dtype, placement=placement)
+                                 storage_dtype=storage_dtype, placement=placement, code_fraction=code_fraction,
+                                 code_every=code_every, code_lr=code_lr, stats=stats)
     return before, after
 
 
+#: beam width of the re-encoding when codes move during tuning (:meth:`_TrainableRVQ.recode`)
+RECODE_BEAM = 8
 #: sequences the KL before and after distillation is measured on (each measurement costs a forward pass each)
 EVAL_SEQUENCES = 4
 #: decoded fp32 bytes of all blocks' quantized weights above which distillation recomputes blocks in backward

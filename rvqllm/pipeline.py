@@ -503,12 +503,15 @@ class _Walk:
             batches = list(self.batches.values())
             teacher = [self.teacher.get(j) for j in self.batches]
             t0 = time.perf_counter()
+            codes: dict = {}
             before, after = distill_model(self.model, list(self.source.blocks), batches, teacher,
                                           epochs=cfg.distill_epochs, lr=cfg.distill_lr, micro_batch=cfg.finetune_batch,
                                           storage_dtype=self._storage_dtype(), chunk_tokens=cfg.distill_chunk_tokens,
-                                          placement=self.place)
+                                          placement=self.place, code_fraction=cfg.distill_code_fraction,
+                                          code_every=cfg.distill_code_every, code_lr=cfg.distill_code_lr,
+                                          stats=codes)
             self.report.distill = {"kl_before": before, "kl_after": after, "seconds": round(time.perf_counter() - t0, 3),
-                                   **{k: v for k, v in meter.result().items() if k.startswith("peak")}}
+                                   **codes, **{k: v for k, v in meter.result().items() if k.startswith("peak")}}
             if self.run is not None:
                 self.run.commit_distilled(self.model, self._storage_dtype(), write=self.place.is_main)
                 self.place.barrier()

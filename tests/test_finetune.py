@@ -179,6 +179,60 @@ def test_distillation_lowers_the_kl_to_the_float_model(calib_ids, tmp_path):
         assert torch.equal(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits)
 
 
+def test_codes_move_during_distillation_and_the_model_is_what_is_saved(calib_ids, tmp_path):
+    from rvqllm.finetune import _topk_kl, distill_model, teacher_topk
+
+    float_model = tiny_llama()
+    batches = [calib_ids[:4], calib_ids[4:]]
+    teacher = teacher_topk(float_model, batches, k=16)
+    results = {}
+    for fraction in (0.0, 0.05):
+        model = tiny_llama()
+        rvqllm.quantize(model, rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3), calib_ids)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+        coded = {n: m.codes.clone() for n, m in layers.items()}
+        stats: dict = {}
+        before, after = distill_model(model, list(model.model.layers), batches, teacher, epochs=10, lr=3e-3,
+                                      micro_batch=2, storage_dtype=torch.float16, code_fraction=fraction,
+                                      code_every=2, code_lr=0.1, stats=stats)
+        changed = sum(int((m.codes != coded[n]).any(-1).sum()) for n, m in layers.items())
+        groups = sum(c[..., 0].numel() for c in coded.values())
+        results[fraction] = (before, after, changed / groups, stats)
+        with torch.no_grad():
+            kl = float(_topk_kl(model(input_ids=batches[0]).logits, teacher[0]))
+        assert kl == pytest.approx(after, rel=1e-5)  # the kept state (codes included) is what is measured
+        loaded = rvqllm.load(rvqllm.save(model, tmp_path / f"q{fraction}"))
+        with torch.no_grad():
+            assert torch.equal(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits)
+    frozen, moving = results[0.0], results[0.05]
+    assert frozen[2] == 0 and frozen[3] == {}
+    # 10 epochs x 4 steps (8 sequences, 2 per step), an update every 2: 20 of at most 5% of the groups each
+    assert moving[3]["code_updates"] == 20 and 0 < moving[3]["recoded"] <= 20 * 0.05 * sum(
+        m.codes[..., 0].numel() for m in model.modules() if isinstance(m, QuantizedLinear))
+    assert moving[2] == pytest.approx(moving[3]["codes_changed"]) and moving[2] > 0
+    assert moving[1] < 0.9 * frozen[1]  # on this toy, moving codes lower the KL well below frozen ones
+
+
+def test_recode_moves_a_group_to_the_code_nearest_its_shadow():
+    from rvqllm.finetune import _TrainableRVQ
+
+    torch.manual_seed(0)
+    q = quantize_weight(torch.randn(4, 16), None, vector_dim=4, stages=2, bits=3, seed=0)
+    layer = QuantizedLinear.from_rvq(q, 3, None)
+    w = _TrainableRVQ(layer, shadow=True)
+    codes = layer.codes.clone()
+    with torch.no_grad():
+        target = w.codebooks[0, 5] + w.codebooks[1, 2]  # exactly a code's vector
+        w.shadow[3] = target  # group 3 = row 0, group 3
+        w.shadow[6] += 1e-4  # a small move elsewhere: farther groups go first
+    assert w.recode(1 / 16, None) == 1  # one group of 16: the one that moved most
+    assert layer.codes[0, 3].tolist() == [5, 2]
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[0, 3] = False
+    assert torch.equal(layer.codes[mask], codes[mask])
+    assert w.recode(1 / 16, None) == 0  # already nearest: nothing changes
+
+
 def test_topk_kl_is_zero_for_the_teacher_itself_and_positive_otherwise():
     from rvqllm.finetune import _topk_kl
 
