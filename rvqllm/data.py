@@ -141,6 +141,41 @@ def calibration_tokens(texts: list[str], tokenizer, n_sequences: int, seq_len: i
     return torch.tensor(rows, dtype=torch.long)
 
 
+#: the calibration source name that stands for text sampled from the model itself (:func:`sampled_tokens`)
+SAMPLED = "sampled"
+
+
+def sampled_tokens(model, tokenizer, n_sequences: int, seq_len: int, seed: int = 0, batch: int = 8) -> Tensor:
+    """``[n_sequences, seq_len]`` int64: text the (float) model writes itself, for calibration and
+    distillation that follow the model's own distribution rather than one corpus's.
+
+    Each sequence starts from a token drawn uniformly from the vocabulary (special tokens excluded: the
+    start decides the topic, so the draws spread over prose, code, markup, ...) and continues by plain
+    sampling (temperature 1, no truncation, end-of-text suppressed) with the KV cache, ``batch`` sequences
+    at a time on the model's device. Seeded: the same ``seed`` gives the same tokens on the same machine.
+    Needs the whole model in memory; one forward pass per token (``seq_len`` passes per batch).
+    """
+    if n_sequences < 1 or seq_len < 2:
+        raise RVQError(f"sampled calibration needs n_sequences >= 1 and seq_len >= 2 (got {n_sequences}, {seq_len})")
+    special = set(tokenizer.all_special_ids)
+    vocab = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        for a in range(0, n_sequences, batch):
+            b = min(batch, n_sequences - a)
+            first = allowed[torch.randint(len(allowed), (b, 1), generator=gen)].to(device)
+            out = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, min_new_tokens=seq_len - 1, max_new_tokens=seq_len - 1,
+                                 pad_token_id=eos)
+            rows.append(out[:, :seq_len].cpu())
+    return torch.cat(rows).long()
+
+
 def token_batches(texts: list[str], tokenizer, n_sequences: int, seq_len: int, seed: int = 0,
                   purpose: str = "calib") -> Tensor:
     """``[n_sequences, seq_len]`` int64, the one entry point for both uses with the same three options.

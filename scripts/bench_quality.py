@@ -52,6 +52,7 @@ TECHNIQUES = {
     "codebook re-fit": ("codebook_refits", 0, 2),
     "Hadamard rotation": ("rotate", False, True),
     "whole-model distillation": ("distill_epochs", 0, 2),
+    "codes that move in distillation (1% per update)": ("distill_code_fraction", 0.0, 0.01),
 }
 
 
@@ -65,15 +66,21 @@ def _evaluate(model, tok, windows: int) -> dict[str, dict]:
 
 def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
     import rvqllm
-    from rvqllm.data import calibration_tokens, load_text
+    from rvqllm.data import SAMPLED, calibration_tokens, load_text, sampled_tokens
     from rvqllm.models import load_model
     from rvqllm.size import summarize
 
     model, tok = load_model("reference")
     cfg = cfg.replace(calib_sequences=args.calib_seqs or cfg.calib_sequences,
                       calib_seq_len=args.calib_len or cfg.calib_seq_len)
-    calib = calibration_tokens([load_text(t, "calib") for t in args.calib], tok, cfg.calib_sequences,
+    texts = [t for t in args.calib if t != SAMPLED]
+    sampled = cfg.calib_sequences // len(args.calib) if SAMPLED in args.calib else 0  # its share, like any text's
+    calib = calibration_tokens([load_text(t, "calib") for t in texts], tok, cfg.calib_sequences - sampled,
                                cfg.calib_seq_len, cfg.seed)
+    if sampled:
+        t0 = time.perf_counter()
+        calib = torch.cat([calib, sampled_tokens(model, tok, sampled, cfg.calib_seq_len, cfg.seed)])
+        print(f"sampled {sampled} x {cfg.calib_seq_len} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
     report = rvqllm.quantize(model, cfg, calib)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -87,6 +94,7 @@ def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
         disk = {"checkpoint": str(folder), "disk_mib": folder_bytes(folder) / 2**20}
     return {**disk, "bpw": size["bpw"], "quantize_seconds": seconds, "quantize_cpu_seconds": cpu, "finetune_seconds": finetune,
             "distill_seconds": report.distill.get("seconds", 0.0),
+            "distill": {k: v for k, v in report.distill.items() if not k.startswith("peak")},
             "calib": f"{cfg.calib_sequences}x{cfg.calib_seq_len}", "calib_texts": list(args.calib),
             "ppl": _evaluate(model, tok, args.windows)}
 

@@ -104,3 +104,27 @@ def test_same_options_for_calibration_and_evaluation():
         token_batches(["short text " * 5], tok, 50, 40)
     with pytest.raises(RVQError, match="one text at a time"):
         token_batches([text, text], tok, 2, 40, purpose="eval")
+
+
+def test_sampled_tokens_are_the_models_own_text_seeded(reference):
+    """Calibration text sampled from the model itself (a tiny random model and the real tokenizer): the
+    shape asked for, a non-special first token, and each next token one the model gives probability to
+    (a random-weight model gives every token some; a greedy argmax is what sampling must not always be)."""
+    from transformers import AutoTokenizer
+
+    from rvqllm.data import sampled_tokens
+    from tests.conftest import tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(reference[0])
+    model = tiny_llama()
+    a = sampled_tokens(model, tok, 5, 12, seed=0, batch=2)
+    assert a.shape == (5, 12) and a.dtype == torch.long
+    assert torch.equal(a, sampled_tokens(model, tok, 5, 12, seed=0, batch=2))
+    assert not torch.equal(a, sampled_tokens(model, tok, 5, 12, seed=1, batch=2))
+    assert not set(a[:, 0].tolist()) & set(tok.all_special_ids)
+    assert int(a.max()) < 128  # within the model's vocabulary (the tokenizer's is larger)
+    with torch.no_grad():
+        greedy = model(a).logits[:, :-1].argmax(-1)
+    assert not torch.equal(greedy, a[:, 1:])  # sampled, not greedy
+    with pytest.raises(RVQError, match="seq_len >= 2"):
+        sampled_tokens(model, tok, 1, 1)
