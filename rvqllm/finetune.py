@@ -202,7 +202,8 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
     between codewords to change a code: larger than ``lr``), and every ``code_every`` steps re-encodes that
     fraction of its groups (:meth:`_TrainableRVQ.recode`, weighted by Adam's squared-gradient average);
     ``stats`` (a dict, when given) then gets ``codes_changed`` (the fraction of groups whose final code
-    differs from the one they had), ``recoded`` (accepted re-encodings, all updates) and ``code_updates``.
+    differs from the one they had), ``recoded`` (accepted re-encodings, all updates), ``code_updates`` and
+    ``loss_per_epoch`` (``evaluate()`` after each epoch, before rounding to the stored precision).
     Returns ``(before, after, tuned)``: ``tuned`` is False when nothing changed (no epochs, or reverted)."""
     before = evaluate()
     if epochs <= 0:
@@ -250,6 +251,8 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
                         updates += 1
                         for w in wrappers.values():
                             recoded += w.recode(code_fraction, opt.state[w.shadow].get("exp_avg_sq"))
+                if moving and stats is not None:  # the gain per epoch (float values, before rounding)
+                    stats.setdefault("loss_per_epoch", []).append(evaluate())
     finally:
         for p, r in zip(float_params, requires, strict=True):
             p.requires_grad_(r)

@@ -210,6 +210,7 @@ def test_codes_move_during_distillation_and_the_model_is_what_is_saved(calib_ids
     assert moving[3]["code_updates"] == 20 and 0 < moving[3]["recoded"] <= 20 * 0.05 * sum(
         m.codes[..., 0].numel() for m in model.modules() if isinstance(m, QuantizedLinear))
     assert moving[2] == pytest.approx(moving[3]["codes_changed"]) and moving[2] > 0
+    assert len(moving[3]["loss_per_epoch"]) == 10 and moving[3]["loss_per_epoch"][-1] < moving[0]
     assert moving[1] < 0.9 * frozen[1]  # on this toy, moving codes lower the KL well below frozen ones
 
 
