@@ -50,15 +50,16 @@ def reference():
     return reference_model_dir(), reference_texts()
 
 
-def quantize_reference(preset: str, sequences: int = 16, seq_len: int = 256):
-    """The reference model quantized with a preset on a small calibration set: ``(model, tokenizer)``."""
+def quantize_reference(preset: str, sequences: int = 16, seq_len: int = 256, **overrides):
+    """The reference model quantized with a preset (``overrides``: config fields changed) on a small
+    calibration set: ``(model, tokenizer)``."""
     import rvqllm
     from rvqllm.data import calibration_tokens, load_text
     from rvqllm.models import load_model
     from rvqllm.reference import CALIB_TEXTS
 
     model, tok = load_model("reference")
-    cfg = rvqllm.RVQConfig.load(preset).replace(calib_sequences=sequences, calib_seq_len=seq_len)
+    cfg = rvqllm.RVQConfig.load(preset).replace(calib_sequences=sequences, calib_seq_len=seq_len, **overrides)
     texts = [load_text(t, "calib") for t in CALIB_TEXTS]
     rvqllm.quantize(model, cfg, calibration_tokens(texts, tok, cfg.calib_sequences, cfg.calib_seq_len, cfg.seed))
     return model, tok
