@@ -47,7 +47,7 @@ class RVQConfig:
     finetune_target: str = "block"  #: "block": the float block on the same inputs; "model": the float model's activations
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
     distill_lr: float = 1e-3  #: Adam learning rate of the distillation (what the 2bit presets use)
-    distill_code_fraction: float = 0.0  #: codes move in distillation: share of each layer's groups re-encoded per update (0 = frozen)
+    distill_code_fraction: float = 0.0  #: codes move in distillation: share of each layer's groups re-encoded per update (0 = frozen; costs 3 fp32 copies of the weights)
     distill_code_every: int = 8  #: Adam steps between those code updates
     distill_code_lr: float = 1e-2  #: Adam learning rate of the float shadows the moving codes follow
     distill_chunk_tokens: int = 1024  #: tokens whose full-vocabulary logits exist at once in distillation (memory ~ chunk x vocab x 16 B)

@@ -41,7 +41,8 @@ class _TrainableRVQ(nn.Module):
     """Stands in for a :class:`QuantizedLinear` during tuning: decodes its weight with autograd.
 
     ``codebooks [S, K, d]`` fp32 and ``log_gain [out]`` (scales = coded scales * exp(log_gain)) are
-    trained; the codes ``[out, G, S]`` are fixed.
+    trained; the codes ``[out, G, S]`` stay fixed unless a ``shadow`` is kept (codes that move, :meth:`recode`:
+    it costs a float copy of the decoded weight plus its two Adam moments).
     """
 
     def __init__(self, layer: QuantizedLinear, shadow: bool = False) -> None:
@@ -185,8 +186,9 @@ def _micro_batches(x: Tensor, tgt: Tensor, kw: dict, size: int):
 def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[[], float],
           losses: Callable[[], Iterator[Tensor]], *, epochs: int, lr: float,
           storage_dtype: torch.dtype | None, evaluate_after: Callable[[], float] | None = None,
-          placement: Placement | None = None, code_fraction: float = 0.0, code_every: int = 8,
-          code_lr: float = 1e-2, stats: dict | None = None) -> tuple[float, float, bool]:
+          placement: Placement | None = None, code_fraction: float = 0.0,
+          code_every: int = RVQConfig.distill_code_every, code_lr: float = RVQConfig.distill_code_lr,
+          stats: dict | None = None) -> tuple[float, float, bool]:
     """Adam on every :class:`QuantizedLinear` under ``root`` (codebooks, scale gains, biases) and on
     ``float_params``, one step per loss that ``losses()`` yields, ``epochs`` times; then round to the
     stored precision and keep the result only if ``evaluate_after()`` (default ``evaluate``; lower is
@@ -226,8 +228,10 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
             p.requires_grad_(False)
         for p in float_params:
             p.requires_grad_(True)
-        groups = [{"params": params}, {"params": float_params}] + ([{"params": shadows, "lr": code_lr}] if shadows else [])
-        opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.95))
+        param_groups = [{"params": params}, {"params": float_params}]
+        if shadows:
+            param_groups.append({"params": shadows, "lr": code_lr})
+        opt = torch.optim.Adam(param_groups, lr=lr, betas=(0.9, 0.95))
         ranks = placement is not None and placement.world > 1
         every = params + list(float_params) + shadows
         with torch.enable_grad():
@@ -552,8 +556,8 @@ def distill_model(
     chunk_tokens: int = DISTILL_CHUNK_TOKENS,
     placement: Placement | None = None,
     code_fraction: float = 0.0,
-    code_every: int = 8,
-    code_lr: float = 1e-2,
+    code_every: int = RVQConfig.distill_code_every,
+    code_lr: float = RVQConfig.distill_code_lr,
     stats: dict | None = None,
 ) -> tuple[float, float]:
     """Tune every quantized layer and the blocks' float parameters (norms) of ``model`` at once so its
