@@ -53,8 +53,10 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
     # --rows preset:FILE --calib-seqs 8 --calib-len 256 --windows 8`, FILE the preset plus
     # `beam_width: 1`); the session-6 preset with beam 8 measured x1.15 / x1.05 / x1.19, greedy without
     # fine-tuning x1.26 / x1.09 (KJV / Shakespeare).
+    # The bounds sit ~10 % above those ratios (they were 1.35 on every text until session 7).
+    bounds = {"kjv": 1.3, "shakespeare": 1.15, "django": 1.3}
     for name in TEXTS:
-        assert ppl[name] < baseline_ppl[name] * 1.35, (name, ppl[name], baseline_ppl[name])
+        assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
 
 
 def test_2bit_preset_quality_regression_bound(texts, baseline_ppl, reference_2bit):
