@@ -75,12 +75,13 @@ def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
                       calib_seq_len=args.calib_len or cfg.calib_seq_len)
     texts = [t for t in args.calib if t != SAMPLED]
     sampled = cfg.calib_sequences // len(args.calib) if SAMPLED in args.calib else 0  # its share, like any text's
-    calib = calibration_tokens([load_text(t, "calib") for t in texts], tok, cfg.calib_sequences - sampled,
-                               cfg.calib_seq_len, cfg.seed)
+    parts = [calibration_tokens([load_text(t, "calib") for t in texts], tok, cfg.calib_sequences - sampled,
+                                cfg.calib_seq_len, cfg.seed)] if texts else []
     if sampled:
         t0 = time.perf_counter()
-        calib = torch.cat([calib, sampled_tokens(model, tok, sampled, cfg.calib_seq_len, cfg.seed)])
+        parts.append(sampled_tokens(model, tok, sampled, cfg.calib_seq_len, cfg.seed))
         print(f"sampled {sampled} x {cfg.calib_seq_len} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
+    calib = torch.cat(parts)
     t0, c0 = time.perf_counter(), time.process_time()
     report = rvqllm.quantize(model, cfg, calib)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -233,7 +234,8 @@ def main() -> None:
     ap.add_argument("--calib-seqs", type=int, default=None, help="override the presets' calibration sequences")
     ap.add_argument("--calib-len", type=int, default=None, help="override the presets' calibration length")
     ap.add_argument("--calib", nargs="+", default=list(CALIB_TEXTS),
-                    help="calibration texts (default: %(default)s): reference names or any rvqllm text source")
+                    help="calibration texts (default: %(default)s): reference names or any rvqllm text source; "
+                         "'sampled' takes its share of the sequences as text sampled from the model itself")
     ap.add_argument("--rd-train", type=int, default=1 << 17)
     ap.add_argument("--rd-test", type=int, default=1 << 15)
     ap.add_argument("--techniques", nargs="*", default=None,
