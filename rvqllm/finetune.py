@@ -66,10 +66,13 @@ class _TrainableRVQ(nn.Module):
 
     def vectors(self) -> Tensor:
         """``[out*G, d]`` float32: every group's decoded vector (before its row's scale)."""
+        # int64 codes [out*G, S] made here, not kept: 8x the stored codes' bytes, for one layer at a time
+        return self._decode(unpack(self._layer[0].codes).reshape(-1, self.codebooks.shape[0]))
+
+    def _decode(self, codes: Tensor) -> Tensor:
+        """``codes [n, S]`` int64 → their vectors ``[n, d]`` under the current codebooks."""
         stages, k, d = self.codebooks.shape
-        # int64 indices [out*G, S] made here, not kept: 8x the stored codes' bytes, for one layer at a time
-        flat_idx = (unpack(self._layer[0].codes) + self.offsets).reshape(-1, stages)
-        return self.codebooks.reshape(stages * k, d)[flat_idx].sum(1)
+        return self.codebooks.reshape(stages * k, d)[codes + self.offsets].sum(1)
 
     def weight(self) -> Tensor:
         """``[out, in_features]`` float32, differentiable in codebooks and scales (and, straight through,
@@ -99,15 +102,10 @@ class _TrainableRVQ(nn.Module):
         idx = gap.topk(n).indices
         target = self.shadow[idx]
         new = encode_rvq_chunked(target, self.codebooks.detach(), RECODE_BEAM, None if wt is None else wt[idx])
-        stages, k, d = self.codebooks.shape
-        decoded = self.codebooks.reshape(stages * k, d)[new + self.offsets].sum(1)
-        err = (target - decoded).pow(2)
-        err = (err if wt is None else err * wt[idx]).sum(1)
-        flat = self._layer[0].codes.view(-1, stages)
-        old = unpack(flat[idx])
-        better = (err < gap[idx]) & (new != old).any(1)
+        err = (target - self._decode(new)).pow(2)
+        better = (err if wt is None else err * wt[idx]).sum(1) < gap[idx]  # the current code scores gap: strictly better only
         chosen = idx[better]
-        flat[chosen] = pack(new[better], self._layer[0].bits)
+        self._layer[0].codes.view(-1, new.shape[1])[chosen] = pack(new[better], self._layer[0].bits)
         return int(chosen.numel())
 
     def forward(self, x: Tensor) -> Tensor:

@@ -108,8 +108,8 @@ def test_same_options_for_calibration_and_evaluation():
 
 def test_sampled_tokens_are_the_models_own_text_seeded(reference):
     """Calibration text sampled from the model itself (a tiny random model and the real tokenizer): the
-    shape asked for, a non-special first token, and each next token one the model gives probability to
-    (a random-weight model gives every token some; a greedy argmax is what sampling must not always be)."""
+    shape asked for, seeded, a non-special first token within the model's vocabulary, and sampled rather
+    than greedy continuations."""
     from transformers import AutoTokenizer
 
     from rvqllm.data import sampled_tokens
