@@ -10,7 +10,9 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -622,7 +624,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit or preemption), handled like Ctrl-C: one line,
+    exit status 2, a quantization's finished blocks kept for ``--resume``."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status. In the main thread SIGTERM stops the command as Ctrl-C
+    does (the handler that was there before is restored on return)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False) or getattr(args, "json", False):
@@ -655,11 +678,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_os_error(err)}; {_after_stop(args)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         _Progress.close_all()
         if args.debug:
             raise
-        print(f"interrupted: {_after_stop(args)}", file=sys.stderr)
+        word = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"{word}: {_after_stop(args)}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))

@@ -269,6 +269,7 @@ def run(
     to the whole process: for the process's owner, the CLI; :mod:`rvqllm.meter`)."""
     if calibration.dim() != 2 or calibration.numel() == 0:
         raise RVQError("calibration must be a non-empty [n_sequences, seq_len] tensor of token ids")
+    _check_token_ids(source.model, calibration)
     if source.streaming and run_dir is None:
         raise RVQError("a streamed model needs a run folder for its finished blocks (run_dir)")
     if source.streaming and config.bpw_budget is not None:
@@ -282,6 +283,21 @@ def run(
     walk.finish()
     walk.report.seconds = time.perf_counter() - start
     return walk.report
+
+
+def _check_token_ids(model: nn.Module, calibration: Tensor) -> None:
+    """Every calibration token id has a row in the model's input embedding (a tokenizer that is not the
+    model's yields ids past its vocabulary: an index error deep in the first forward otherwise)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is None or weight.dim() != 2:
+        return
+    rows = weight.shape[0]
+    low, high = int(calibration.min()), int(calibration.max())
+    if low < 0 or high >= rows:
+        raise RVQError(f"the calibration tokens reach id {high if high >= rows else low}, but the model's embedding "
+                       f"has {rows} rows (ids 0..{rows - 1}): the tokenizer is not this model's; give the model's "
+                       "own tokenizer (--tokenizer)")
 
 
 class _Walk:

@@ -11,7 +11,9 @@ when the block is finished; it never needs the whole float model at once.
   ``model.safetensors``) only when that block is processed; tensors stay in the checkpoint's dtype on the
   host until they reach the working device, where they are computed in float32. A released block goes
   back to the meta device (its coded form is on disk by then), so host memory holds about one float block
-  plus embeddings and head, however many blocks the model has.
+  plus embeddings and head, however many blocks the model has. Checkpoints in another layout than the
+  one transformers builds (MoE experts stored one matrix per expert, renamed modules) are read through
+  transformers' own conversion mapping, block by block (:mod:`rvqllm.keymap`).
 
 Every tensor name, file and shape is checked against the config before any work starts (headers only).
 """
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from .arch import check_causal_lm, find_blocks, find_linears, linear_weight, split_fused_experts
 from .bounds import build_skeleton, check_declared_counts
 from .errors import RVQError
+from .keymap import Recipe, plan
 from .validate import INDEX_NAME, MAX_HEADER_BYTES, WEIGHTS_NAME, config_cap, read_header_only
 
 SINGLE_NAME = WEIGHTS_NAME  #: a model saved as one file
@@ -121,6 +124,7 @@ class ShardSource:
         self.folder = Path(folder)
         label = spec or str(folder)
         self.files, self.headers = self._read_index(label)  # headers only: what the files hold
+        self.recipes: dict[str, Recipe] = {}  # model tensor -> checkpoint tensors (set by _check_against)
         n_tensors = sum(len(h) for h in self.headers.values())
         fix = "the shards and the config disagree; re-download or re-convert the model"
         n_bytes = sum((self.folder / f).stat().st_size for f in self.headers)
@@ -189,18 +193,27 @@ class ShardSource:
         and every buffer that is there has its shape. ``model`` is the all-meta skeleton: nothing of a
         size the shards do not hold has been allocated yet (:func:`rvqllm.bounds.build_skeleton`)."""
         model.tie_weights()
+        self.recipes = plan(model, list(self.files), label)
         expected = _params_and_buffers(model)
-        present = {id(t) for n, t in expected.items() if n in self.files}
+        present = {id(t) for n, t in expected.items() if n in self.recipes}
+        shapes = {n: self.headers[f][n].shape for n, f in self.files.items()}
         for name, t in expected.items():
-            if name not in self.files:
+            recipe = self.recipes.get(name)
+            if recipe is None:
                 if id(t) in present or not isinstance(t, nn.Parameter):
                     continue  # tied to a tensor that is there, or a buffer the model computes
                 raise RVQError(f"{label!r}: the checkpoint lacks tensor {name!r} that its config.json implies: "
                                "the shards and the config disagree; re-download or re-convert the model")
-            entry = self.headers[self.files[name]][name]
-            if entry.shape != tuple(t.shape):
-                raise RVQError(f"{label!r}: tensor {name!r} in {self.files[name]} has shape {list(entry.shape)} but "
-                               f"config.json makes it {list(t.shape)}: the shards and the config disagree")
+            where = f"{recipe.names[0]!r} in {self.files[recipe.names[0]]}" if not recipe.steps else \
+                f"{name!r} (made of {len(recipe.names)} checkpoint tensors such as {recipe.names[0]!r})"
+            try:
+                shape = recipe.shape(shapes)
+            except ValueError as err:
+                raise RVQError(f"{label!r}: tensor {where} cannot be assembled ({err}): the checkpoint is "
+                               "inconsistent; re-download the model") from None
+            if shape != tuple(t.shape):
+                raise RVQError(f"{label!r}: tensor {where} has shape {list(shape)} but config.json makes it "
+                               f"{list(t.shape)}: the shards and the config disagree")
 
     # -- the protocol ------------------------------------------------------------------------------
     def layers(self, i: int, skip: list[str]) -> dict[str, tuple[int, int]]:
@@ -210,26 +223,34 @@ class ShardSource:
     def other_bytes(self) -> int:
         """Bytes of the checkpoint's tensors outside the blocks, as stored."""
         pre = f"{self.prefix}."
-        return sum(self.headers[f][n].end - self.headers[f][n].begin for n, f in self.files.items()
-                   if not n.startswith(pre))
+        return sum(self.headers[self.files[n]][n].end - self.headers[self.files[n]][n].begin
+                   for target, recipe in self.recipes.items() if not target.startswith(pre) for n in recipe.names)
 
     def _read(self, names: list[str], device: torch.device) -> dict[str, Tensor]:
+        """The model tensors ``names`` (keys of :attr:`recipes`) on ``device``, floating ones in float32."""
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
         for n in names:
-            by_file.setdefault(self.files[n], []).append(n)
-        out = {}
+            for source in self.recipes[n].names:
+                by_file.setdefault(self.files[source], []).append(source)
+        raw = {}
         for file, group in by_file.items():
             with safe_open(self.folder / file, framework="pt") as f:
                 for n in group:
-                    t = f.get_tensor(n).to(device)  # in the checkpoint's dtype until it is on the device
-                    out[n] = t.float() if t.is_floating_point() else t
+                    raw[n] = f.get_tensor(n).to(device)  # in the checkpoint's dtype until it is on the device
+        out = {}
+        for n in names:
+            recipe = self.recipes[n]
+            t = recipe.make(raw)
+            for source in recipe.names:  # each source is read for one tensor only: free it as soon as used
+                del raw[source]
+            out[n] = t.float() if t.is_floating_point() else t
         return out
 
     def load_rest(self, device: torch.device) -> None:
         block_prefix = f"{self.prefix}."
-        names = [n for n in _params_and_buffers(self.model) if not n.startswith(block_prefix) and n in self.files]
+        names = [n for n in _params_and_buffers(self.model) if not n.startswith(block_prefix) and n in self.recipes]
         _assign(self.model, self._read(names, device))
         for name, b in list(self.model.named_buffers()):  # non-persistent buffers (rotary inv_freq...)
             if not name.startswith(block_prefix) and b.device != device:
@@ -251,7 +272,7 @@ class ShardSource:
         """Block ``i`` with its float weights read from the shards, on ``device`` in float32."""
         self.blocks[i] = block = copy.deepcopy(self._pristine[i])  # a fresh meta block (drops any earlier state)
         pre = f"{self.prefix}.{i}."
-        names = [n for n in self.files if n.startswith(pre)]
+        names = [n for n in self.recipes if n.startswith(pre)]
         tensors = {n.removeprefix(pre): t for n, t in self._read(names, device).items()}
         _assign(block, tensors)
         for name, b in list(block.named_buffers()):

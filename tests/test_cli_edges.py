@@ -416,8 +416,10 @@ def test_ctrl_c_in_eval_and_report(env, tmp_path, capfd, monkeypatch):
 
 
 @pytest.mark.integration
-def test_sigint_to_a_real_quantize(tmp_path):
-    """Ctrl-C (SIGINT) to `rvqllm quantize` once a block is committed: one line, exit 2, resumable."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_to_a_real_quantize(tmp_path, sig):
+    """Ctrl-C (SIGINT), or SIGTERM (``kill``, a batch scheduler's time limit), to `rvqllm quantize` once a
+    block is committed: one line, exit 2, resumable."""
     model = make_model_folder(tmp_path / "model", layers=4)
     text = make_text(tmp_path / "calib.txt")
     cfg = make_config(tmp_path / "cfg.yaml")
@@ -436,10 +438,11 @@ def test_sigint_to_a_real_quantize(tmp_path):
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2, stderr
-    one_line(proc.returncode, stderr, f"kept in {partial}", "--resume", prefix="interrupted: ")
+    prefix = "interrupted: " if sig == signal.SIGINT else "terminated (SIGTERM): "
+    one_line(proc.returncode, stderr, f"kept in {partial}", "--resume", prefix=prefix)
     assert stdout == ""
     assert sorted(p.name for p in out.parent.iterdir()) == ["q.partial"]  # no checkpoint, half or whole
     assert 1 <= json.loads((partial / "progress.json").read_text())["blocks_done"] < 4
@@ -468,3 +471,22 @@ def test_demo_defaults_to_the_fast_preset_and_ends_with_the_best_one(tmp_path, c
     assert "--config 2bit " in cli.best_preset_line() and f"{cli.BEST_PRESET_MINUTES} min" in cli.best_preset_line()
     rc, out, _ = run(capfd, "demo", "--out", tmp_path / "d", "--config", "2bit", "--quiet")
     assert rc == 0 and "best quality" not in out
+
+
+@pytest.mark.integration
+def test_a_tokenizer_past_the_model_vocabulary_is_one_line(env, tmp_path, capfd):
+    """A tokenizer that is not the model's (ids beyond its embedding's rows) is refused before any block
+    is coded, naming the id, the rows and the option; nothing is written."""
+    from rvqllm.synthetic import build_tokenizer
+
+    model = tiny_llama()  # 128 embedding rows; the byte tokenizer has 259 tokens
+    model.save_pretrained(tmp_path / "small_vocab")
+    build_tokenizer().save_pretrained(tmp_path / "small_vocab")
+    text = tmp_path / "accents.txt"
+    text.write_text("Caf\u00e9 na\u00efve r\u00e9sum\u00e9 ~ \u00fcber.\n" * 200)  # bytes past 124: ids past 127
+    argv = quantize_argv(env, tmp_path / "q", model=tmp_path / "small_vocab")
+    argv[argv.index("--calib") + 1] = text
+    capfd.readouterr()  # transformers' save progress bars
+    rc, _, err = run(capfd, *argv)
+    one_line(rc, err, "embedding has 128 rows", "--tokenizer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accents.txt", "small_vocab"]
