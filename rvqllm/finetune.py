@@ -22,6 +22,7 @@ Everything runs on the device the model (or block) is on; inputs from CPU stores
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -186,7 +187,7 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
           storage_dtype: torch.dtype | None, evaluate_after: Callable[[], float] | None = None,
           placement: Placement | None = None, code_fraction: float = 0.0,
           code_every: int = RVQConfig.distill_code_every, code_lr: float = RVQConfig.distill_code_lr,
-          stats: dict | None = None) -> tuple[float, float, bool]:
+          stats: dict | None = None, lr_decay: bool = False) -> tuple[float, float, bool]:
     """Adam on every :class:`QuantizedLinear` under ``root`` (codebooks, scale gains, biases) and on
     ``float_params``, one step per loss that ``losses()`` yields, ``epochs`` times; then round to the
     stored precision and keep the result only if ``evaluate_after()`` (default ``evaluate``; lower is
@@ -204,6 +205,9 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
     ``stats`` (a dict, when given) then gets ``codes_changed`` (the fraction of groups whose final code
     differs from the one they had), ``recoded`` (accepted re-encodings, all updates), ``code_updates`` and
     ``loss_per_epoch`` (``evaluate()`` after each epoch, before rounding to the stored precision).
+    With ``lr_decay`` the first epoch runs at the full learning rates and the later ones decay them to zero
+    along a cosine (a warm-stable-decay schedule: the first epoch counts the steps an epoch takes, so
+    nothing needs to know it in advance); with one epoch the rates stay constant.
     Returns ``(before, after, tuned)``: ``tuned`` is False when nothing changed (no epochs, or reverted)."""
     before = evaluate()
     if epochs <= 0:
@@ -230,16 +234,22 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
         if shadows:
             param_groups.append({"params": shadows, "lr": code_lr})
         opt = torch.optim.Adam(param_groups, lr=lr, betas=(0.9, 0.95))
+        base_lrs = [g["lr"] for g in opt.param_groups]
         ranks = placement is not None and placement.world > 1
         every = params + list(float_params) + shadows
+        per_epoch = 0  # steps of the first epoch (the same on every rank: the loop runs in step)
         with torch.enable_grad():
-            for _ in range(epochs):
+            for epoch in range(epochs):
                 steps = iter(losses())
                 while True:
                     loss = next(steps, None)
                     active = placement.all_reduce_float(float(loss is not None)) if ranks else float(loss is not None)
                     if active == 0:
                         break
+                    if lr_decay and epoch > 0 and per_epoch > 0:
+                        done = (step - per_epoch) / (per_epoch * (epochs - 1))  # of the decay phase, in [0, 1)
+                        for g, base in zip(opt.param_groups, base_lrs, strict=True):
+                            g["lr"] = base * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
                     opt.zero_grad(set_to_none=True)
                     if loss is not None:
                         loss.backward()
@@ -253,6 +263,8 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
                         updates += 1
                         for w in wrappers.values():
                             recoded += w.recode(code_fraction, opt.state[w.shadow].get("exp_avg_sq"))
+                if epoch == 0:
+                    per_epoch = step
                 if moving and stats is not None:  # the gain per epoch (float values, before rounding)
                     stats.setdefault("loss_per_epoch", []).append(evaluate())
     finally:
@@ -557,6 +569,7 @@ def distill_model(
     code_every: int = RVQConfig.distill_code_every,
     code_lr: float = RVQConfig.distill_code_lr,
     stats: dict | None = None,
+    lr_decay: bool = False,
 ) -> tuple[float, float]:
     """Tune every quantized layer and the blocks' float parameters (norms) of ``model`` at once so its
     next-token distribution matches the float model's (:func:`teacher_topk`) on the calibration batches.
@@ -571,6 +584,7 @@ def distill_model(
     ``batches`` are this rank's, and gradients and the KL are combined across ranks (see :func:`_tune`).
     ``code_fraction`` / ``code_every`` / ``code_lr``: codes that move during the distillation (PV-style,
     see :func:`_tune`; fraction 0 keeps them frozen); ``stats`` gets the code-change figures.
+    ``lr_decay``: the epochs after the first decay the learning rates to zero (:func:`_tune`).
     """
     _check_chunk(chunk_tokens)
     decoder, head, device = _decoder(model), lm_head_fn(model), _input_device(model)
@@ -599,7 +613,7 @@ def distill_model(
     with _recomputed_in_backward(blocks) if _needs_recompute(blocks) else nullcontext():
         before, after, _ = _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr,
                                  storage_dtype=storage_dtype, placement=placement, code_fraction=code_fraction,
-                                 code_every=code_every, code_lr=code_lr, stats=stats)
+                                 code_every=code_every, code_lr=code_lr, stats=stats, lr_decay=lr_decay)
     return before, after
 
 

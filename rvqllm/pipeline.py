@@ -525,7 +525,7 @@ class _Walk:
                                           storage_dtype=self._storage_dtype(), chunk_tokens=cfg.distill_chunk_tokens,
                                           placement=self.place, code_fraction=cfg.distill_code_fraction,
                                           code_every=cfg.distill_code_every, code_lr=cfg.distill_code_lr,
-                                          stats=codes)
+                                          stats=codes, lr_decay=cfg.distill_lr_decay)
             self.report.distill = {"kl_before": before, "kl_after": after, "seconds": round(time.perf_counter() - t0, 3),
                                    **codes, **{k: v for k, v in meter.result().items() if k.startswith("peak")}}
             if self.run is not None:
