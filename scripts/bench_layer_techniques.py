@@ -5,7 +5,7 @@ sequences x 256 tokens from the calibration splits, fp model), then codes each l
 settings and prints the relative output error ``tr(E H E^T) / tr(W H W^T)`` (E = W - What) and the CPU
 time (process time, so other load on the machine does not count).
 
-    python scripts/bench_layer_techniques.py [--blocks 3 7] [--threads 1]
+    python scripts/bench_layer_techniques.py [--blocks 3 7] [--threads 1] [--sharing]
 """
 
 from __future__ import annotations
@@ -50,13 +50,56 @@ def capture(blocks_wanted: list[int]) -> dict[str, tuple[torch.Tensor, torch.Ten
     return out
 
 
+def _rel_error(w: torch.Tensor, h: torch.Tensor, q) -> float:
+    e = (q.dequantize() - w).double()
+    return float(torch.trace(e @ h @ e.T) / torch.trace(w.double() @ h @ w.double().T))
+
+
+#: the 2bit preset's coding (before any tuning), for the sharing comparison
+SHARED_KW = dict(vector_dim=8, stages=2, bits=8, error_feedback=True, beam=8, rotate=True, damp=0.1)
+
+
+def sharing(layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Per-layer codebooks against shared ones (issue 13's technique 2), the 2bit preset's coding: each
+    layer coded with its own k-means codebooks, with those of the same kind of layer in another of the
+    blocks (q_proj of block 3 for q_proj of block 7, ...), and with one universal codebook pair k-means-
+    trained on a unit Gaussian (rotated, row-normalised weights are near Gaussian)."""
+    from rvqllm.rvq.residual import learn_codebooks
+
+    own = {n: quantize_weight(w, h, **SHARED_KW) for n, (w, h) in layers.items()}
+    g = torch.randn(256 * 64, 8, generator=torch.Generator().manual_seed(5))
+    gaussian = learn_codebooks(g, torch.ones_like(g), 2, 256, 20, 0, 64)
+
+    def kind(name: str) -> str:  # model.layers.3.self_attn.q_proj -> q_proj
+        return name.rsplit(".", 1)[-1]
+
+    rows = {"own (per layer)": [], "another block's, same kind": [], "universal (unit Gaussian)": []}
+    for n, (w, h) in layers.items():
+        other = next(m for m in layers if m != n and kind(m) == kind(n))
+        rows["own (per layer)"].append(_rel_error(w, h, own[n]))
+        rows["another block's, same kind"].append(
+            _rel_error(w, h, quantize_weight(w, h, codebooks=own[other].codebooks, **SHARED_KW)))
+        rows["universal (unit Gaussian)"].append(_rel_error(w, h, quantize_weight(w, h, codebooks=gaussian, **SHARED_KW)))
+    print("| codebooks (2bit coding: d8 S2 b8, error feedback, beam 8, rotation, damp 0.1) | rel. output error | vs own |")
+    print("|---|---|---|")
+    base = sum(rows["own (per layer)"]) / len(layers)
+    for name, errs in rows.items():
+        mean = sum(errs) / len(errs)
+        print(f"| {name} | {mean:.5f} | {mean / base:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, nargs="+", default=[3, 7])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sharing", action="store_true",
+                    help="only the shared-codebook comparison (per-layer / another block's / universal Gaussian)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = capture(args.blocks)
+    if args.sharing:
+        sharing(layers)
+        return
     print(f"{len(layers)} layers of blocks {args.blocks}; mean relative output error over them; CPU seconds in total\n")
     print("| code | technique | rel. output error | vs greedy | CPU s |")
     print("|---|---|---|---|---|")

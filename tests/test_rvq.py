@@ -153,3 +153,21 @@ def test_hessian_damp_is_range_checked():
     for bad in (0, -1.0, 1e3, "0.1"):
         with pytest.raises(RVQError, match="hessian_damp"):
             RVQConfig(hessian_damp=bad)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_given_codebooks_are_used_as_they_are(rotate):
+    """``codebooks=``: no k-means; the codes are chosen against exactly those codebooks (the same codes as
+    the run that learned them, when given that run's), and a layer coded with another layer's codebooks
+    is still coded (error well below the weight's own energy). A wrong shape is a ValueError."""
+    w, h = _correlated_layer(seed=5)
+    kw = dict(vector_dim=4, stages=2, bits=4, seed=1, beam=4, rotate=rotate)
+    learned = quantize_weight(w, h, **kw)
+    again = quantize_weight(w, h, codebooks=learned.codebooks, **kw)
+    assert torch.equal(again.codebooks, learned.codebooks) and torch.equal(again.codes, learned.codes)
+    other_w, other_h = _correlated_layer(seed=6)
+    borrowed = quantize_weight(other_w, other_h, codebooks=learned.codebooks, **kw)
+    assert torch.equal(borrowed.codebooks, learned.codebooks)
+    assert _output_error(borrowed, other_w, other_h) < 0.2 * float(torch.trace(other_w.double() @ other_h @ other_w.double().T))
+    with pytest.raises(ValueError, match="do not fit"):
+        quantize_weight(w, h, codebooks=learned.codebooks[:1], **kw)

@@ -130,6 +130,7 @@ def quantize_weight(
     rotate: bool = False,
     rotation_max_block: int = rotation.MAX_BLOCK,
     damp: float = DAMP,
+    codebooks: Tensor | None = None,
 ) -> RVQWeight:
     """Code ``weight [out, in]`` with ``stages`` residual codebooks of ``2**bits`` entries each.
 
@@ -146,6 +147,10 @@ def quantize_weight(
     it leans on which directions the calibration text happened to excite.
     Deterministic for a given ``seed``.
 
+    ``codebooks`` (``[stages, 2**bits, vector_dim]``, fp16-exact values): use these instead of learning
+    them (no k-means, no re-fits): codebooks shared by several layers, or learned elsewhere. They code
+    the per-row-normalised (and rotated, with ``rotate``) vectors, as learned ones do.
+
     With ``rotate``, ``W R`` is coded against ``R^T H R`` instead (``R`` over the width padded to a
     multiple of ``vector_dim``, signs drawn from ``seed``, Hadamard blocks of at most
     ``rotation_max_block``); the result carries the signs and block (see :mod:`.rotation`).
@@ -160,11 +165,12 @@ def quantize_weight(
         return _quantize_rotated(weight, hessian, vector_dim=vector_dim, stages=stages, bits=bits,
                                  kmeans_iters=kmeans_iters, hessian_weighted=hessian_weighted,
                                  error_feedback=error_feedback, kmeans_points=kmeans_points, beam=beam,
-                                 seed=seed, refits=refits, max_block=rotation_max_block, damp=damp)
+                                 seed=seed, refits=refits, max_block=rotation_max_block, damp=damp,
+                                 codebooks=codebooks)
     return _quantize_plain(weight, hessian, own_hessian=False, vector_dim=vector_dim, stages=stages, bits=bits,
                            kmeans_iters=kmeans_iters, hessian_weighted=hessian_weighted,
                            error_feedback=error_feedback, kmeans_points=kmeans_points, beam=beam, seed=seed,
-                           refits=refits, damp=damp)
+                           refits=refits, damp=damp, codebooks=codebooks)
 
 
 def _quantize_plain(
@@ -183,6 +189,7 @@ def _quantize_plain(
     seed: int,
     refits: int,
     damp: float = DAMP,
+    codebooks: Tensor | None = None,
 ) -> RVQWeight:
     """:func:`quantize_weight` without rotation. ``own_hessian``: ``hessian`` is a float64 matrix on
     ``weight``'s device made for this call, which the error feedback may overwrite (saving an ``[in, in]``
@@ -207,7 +214,12 @@ def _quantize_plain(
     wt = (col.reshape(1, groups, d) * scales.pow(2).reshape(out, 1, 1)).reshape(out * groups, d)
 
     k = 1 << bits
-    codebooks = learn_codebooks(x, wt, stages, k, kmeans_iters, seed, kmeans_points, refits=refits, beam=beam)
+    if codebooks is None:
+        codebooks = learn_codebooks(x, wt, stages, k, kmeans_iters, seed, kmeans_points, refits=refits, beam=beam)
+    else:
+        if tuple(codebooks.shape) != (stages, k, d):
+            raise ValueError(f"codebooks of shape {list(codebooks.shape)} do not fit the code: need [{stages}, {k}, {d}]")
+        codebooks = codebooks.detach().to(device=device, dtype=torch.float32)
     if error_feedback and hessian is not None and hessian.dim() == 2:
         if in_pad == in_features:  # no padding: no copy here (unless a dtype conversion makes one)
             h, own = hessian.double(), own_hessian or hessian.dtype != torch.float64
