@@ -47,6 +47,7 @@ class RVQConfig:
     finetune_target: str = "block"  #: "block": the float block on the same inputs; "model": the float model's activations
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
     distill_lr: float = 1e-3  #: Adam learning rate of the distillation (what the 2bit presets use)
+    distill_sequences: int = 0  #: distil on the first this many calibration sequences only (0: all); the Hessians use all
     distill_lr_decay: bool = False  #: epochs after the first decay the learning rate to 0 (cosine); off: constant
     distill_code_fraction: float = 0.0  #: codes move in distillation: share of each layer's groups re-encoded per update (0 = frozen; costs 3 fp32 copies of the weights)
     distill_code_every: int = 8  #: Adam steps between those code updates
@@ -100,6 +101,9 @@ class RVQConfig:
              f"distill_epochs={self.distill_epochs!r} must be a non-negative integer (0 turns distillation off)")
         need(isinstance(self.distill_lr, int | float) and 0 < self.distill_lr < 1,
              f"distill_lr={self.distill_lr!r} is out of range: use a positive number below 1 (1e-3 is typical)")
+        need(isinstance(self.distill_sequences, int) and not isinstance(self.distill_sequences, bool)
+             and self.distill_sequences >= 0,
+             f"distill_sequences={self.distill_sequences!r} must be a non-negative integer (0: every calibration sequence)")
         need(isinstance(self.distill_lr_decay, bool),
              f"distill_lr_decay={self.distill_lr_decay!r} must be true or false")
         need(isinstance(self.distill_code_fraction, int | float) and 0 <= self.distill_code_fraction <= 1,

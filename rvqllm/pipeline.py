@@ -498,9 +498,25 @@ class _Walk:
         normed, logits = final_normed_hidden(self.model, blocks, self.batches[j][:1, :16],
                                              final.get(j)[:1, :16].to(self.device), with_logits=True)
         check_lm_head_fn(self.model, None, head, normed, logits)
-        for j in self.kwargs:
+        for j in self._distilled_batches():
             normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j).to(self.device))
             self.teacher.put(j, teacher_topk_from_hidden(normed, head, TEACHER_TOP_K, self.config.distill_chunk_tokens))
+
+    def _distilled_batches(self) -> list[int]:
+        """Indices of this rank's batches the distillation uses: those holding the first
+        ``distill_sequences`` calibration sequences (all when 0 or at least all there are). The
+        calibration interleaves its texts sequence by sequence, so a prefix keeps their mix."""
+        n = self.config.distill_sequences
+        bs = self.config.calib_batch_size
+        if n <= 0 or n >= self.calibration.shape[0]:
+            return list(self.kwargs)
+        return [j for j in self.kwargs if j * bs < n]
+
+    def _distilled_rows(self, j: int) -> int:
+        """How many sequences of batch ``j`` (one of :meth:`_distilled_batches`) the distillation uses."""
+        n, bs = self.config.distill_sequences, self.config.calib_batch_size
+        rows = self.batches[j].shape[0]
+        return rows if n <= 0 else min(rows, n - j * bs)
 
     def _storage_dtype(self) -> torch.dtype | None:
         return storage_dtype(self.model)
@@ -516,8 +532,11 @@ class _Walk:
                     self.run.load_committed_block(i, self.model, self.device)
                 else:
                     self.source.load_block(i, self.device)
-            batches = list(self.batches.values())
-            teacher = [self.teacher.get(j) for j in self.batches]
+            batches, teacher = [], []
+            for j in self._distilled_batches():  # the last one may hold sequences past distill_sequences: cut
+                rows = self._distilled_rows(j)
+                batches.append(self.batches[j][:rows])
+                teacher.append(tuple(t[:rows] for t in self.teacher.get(j)))
             t0 = time.perf_counter()
             codes: dict = {}
             before, after = distill_model(self.model, list(self.source.blocks), batches, teacher,

@@ -251,6 +251,29 @@ def test_pipeline_distillation_reports_and_keeps_improvement(calib_ids):
     assert report.distill["kl_after"] < report.distill["kl_before"]
 
 
+@pytest.mark.parametrize("n", [0, 3, 8, 20])
+def test_distill_sequences_distils_on_a_prefix_of_the_calibration(calib_ids, monkeypatch, n):
+    """``distill_sequences``: the Hessians see every calibration sequence, the distillation (and its teacher)
+    only the first ``n`` (a batch cut where ``n`` ends inside it); 0, or ``n`` past the calibration: all."""
+    import rvqllm.pipeline as P
+
+    seen, real = {}, P.distill_model
+
+    def spy(model, blocks, batches, teacher, **kw):
+        seen["batches"] = [b.clone() for b in batches]
+        seen["teacher"] = [t[0].shape[0] for t in teacher]
+        return real(model, blocks, batches, teacher, **kw)
+
+    monkeypatch.setattr(P, "distill_model", spy)
+    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3, distill_epochs=1, distill_lr=3e-3,
+                           calib_batch_size=2, distill_sequences=n)
+    rvqllm.quantize(tiny_llama(), cfg, calib_ids)
+    used = torch.cat(seen["batches"])
+    want = calib_ids if n in (0, 8, 20) else calib_ids[:n]
+    assert torch.equal(used, want)
+    assert seen["teacher"] == [b.shape[0] for b in seen["batches"]]
+
+
 # ----------------------------------------------------------------- chunked distillation (memory bounded by chunks)
 def _tiny(arch: str):
     import transformers as T
