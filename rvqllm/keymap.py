@@ -87,7 +87,9 @@ def _joined_shape(kind: str, dim: int, shapes: list[tuple[int, ...]]) -> tuple[i
 
 def _mapping(model: nn.Module):
     """``(renamings, converters, rename, natural_key, supported op classes)`` from transformers, or ``None``
-    when this transformers has no conversion mapping (then every key maps to itself)."""
+    when this transformers has no conversion mapping, or one whose internals differ from those this was
+    written against (5.25: then every key maps to itself, and a per-expert checkpoint is refused as
+    missing its fused tensors, as before)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
@@ -98,11 +100,12 @@ def _mapping(model: nn.Module):
             dot_natural_key,
             rename_source_key,
         )
-    except ImportError:
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        rename_source_key("probe.weight", renamings, converters, None, {})  # the call shape used below
+    except (ImportError, TypeError, AttributeError):  # a transformers 5.x whose loading internals differ
         return None
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
     return renamings, converters, rename_source_key, dot_natural_key, {MergeModulelist: "stack", Concatenate: "cat"}
 
 
