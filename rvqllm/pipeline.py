@@ -361,7 +361,7 @@ class _Walk:
         resumed = self.run.resumable_inputs(n_all, mine=list(self.batches)) if self.run is not None else None
         self.store = resumed if resumed is not None else (self.run.inputs(0) if self.run else MemoryActivations())
         if follow_fp:
-            self.fp = (self.run.resumable_inputs(n_all, "fp", mine=list(self.batches)) if resumed is not None
+            self.fp = (self.run.resumable_inputs(n_all, "fp", mine=self._fp_batches()) if resumed is not None
                        else self.run.inputs(0, "fp") if self.run else MemoryActivations())
         stores = [] if resumed is not None else [self.store] + ([self.fp] if self.fp is not None else [])
         self.kwargs = _capture(self.model, source.blocks[0], self.batches, stores)
@@ -405,7 +405,8 @@ class _Walk:
             fp_next = None
             if self.fp is not None:  # the float block on the float model's inputs: the next fp inputs
                 fp_next = MemoryActivations() if last or self.run is None else self.run.inputs(i + 1, "fp")
-                _forward(block, self.fp, self.kwargs, fp_next, self.device)
+                fp_kwargs = {j: self.kwargs[j] for j in self._fp_batches()}
+                _forward(block, self.fp, fp_kwargs, fp_next, self.device)
                 if last and self.teacher is not None:
                     self._teacher(fp_next)
             targets = None
@@ -494,11 +495,13 @@ class _Walk:
         """Top-k next-token log-probabilities of the float model from its last block's outputs."""
         blocks = self.source.blocks
         head = lm_head_fn(self.model)
-        j = next(iter(self.kwargs))  # the head must give what the model gives, on a few tokens
-        normed, logits = final_normed_hidden(self.model, blocks, self.batches[j][:1, :16],
-                                             final.get(j)[:1, :16].to(self.device), with_logits=True)
-        check_lm_head_fn(self.model, None, head, normed, logits)
-        for j in self._distilled_batches():
+        chosen = self._distilled_batches()
+        if chosen:  # the head must give what the model gives, on a few tokens
+            j = chosen[0]
+            normed, logits = final_normed_hidden(self.model, blocks, self.batches[j][:1, :16],
+                                                 final.get(j)[:1, :16].to(self.device), with_logits=True)
+            check_lm_head_fn(self.model, None, head, normed, logits)
+        for j in chosen:
             normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j).to(self.device))
             self.teacher.put(j, teacher_topk_from_hidden(normed, head, TEACHER_TOP_K, self.config.distill_chunk_tokens))
 
@@ -509,8 +512,16 @@ class _Walk:
         n = self.config.distill_sequences
         bs = self.config.calib_batch_size
         if n <= 0 or n >= self.calibration.shape[0]:
-            return list(self.kwargs)
-        return [j for j in self.kwargs if j * bs < n]
+            return list(self.batches)
+        return [j for j in self.batches if j * bs < n]
+
+    def _fp_batches(self) -> list[int]:
+        """This rank's batches the float model is followed on, block by block: all of them when block
+        fine-tuning aims at its activations, else only those whose teacher the distillation needs."""
+        cfg = self.config
+        if cfg.finetune_epochs > 0 and cfg.finetune_target == "model":
+            return list(self.batches)
+        return self._distilled_batches()
 
     def _distilled_rows(self, j: int) -> int:
         """How many sequences of batch ``j`` (one of :meth:`_distilled_batches`) the distillation uses."""

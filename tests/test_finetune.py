@@ -112,10 +112,14 @@ def test_pipeline_with_finetuning_saves_what_it_computes(calib_ids, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("target", ["block", "model"])
+@pytest.mark.parametrize("target", ["block", "model", "distil a prefix"])
 def test_resume_with_finetuning_is_bit_identical(calib_ids, tmp_path, target):
-    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, finetune_epochs=2, calib_batch_size=4,
-                           kmeans_iters=3, finetune_target=target)
+    if target == "distil a prefix":  # the float model followed on the distilled batches only, on disk
+        cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, distill_epochs=1, distill_sequences=3,
+                               calib_batch_size=2, kmeans_iters=3)
+    else:
+        cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, finetune_epochs=2, calib_batch_size=4,
+                               kmeans_iters=3, finetune_target=target)
     whole = tiny_llama()
     rvqllm.quantize(whole, cfg, calib_ids)
 
