@@ -509,7 +509,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 def best_preset_line() -> str:
     """The demo's last line: how to get the best quality, and what it costs."""
     return (f"best quality: rvqllm demo --config {BEST_PRESET} (its quantization took about {BEST_PRESET_MINUTES} min "
-            "on one CPU core)")
+            "on a 2-core CPU)")
 
 
 def _preset_description(name: str) -> str:
