@@ -45,6 +45,7 @@ class RVQConfig:
     finetune_lr: float = 1e-3  #: Adam learning rate for codebooks, scale gains, biases and norms
     finetune_batch: int = 2  #: calibration sequences per Adam step
     finetune_target: str = "block"  #: "block": the float block on the same inputs; "model": the float model's activations
+    finetune_sequences: int = 0  #: fine-tune on the calibration batches holding the first this many sequences (0: all); the Hessians use all
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
     distill_lr: float = 1e-3  #: Adam learning rate of the distillation (what the 2bit presets use)
     distill_sequences: int = 0  #: distil on the first this many calibration sequences only (0: all); the Hessians use all
@@ -104,6 +105,9 @@ class RVQConfig:
         need(isinstance(self.distill_sequences, int) and not isinstance(self.distill_sequences, bool)
              and self.distill_sequences >= 0,
              f"distill_sequences={self.distill_sequences!r} must be a non-negative integer (0: every calibration sequence)")
+        need(isinstance(self.finetune_sequences, int) and not isinstance(self.finetune_sequences, bool)
+             and self.finetune_sequences >= 0,
+             f"finetune_sequences={self.finetune_sequences!r} must be a non-negative integer (0: every calibration sequence)")
         need(isinstance(self.distill_lr_decay, bool),
              f"distill_lr_decay={self.distill_lr_decay!r} must be true or false")
         need(isinstance(self.distill_code_fraction, int | float) and 0 <= self.distill_code_fraction <= 1,

@@ -313,6 +313,7 @@ def finetune_block(
     storage_dtype: torch.dtype | None = None,
     outputs=None,
     placement: Placement | None = None,
+    tuned_batches: list[int] | None = None,
 ) -> tuple[float, float]:
     """Tune ``block``'s quantized layers' codebooks/scales/biases and its float parameters in place.
 
@@ -328,11 +329,18 @@ def finetune_block(
         outputs: optional store that gets the tuned block's outputs on ``inputs`` (the next block's
             inputs), taken from the final error evaluation rather than from one more forward pass.
         placement: with several ranks, gradients and errors are combined across them (see :func:`_tune`).
+        tuned_batches: the batches of ``kwargs`` to tune on (None: all); only they need ``targets``. The
+            others still get their outputs, from the tuned block.
     Returns:
-        ``(error_before, error_after)``: relative output error on the calibration batches.
+        ``(error_before, error_after)``: relative output error on the tuned batches.
     """
 
     device = _device(block)
+    rest = {}
+    if tuned_batches is not None:
+        chosen = set(tuned_batches)
+        rest = {j: kw for j, kw in kwargs.items() if j not in chosen}
+        kwargs = {j: kw for j, kw in kwargs.items() if j in chosen}
 
     def losses() -> Iterator[Tensor]:
         for j, kw in kwargs.items():
@@ -350,6 +358,10 @@ def finetune_block(
         lambda: _relative_error(block, inputs, targets, kwargs, outputs, placement))
     if outputs is not None and not tuned:  # reverted (or never tuned): the outputs of the kept values
         _relative_error(block, inputs, targets, kwargs, outputs, placement)
+    if outputs is not None:  # the batches not tuned on: outputs of the kept values
+        with torch.no_grad():
+            for j, kw in rest.items():
+                outputs.put(j, _hidden(block(inputs.get(j).to(device), **kw)).detach())
     return before, after
 
 

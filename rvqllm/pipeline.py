@@ -409,14 +409,14 @@ class _Walk:
                 _forward(block, self.fp, fp_kwargs, fp_next, self.device)
                 if last and self.teacher is not None:
                     self._teacher(fp_next)
-            targets = None
+            targets, tuned = None, set(self._finetuned_batches())
             if cfg.finetune_epochs > 0:
                 targets = fp_next if cfg.finetune_target == "model" else MemoryActivations()
             with HessianCollector(layers) as collector, torch.no_grad():
                 for j, kw in self.kwargs.items():
                     collector.new_pass()
                     out = block(self.store.get(j).to(self.device), **kw)
-                    if targets is not None and cfg.finetune_target == "block":  # the float block on these inputs
+                    if targets is not None and cfg.finetune_target == "block" and j in tuned:  # the float block
                         targets.put(j, _hidden(out).detach())
             hessians = collector.hessians
             groups = _hessian_groups(layers, hessians)
@@ -455,7 +455,7 @@ class _Walk:
                 before, after = finetune_block(block, self.store, targets, self.kwargs, epochs=cfg.finetune_epochs,
                                                lr=cfg.finetune_lr, micro_batch=cfg.finetune_batch,
                                                storage_dtype=self._storage_dtype(), outputs=outputs,
-                                               placement=place)
+                                               placement=place, tuned_batches=sorted(tuned))
                 self.report.blocks[i] = {"error_before": before, "error_after": after,
                                          "finetune_seconds": round(time.perf_counter() - t0, 3)}
         elif outputs is not None:
@@ -509,19 +509,27 @@ class _Walk:
         """Indices of this rank's batches the distillation uses: those holding the first
         ``distill_sequences`` calibration sequences (all when 0 or at least all there are). The
         calibration interleaves its texts sequence by sequence, so a prefix keeps their mix."""
-        n = self.config.distill_sequences
+        return self._prefix_batches(self.config.distill_sequences)
+
+    def _finetuned_batches(self) -> list[int]:
+        """Indices of this rank's batches the block fine-tuning uses: those holding the first
+        ``finetune_sequences`` calibration sequences (whole batches; all when 0 or at least all there are)."""
+        return self._prefix_batches(self.config.finetune_sequences)
+
+    def _prefix_batches(self, n: int) -> list[int]:
         bs = self.config.calib_batch_size
         if n <= 0 or n >= self.calibration.shape[0]:
             return list(self.batches)
         return [j for j in self.batches if j * bs < n]
 
     def _fp_batches(self) -> list[int]:
-        """This rank's batches the float model is followed on, block by block: all of them when block
-        fine-tuning aims at its activations, else only those whose teacher the distillation needs."""
+        """This rank's batches the float model is followed on, block by block: those block fine-tuning
+        aims at when it aims at its activations, and those whose teacher the distillation needs."""
         cfg = self.config
+        chosen = set(self._distilled_batches()) if cfg.distill_epochs > 0 else set()
         if cfg.finetune_epochs > 0 and cfg.finetune_target == "model":
-            return list(self.batches)
-        return self._distilled_batches()
+            chosen |= set(self._finetuned_batches())
+        return [j for j in self.batches if j in chosen]
 
     def _distilled_rows(self, j: int) -> int:
         """How many sequences of batch ``j`` (one of :meth:`_distilled_batches`) the distillation uses."""

@@ -86,6 +86,50 @@ def test_finetuning_writes_the_kept_blocks_outputs(lr):
             assert torch.equal(outputs.get(j), out[0] if isinstance(out, tuple) else out)
 
 
+def test_finetuning_on_some_batches_tunes_as_on_those_alone_and_outputs_all():
+    """``tuned_batches``: the tuning is exactly the one on those batches alone (targets of the others are
+    never read), and every batch's output comes from the tuned block."""
+    block, inputs, targets, kwargs = _block_with_targets(batches=3)
+    alone = {k: v.clone() for k, v in block.state_dict().items()}
+    twin, _, _, _ = _block_with_targets(batches=3)
+    twin.load_state_dict(alone)
+    some = MemoryActivations()
+    for j in (0, 2):
+        some.put(j, targets.get(j))
+    outputs = MemoryActivations()
+    got = finetune_block(block, inputs, some, kwargs, epochs=2, lr=1e-2, outputs=outputs, tuned_batches=[0, 2])
+    want = finetune_block(twin, inputs, targets, {j: kwargs[j] for j in (0, 2)}, epochs=2, lr=1e-2)
+    assert got == want and got[1] < got[0]
+    for (k, a), (k2, b) in zip(block.state_dict().items(), twin.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    with torch.no_grad():
+        for j, kw in kwargs.items():
+            out = block(inputs.get(j), **kw)
+            assert torch.equal(outputs.get(j), out[0] if isinstance(out, tuple) else out), j
+
+
+@pytest.mark.parametrize("target", ["block", "model"])
+@pytest.mark.parametrize("n", [0, 3, 20])
+def test_finetune_sequences_tunes_on_a_prefix_of_the_calibration(calib_ids, monkeypatch, n, target):
+    """``finetune_sequences``: block fine-tuning uses the batches holding the first ``n`` sequences (whole
+    batches), the Hessians and the next blocks' inputs every batch; 0, or ``n`` past the calibration: all."""
+    import rvqllm.pipeline as P
+
+    seen, real = [], P.finetune_block
+
+    def spy(block, inputs, targets, kwargs, **kw):
+        seen.append((sorted(kwargs), kw["tuned_batches"]))
+        return real(block, inputs, targets, kwargs, **kw)
+
+    monkeypatch.setattr(P, "finetune_block", spy)
+    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3, finetune_epochs=1,
+                           calib_batch_size=2, finetune_sequences=n, finetune_target=target)
+    report = rvqllm.quantize(tiny_llama(), cfg, calib_ids)
+    everything = list(range(calib_ids.shape[0] // 2))
+    assert seen == [(everything, everything if n in (0, 20) else [0, 1])] * 2
+    assert all(b["error_after"] <= b["error_before"] for b in report.blocks.values())
+
+
 def test_micro_batches_cut_batched_arguments_and_share_broadcast_ones():
     from rvqllm.finetune import _micro_batches
 
@@ -112,10 +156,14 @@ def test_pipeline_with_finetuning_saves_what_it_computes(calib_ids, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("target", ["block", "model", "distil a prefix"])
+@pytest.mark.parametrize("target", ["block", "model", "distil a prefix", "tune a prefix"])
 def test_resume_with_finetuning_is_bit_identical(calib_ids, tmp_path, target):
     if target == "distil a prefix":  # the float model followed on the distilled batches only, on disk
         cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, distill_epochs=1, distill_sequences=3,
+                               calib_batch_size=2, kmeans_iters=3)
+    elif target == "tune a prefix":  # ... on the fine-tuned ones and the distilled ones (not the same)
+        cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, distill_epochs=1, distill_sequences=2,
+                               finetune_epochs=1, finetune_target="model", finetune_sequences=5,
                                calib_batch_size=2, kmeans_iters=3)
     else:
         cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=4, finetune_epochs=2, calib_batch_size=4,
