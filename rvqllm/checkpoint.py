@@ -50,7 +50,7 @@ from .arch import is_linear
 from .config import RVQConfig
 from .errors import RVQError
 from .fsutil import fsync_path
-from .nn import QuantizedLinear
+from .nn import QuantizedLinear, mark_quantized
 from .size import model_specs
 from .validate import (
     CONFIG_SUM_KEY,
@@ -614,6 +614,7 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     if missing:
         raise RVQError(f"{folder} lacks tensor {missing[0]!r}: the checkpoint is incomplete; "
                        "re-create or re-download it")
+    mark_quantized(model)
     model.rvq_layers = qcfg["layers"]
     model.rvq_config = RVQConfig.from_dict(qcfg["rvq_config"], strict=False) if qcfg.get("rvq_config") else None
     if (folder / "generation_config.json").exists():

@@ -34,7 +34,7 @@ from .config import RVQConfig
 from .errors import RVQError
 from .nn import QuantizedLinear
 from .placement import Placement
-from .rvq import pack, unpack
+from .rvq import pack, rotation, unpack
 from .rvq.residual import encode_rvq_chunked
 
 
@@ -75,9 +75,10 @@ class _TrainableRVQ(nn.Module):
         stages, k, d = self.codebooks.shape
         return self.codebooks.reshape(stages * k, d)[codes + self.offsets].sum(1)
 
-    def weight(self) -> Tensor:
-        """``[out, in_features]`` float32, differentiable in codebooks and scales (and, straight through,
-        in the shadow: its value is the decoded one, its gradient the decoded weight's)."""
+    def coded_weight(self) -> Tensor:
+        """``[out, in_features]`` float32 (the coded basis: ``W R`` in a rotated layer), differentiable in
+        codebooks and scales (and, straight through, in the shadow: its value is the decoded one, its
+        gradient the decoded weight's)."""
         vecs = self.vectors()
         if self.shadow is not None:
             vecs = vecs + (self.shadow - self.shadow.detach())
@@ -111,7 +112,18 @@ class _TrainableRVQ(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._layer[0].rotate_input(x)
-        return nn.functional.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return nn.functional.linear(x, self.coded_weight().to(x.dtype),
+                                    None if self.bias is None else self.bias.to(x.dtype))
+
+    @property
+    def weight(self) -> Tensor:
+        """``[out, in]`` in the original basis and the layer's ``compute_dtype``, differentiable: for model
+        code that reads the matrix instead of calling the layer (see :class:`QuantizedLinear`)."""
+        layer = self._layer[0]
+        w = self.coded_weight()
+        if layer.signs is not None:
+            w = rotation.unrotate(w, layer.signs, layer.hadamard_block)[:, : layer.in_features]
+        return w.to(layer.compute_dtype)
 
     @torch.no_grad()
     def write_back(self) -> None:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import dequantize, rvq_linear
+from .kernels.cpu_build import warn_once
 from .rvq import RVQWeight, code_dtype, pack, rotation
 
 
@@ -23,6 +24,12 @@ class QuantizedLinear(nn.Module):
     :mod:`rvqllm.rvq.rotation`); its forward computes ``x' = x R`` (zero-padded to the coded width) and
     runs the same op on ``x'``. A layer without rotation has no ``signs`` buffer and no ``hadamard_block``
     spec field, so its checkpoint entry is exactly what it was before rotations existed.
+
+    ``weight`` exists for model code that reads a linear layer's matrix instead of calling it (Mamba's
+    ``dt_proj.weight @ x``; the CUDA fast paths of Mamba hybrids): it decodes the whole ``[out, in]``
+    matrix on every read, in ``compute_dtype`` (the dtype the model computes in: the float layer's, or the
+    one the checkpoint was loaded in; ``.to(dtype)`` / ``.half()`` move it like a float parameter), and
+    says so once per process. Calling the layer never decodes the whole matrix.
     """
 
     def __init__(
@@ -45,6 +52,7 @@ class QuantizedLinear(nn.Module):
         self.stages = stages
         self.bits = bits
         self.hadamard_block = hadamard_block
+        self.compute_dtype = bias_dtype
         groups = -(-in_features // vector_dim)
         self.register_buffer("codes", torch.zeros(out_features, groups, stages, dtype=code_dtype(bits), device=device))
         self.register_buffer(
@@ -69,8 +77,10 @@ class QuantizedLinear(nn.Module):
                    hadamard_block=spec.get("hadamard_block", 0))
 
     @classmethod
-    def from_rvq(cls, q: RVQWeight, bits: int, bias: Tensor | None) -> QuantizedLinear:
-        """Build from an :class:`RVQWeight` (``bits`` is the code width) and the original bias."""
+    def from_rvq(cls, q: RVQWeight, bits: int, bias: Tensor | None,
+                 dtype: torch.dtype | None = None) -> QuantizedLinear:
+        """Build from an :class:`RVQWeight` (``bits`` is the code width) and the original bias; ``dtype``:
+        the float layer's (``compute_dtype``; default the bias's, else fp16)."""
         out, _, stages = q.codes.shape
         layer = cls(
             q.in_features,
@@ -89,7 +99,25 @@ class QuantizedLinear(nn.Module):
         layer.scales.copy_(q.scales.half())
         if bias is not None:
             layer.bias.copy_(bias.detach())
+        if dtype is not None:
+            layer.compute_dtype = dtype
         return layer
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()``...: the buffers, and ``compute_dtype`` as a float parameter's."""
+        out = super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.codes.device))
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return out
+
+    @property
+    def weight(self) -> Tensor:
+        """``[out_features, in_features]`` in ``compute_dtype``, decoded now (a slow path: see the class)."""
+        warn_once("weight-read", "model code reads a quantized layer's .weight (the whole matrix) instead of "
+                  f"calling the layer ({self.out_features}x{self.in_features} here): rvqllm decodes it on every "
+                  "read, which is slower and holds a dense copy meanwhile; the output is still correct")
+        return self.dequantized_weight().to(self.compute_dtype)
 
     @property
     def op_in_features(self) -> int:
@@ -143,3 +171,14 @@ class QuantizedLinear(nn.Module):
             f"stages={self.stages}, bits={self.bits}, bias={self.bias is not None}"
             + (f", hadamard_block={self.hadamard_block}" if self.signs is not None else "")
         )
+
+
+def mark_quantized(model: nn.Module) -> None:
+    """Set ``config._is_quantized`` on every model under ``model``, as transformers' own quantizers do
+    (``from_pretrained`` with a ``quantization_config``): model code then calls a linear layer where it
+    would otherwise read its ``.weight`` (Jamba's ``dt_proj``) and flash attention takes its target dtype
+    from the config instead of from the first ``nn.Linear`` it finds. transformers never saves the flag."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(module, "get_input_embeddings") and hasattr(config, "to_dict"):
+            config._is_quantized = True

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .arch import find_linears, linear_weight, set_module
+from .arch import find_linears, is_linear, linear_weight, set_module
 from .calibration import HessianCollector, capture_block_inputs
 from .checkpoint import storage_dtype
 from .config import RVQConfig
@@ -56,7 +56,7 @@ from .finetune import (
 )
 from .meter import Meter, trim_host_memory
 from .mixed import allocate, fisher_sensitivity
-from .nn import QuantizedLinear
+from .nn import QuantizedLinear, mark_quantized
 from .placement import Placement, oom_errors
 from .resume import MemoryActivations, RunDir, run_fingerprint
 from .rvq import quantize_weight
@@ -438,7 +438,7 @@ class _Walk:
                     seed=cfg.seed * 100_003 + self.offsets[i] + k, rotate=cfg.rotate, damp=cfg.hessian_damp,
                 )
                 bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-                coded[name] = (QuantizedLinear.from_rvq(q, shape["bits"], bias).to(self.device),
+                coded[name] = (QuantizedLinear.from_rvq(q, shape["bits"], bias, linear_weight(module).dtype).to(self.device),
                                time.perf_counter() - t0)
             for name in layers:
                 mine, seconds = coded.get(name, (None, 0.0))
@@ -479,6 +479,9 @@ class _Walk:
                 with torch.no_grad():
                     self.model.get_parameter(name).copy_(t)
             for name, qlayer in restored.items():
+                old = self.model.get_submodule(name)
+                if is_linear(old):  # the float layer it replaces computes in the model's dtype
+                    qlayer.compute_dtype = linear_weight(old).dtype
                 set_module(self.model, name, qlayer)
         for name in self.names[i]:
             spec = self.run.layer_spec(i, name)
@@ -574,3 +577,4 @@ class _Walk:
         self.source.release_rest()
         self.model.rvq_layers = self.specs
         self.model.rvq_config = cfg
+        mark_quantized(self.model)

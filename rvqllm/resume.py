@@ -285,6 +285,7 @@ class RunDir:
                 raise RVQError(f"{path} lacks layer {name}: the run folder is damaged; pass --overwrite to start over")
             bias = tensors.get(f"{name}.bias")
             layer = QuantizedLinear.from_spec(spec, bias_dtype=bias.dtype if bias is not None else torch.float16)
+            layer.compute_dtype = torch.float32  # what quantization computes in (a streamed block's dtype)
             state = {k.removeprefix(f"{name}."): t for k, t in tensors.items() if k.startswith(f"{name}.")}
             try:
                 layer.load_state_dict(state, strict=True)

@@ -6,7 +6,9 @@ StableLM, Phi-2), fused or packed projections (GPT-2 Conv1D, GPT-BigCode ``c_att
 ``query_key_value``, GPT-J, GPT-NeoX, OPT), multi-head latent attention (DeepSeek-V2/V3), MoE with fused
 experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3 with shared experts and dense first layers, OLMoE,
 GraniteMoE, GLM-4-MoE, HunYuan-MoE, GPT-OSS's transposed, biased, interleaved experts) and hybrid
-blocks with convolutions (Qwen3-Next, LFM2). DBRX's experts layout is refused with a named error."""
+blocks with convolutions (Qwen3-Next, LFM2), Mamba (Mamba, Falcon-Mamba) and its hybrids (Granite 4.0-H,
+Jamba: their Mamba code reads ``dt_proj.weight`` as a matrix, which a quantized layer decodes). DBRX's
+experts layout is refused with a named error."""
 
 from __future__ import annotations
 
@@ -112,6 +114,13 @@ def _config(arch: str):
         return T.GraniteMoeHybridConfig(**DENSE, layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_d_head=16,
                                         mamba_d_state=16, mamba_n_groups=1, mamba_expand=2, num_local_experts=4,
                                         num_experts_per_tok=2, shared_intermediate_size=32)
+    if arch == "jamba":  # Mamba + attention blocks, MoE every other block; its Mamba reads dt_proj.weight
+        return T.JambaConfig(**DENSE, num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+                             expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_d_conv=4,
+                             mamba_expand=2, mamba_dt_rank=8)
+    if arch in ("mamba", "falcon_mamba"):  # attention-free; the PyTorch path reads dt_proj.weight too
+        kind = T.MambaConfig if arch == "mamba" else T.FalconMambaConfig
+        return kind(hidden_size=64, num_hidden_layers=2, vocab_size=V, state_size=8, expand=2, time_step_rank=8)
     if arch == "lfm2":  # short-convolution blocks
         return T.Lfm2Config(**DENSE, layer_types=["conv", "full_attention"])
     raise AssertionError(arch)
@@ -121,11 +130,11 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2
          "mixtral", "qwen2_moe", "qwen3_moe",
          "olmo2", "granite", "starcoder2", "cohere", "stablelm", "phi", "falcon", "falcon_new", "gpt_bigcode", "bloom",
          "gptj", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "granitemoe", "hunyuan_v1_moe", "gpt_oss",
-         "qwen3_next", "lfm2", "granitemoehybrid"]
+         "qwen3_next", "lfm2", "granitemoehybrid", "jamba", "mamba", "falcon_mamba"]
 #: MoE families: (experts per MoE block, number of MoE blocks out of the 2)
 MOE = {"mixtral": (4, 2), "qwen2_moe": (4, 2), "qwen3_moe": (4, 2), "deepseek_v3": (4, 1), "deepseek_v2": (4, 1),
        "glm4_moe": (4, 1), "olmoe": (4, 2), "granitemoe": (4, 2), "hunyuan_v1_moe": (4, 2), "gpt_oss": (4, 2),
-       "qwen3_next": (4, 2), "granitemoehybrid": (4, 2)}
+       "qwen3_next": (4, 2), "granitemoehybrid": (4, 2), "jamba": (4, 1)}
 #: Layers that must be among the quantized ones (name suffixes): the unusual projections of a family.
 EXPECTED = {
     "deepseek_v3": ["layers.0.self_attn.q_a_proj", "layers.0.self_attn.q_b_proj", "layers.0.self_attn.kv_a_proj_with_mqa",
@@ -148,6 +157,10 @@ EXPECTED = {
     "granitemoehybrid": ["layers.0.mamba.in_proj", "layers.0.mamba.out_proj", "layers.1.self_attn.q_proj",
                          "layers.1.shared_mlp.input_linear", "layers.1.block_sparse_moe.experts.down_proj.3"],
     "lfm2": ["layers.0.conv.in_proj", "layers.0.conv.out_proj", "layers.1.self_attn.q_proj"],
+    "jamba": ["layers.0.mamba.in_proj", "layers.0.mamba.x_proj", "layers.0.mamba.dt_proj", "layers.0.mamba.out_proj",
+              "layers.1.self_attn.q_proj", "layers.1.feed_forward.experts.down_proj.3"],
+    "mamba": ["layers.0.mixer.in_proj", "layers.0.mixer.x_proj", "layers.0.mixer.dt_proj", "layers.1.mixer.out_proj"],
+    "falcon_mamba": ["layers.0.mixer.dt_proj", "layers.1.mixer.out_proj"],
 }
 
 
@@ -211,6 +224,7 @@ def test_round_trip_through_from_pretrained(arch, tmp_path):
 
     ours = rvqllm.load(out)
     assert {n for n, m in ours.named_modules() if isinstance(m, QuantizedLinear)} == quantized
+    assert ours.config._is_quantized and loaded.config._is_quantized  # model code calls, not reads, its linears
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, before, rtol=0, atol=1e-5)
     # every tensor (codes, norms, biases, routers and their correction biases, conv kernels) came back

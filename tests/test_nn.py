@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -22,3 +24,28 @@ def test_quantized_linear_equals_dequantized_matmul(bits, in_features, bias):
     assert got.shape == (5, 3, 24)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.dequantized_weight(), q.dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_weight_is_the_decoded_matrix_in_the_models_dtype(rotate, monkeypatch):
+    """``.weight`` (for model code that reads the matrix, e.g. Mamba's ``dt_proj.weight @ x``) is what the
+    layer computes with, in its compute dtype, which follows ``.to(dtype)`` as a float parameter would; a
+    tuning wrapper's ``.weight`` is the same matrix, differentiable in the codebooks."""
+    from rvqllm.finetune import _TrainableRVQ
+
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 30), torch.randn(4, 30)
+    q = quantize_weight(w, None, vector_dim=8, stages=2, bits=6, kmeans_iters=3, rotate=rotate)
+    layer = QuantizedLinear.from_rvq(q, 6, None, torch.float32)
+    monkeypatch.setattr("rvqllm.kernels.cpu_build._warned", set())
+    with pytest.warns(UserWarning, match="decodes it on every read"):  # said once per process
+        weight = layer.weight
+    assert weight.dtype == torch.float32 and weight.shape == (24, 30)
+    torch.testing.assert_close(x @ weight.T, layer(x), rtol=1e-5, atol=1e-5)
+    moved = copy.deepcopy(layer).to(torch.bfloat16)  # (in place: the codebooks become bf16 too)
+    assert moved.weight.dtype == torch.bfloat16 and moved.float().weight.dtype == torch.float32
+    assert QuantizedLinear.from_rvq(q, 6, torch.zeros(24, dtype=torch.float16)).compute_dtype == torch.float16
+    tuned = _TrainableRVQ(layer)
+    assert torch.equal(tuned.weight.detach(), weight)
+    tuned.weight.sum().backward()
+    assert tuned.codebooks.grad is not None and tuned.codebooks.grad.abs().sum() > 0
