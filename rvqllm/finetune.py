@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import RVQConfig
 from .errors import RVQError
+from .kernels.cpu_build import warn_once
 from .nn import QuantizedLinear
 from .placement import Placement
 from .rvq import pack, rotation, unpack
@@ -134,6 +135,20 @@ class _TrainableRVQ(nn.Module):
             self._layer[0].bias.copy_(self.bias.to(self._layer[0].bias.dtype))
 
 
+def _autocast(dtype: torch.dtype | None, device: torch.device):
+    """``torch.autocast`` to ``dtype`` on ``device`` (a no-op context for None). Where the device has no
+    native support for it (a CPU without AVX512-BF16/AMX, a GPU before Ampere) the products are emulated,
+    slower than float32: said once, loudly."""
+    if dtype is None:
+        return nullcontext()
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else torch.ops.mkldnn._is_mkldnn_bf16_supported() if device.type == "cpu" else True)
+    if not native:
+        warn_once(f"autocast-{device.type}", f"this {device.type.upper()} has no native {dtype} arithmetic: "
+                  "tuning in it is emulated and slower than in float32; set tune_dtype: float32 in the config")
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def _swap(block: nn.Module, old_to_new: dict[nn.Module, nn.Module]) -> None:
     found = [(parent, name, old_to_new[child]) for parent in block.modules()
              for name, child in parent.named_children() if child in old_to_new]
@@ -199,7 +214,8 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
           storage_dtype: torch.dtype | None, evaluate_after: Callable[[], float] | None = None,
           placement: Placement | None = None, code_fraction: float = 0.0,
           code_every: int = RVQConfig.distill_code_every, code_lr: float = RVQConfig.distill_code_lr,
-          stats: dict | None = None, lr_decay: bool = False) -> tuple[float, float, bool]:
+          stats: dict | None = None, lr_decay: bool = False,
+          autocast: torch.dtype | None = None) -> tuple[float, float, bool]:
     """Adam on every :class:`QuantizedLinear` under ``root`` (codebooks, scale gains, biases) and on
     ``float_params``, one step per loss that ``losses()`` yields, ``epochs`` times; then round to the
     stored precision and keep the result only if ``evaluate_after()`` (default ``evaluate``; lower is
@@ -220,6 +236,9 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
     With ``lr_decay`` the first epoch runs at the full learning rates and the later ones decay them to zero
     along a cosine (a warm-stable-decay schedule: the first epoch counts the steps an epoch takes, so
     nothing needs to know it in advance); with one epoch the rates stay constant.
+    With ``autocast`` (``torch.bfloat16``) the training steps' forward passes (and so their backward)
+    multiply in that dtype (:func:`_autocast`); parameters, Adam's state, the losses' reductions and the
+    evaluations that decide what is kept stay float32.
     Returns ``(before, after, tuned)``: ``tuned`` is False when nothing changed (no epochs, or reverted)."""
     before = evaluate()
     if epochs <= 0:
@@ -254,7 +273,8 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
             for epoch in range(epochs):
                 steps = iter(losses())
                 while True:
-                    loss = next(steps, None)
+                    with _autocast(autocast, _device(root)):
+                        loss = next(steps, None)
                     active = placement.all_reduce_float(float(loss is not None)) if ranks else float(loss is not None)
                     if active == 0:
                         break
@@ -326,6 +346,7 @@ def finetune_block(
     outputs=None,
     placement: Placement | None = None,
     tuned_batches: list[int] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> tuple[float, float]:
     """Tune ``block``'s quantized layers' codebooks/scales/biases and its float parameters in place.
 
@@ -343,6 +364,7 @@ def finetune_block(
         placement: with several ranks, gradients and errors are combined across them (see :func:`_tune`).
         tuned_batches: the batches of ``kwargs`` to tune on (None: all); only they need ``targets``. The
             others still get their outputs, from the tuned block.
+        autocast: ``torch.bfloat16`` to train in it (see :func:`_tune`); None: float32.
     Returns:
         ``(error_before, error_after)``: relative output error on the tuned batches.
     """
@@ -365,7 +387,7 @@ def finetune_block(
     float_params = [p for p in block.parameters() if p.is_floating_point()]
     before, after, tuned = _tune(
         block, float_params, lambda: _relative_error(block, inputs, targets, kwargs, None, placement), losses,
-        epochs=epochs, lr=lr, storage_dtype=storage_dtype, placement=placement,
+        epochs=epochs, lr=lr, storage_dtype=storage_dtype, placement=placement, autocast=autocast,
         evaluate_after=None if outputs is None else
         lambda: _relative_error(block, inputs, targets, kwargs, outputs, placement))
     if outputs is not None and not tuned:  # reverted (or never tuned): the outputs of the kept values
@@ -594,6 +616,7 @@ def distill_model(
     code_lr: float = RVQConfig.distill_code_lr,
     stats: dict | None = None,
     lr_decay: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> tuple[float, float]:
     """Tune every quantized layer and the blocks' float parameters (norms) of ``model`` at once so its
     next-token distribution matches the float model's (:func:`teacher_topk`) on the calibration batches.
@@ -609,6 +632,7 @@ def distill_model(
     ``code_fraction`` / ``code_every`` / ``code_lr``: codes that move during the distillation (PV-style,
     see :func:`_tune`; fraction 0 keeps them frozen); ``stats`` gets the code-change figures.
     ``lr_decay``: the epochs after the first decay the learning rates to zero (:func:`_tune`).
+    ``autocast``: ``torch.bfloat16`` to train in it (:func:`_tune`; the KL itself is float32).
     """
     _check_chunk(chunk_tokens)
     decoder, head, device = _decoder(model), lm_head_fn(model), _input_device(model)
@@ -637,7 +661,8 @@ def distill_model(
     with _recomputed_in_backward(blocks) if _needs_recompute(blocks) else nullcontext():
         before, after, _ = _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr,
                                  storage_dtype=storage_dtype, placement=placement, code_fraction=code_fraction,
-                                 code_every=code_every, code_lr=code_lr, stats=stats, lr_decay=lr_decay)
+                                 code_every=code_every, code_lr=code_lr, stats=stats, lr_decay=lr_decay,
+                                 autocast=autocast)
     return before, after
 
 

@@ -455,7 +455,8 @@ class _Walk:
                 before, after = finetune_block(block, self.store, targets, self.kwargs, epochs=cfg.finetune_epochs,
                                                lr=cfg.finetune_lr, micro_batch=cfg.finetune_batch,
                                                storage_dtype=self._storage_dtype(), outputs=outputs,
-                                               placement=place, tuned_batches=sorted(tuned))
+                                               placement=place, tuned_batches=sorted(tuned),
+                                               autocast=self._autocast())
                 self.report.blocks[i] = {"error_before": before, "error_after": after,
                                          "finetune_seconds": round(time.perf_counter() - t0, 3)}
         elif outputs is not None:
@@ -540,6 +541,9 @@ class _Walk:
         rows = self.batches[j].shape[0]
         return rows if n <= 0 else min(rows, n - j * bs)
 
+    def _autocast(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.config.tune_dtype == "bfloat16" else None
+
     def _storage_dtype(self) -> torch.dtype | None:
         return storage_dtype(self.model)
 
@@ -566,7 +570,7 @@ class _Walk:
                                           storage_dtype=self._storage_dtype(), chunk_tokens=cfg.distill_chunk_tokens,
                                           placement=self.place, code_fraction=cfg.distill_code_fraction,
                                           code_every=cfg.distill_code_every, code_lr=cfg.distill_code_lr,
-                                          stats=codes, lr_decay=cfg.distill_lr_decay)
+                                          stats=codes, lr_decay=cfg.distill_lr_decay, autocast=self._autocast())
             self.report.distill = {"kl_before": before, "kl_after": after, "seconds": round(time.perf_counter() - t0, 3),
                                    **codes, **{k: v for k, v in meter.result().items() if k.startswith("peak")}}
             if self.run is not None:
