@@ -146,6 +146,17 @@ def test_finetuning_in_bfloat16_lowers_the_error_like_float32():
     assert all(p.dtype == torch.float32 for p in block.parameters())
 
 
+def test_bfloat16_tuning_where_it_is_emulated_says_so_once(monkeypatch):
+    import rvqllm.finetune as F
+
+    monkeypatch.setattr(F, "_native_bf16", lambda device: False)
+    monkeypatch.setattr("rvqllm.kernels.cpu_build._warned", set())
+    block, inputs, targets, kwargs = _block_with_targets()
+    with pytest.warns(UserWarning, match="no native torch.bfloat16 arithmetic.*tune_dtype: float32") as seen:
+        finetune_block(block, inputs, targets, kwargs, epochs=2, lr=1e-2, autocast=torch.bfloat16)
+    assert sum("bfloat16" in str(w.message) for w in seen) == 1
+
+
 def test_tune_dtype_reaches_the_tuning(calib_ids, monkeypatch):
     import rvqllm.pipeline as P
 
