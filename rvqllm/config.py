@@ -46,7 +46,7 @@ class RVQConfig:
     finetune_batch: int = 2  #: calibration sequences per Adam step
     finetune_target: str = "block"  #: "block": the float block on the same inputs; "model": the float model's activations
     finetune_sequences: int = 0  #: fine-tune on the calibration batches holding the first this many sequences (0: all); the Hessians use all
-    tune_dtype: str = "float32"  #: what block fine-tuning and distillation multiply in: "float32", or "bfloat16" (autocast; params, optimizer and losses stay float32)
+    tune_dtype: str = "float32"  #: what block fine-tuning and distillation multiply in: "float32", "bfloat16" (autocast; params, optimizer and losses stay float32), or "auto": bfloat16 where the device has it natively, else float32
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
     distill_lr: float = 1e-3  #: Adam learning rate of the distillation (what the 2bit presets use)
     distill_sequences: int = 0  #: distil on the first this many calibration sequences only (0: all); the Hessians use all
@@ -122,8 +122,8 @@ class RVQConfig:
              f"distill_chunk_tokens={self.distill_chunk_tokens!r} must be a positive integer (tokens per logit chunk)")
         need(isinstance(self.finetune_batch, int) and self.finetune_batch >= 1,
              f"finetune_batch={self.finetune_batch!r} must be a positive integer (sequences per step)")
-        need(self.tune_dtype in ("float32", "bfloat16"),
-             f"tune_dtype={self.tune_dtype!r} is unknown: use 'float32' or 'bfloat16'")
+        need(self.tune_dtype in ("float32", "bfloat16", "auto"),
+             f"tune_dtype={self.tune_dtype!r} is unknown: use 'float32', 'bfloat16' or 'auto'")
         need(self.finetune_target in ("block", "model"),
              f"finetune_target={self.finetune_target!r} is unknown: use 'block' or 'model'")
         need(isinstance(self.calib_sequences, int) and self.calib_sequences >= 1,

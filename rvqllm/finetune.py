@@ -141,13 +141,13 @@ def _autocast(dtype: torch.dtype | None, device: torch.device):
     slower than float32: said once, loudly."""
     if dtype is None:
         return nullcontext()
-    if not _native_bf16(device):
+    if not native_bf16(device):
         warn_once(f"autocast-{device.type}", f"this {device.type.upper()} has no native {dtype} arithmetic: "
                   "tuning in it is emulated and slower than in float32; set tune_dtype: float32 in the config")
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _native_bf16(device: torch.device) -> bool:
+def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 natively (CUDA: compute capability 8+; CPU: oneDNN's check
     for AVX512-BF16 / AMX); other devices are trusted."""
     if device.type == "cuda":

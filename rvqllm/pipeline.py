@@ -52,8 +52,10 @@ from .finetune import (
     distill_model,
     finetune_block,
     lm_head_fn,
+    native_bf16,
     teacher_topk_from_hidden,
 )
+from .kernels.cpu_build import warn_once
 from .meter import Meter, trim_host_memory
 from .mixed import allocate, fisher_sensitivity
 from .nn import QuantizedLinear, mark_quantized
@@ -542,7 +544,15 @@ class _Walk:
         return rows if n <= 0 else min(rows, n - j * bs)
 
     def _autocast(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.config.tune_dtype == "bfloat16" else None
+        """The dtype tuning multiplies in (None: float32): ``tune_dtype``, "auto" being bfloat16 where the
+        device has it natively and float32 elsewhere (said once)."""
+        want = self.config.tune_dtype
+        if want == "auto" and not native_bf16(self.device):
+            warn_once(f"auto-float32-{self.device.type}", f"tune_dtype auto: this {self.device.type.upper()} has no "
+                      "native bfloat16 arithmetic, so tuning multiplies in float32 (slower than where it has, "
+                      "the same quality within noise: docs/RESULTS.md, session 9)")
+            return None
+        return None if want == "float32" else torch.bfloat16
 
     def _storage_dtype(self) -> torch.dtype | None:
         return storage_dtype(self.model)

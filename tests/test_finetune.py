@@ -1,6 +1,7 @@
 """Block fine-tuning (rvqllm.finetune): it lowers the block's output error and the result is what is stored."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_finetuning_in_bfloat16_lowers_the_error_like_float32():
 def test_bfloat16_tuning_where_it_is_emulated_says_so_once(monkeypatch):
     import rvqllm.finetune as F
 
-    monkeypatch.setattr(F, "_native_bf16", lambda device: False)
+    monkeypatch.setattr(F, "native_bf16", lambda device: False)
     monkeypatch.setattr("rvqllm.kernels.cpu_build._warned", set())
     block, inputs, targets, kwargs = _block_with_targets()
     with pytest.warns(UserWarning, match="no native torch.bfloat16 arithmetic.*tune_dtype: float32") as seen:
@@ -172,12 +173,19 @@ def test_tune_dtype_reaches_the_tuning(calib_ids, monkeypatch):
 
     monkeypatch.setattr(P, "finetune_block", ft)
     monkeypatch.setattr(P, "distill_model", distil)
-    for dtype, want in (("bfloat16", torch.bfloat16), ("float32", None)):
+    for dtype, native, want in (("bfloat16", True, torch.bfloat16), ("float32", True, None),
+                                ("auto", True, torch.bfloat16), ("auto", False, None)):
         seen.clear()
+        monkeypatch.setattr(P, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr("rvqllm.kernels.cpu_build._warned", set())
         cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3, finetune_epochs=1, distill_epochs=1,
                                calib_batch_size=4, tune_dtype=dtype)
-        rvqllm.quantize(tiny_llama(), cfg, calib_ids)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            rvqllm.quantize(tiny_llama(), cfg, calib_ids)
         assert seen == [("block", want), ("block", want), ("model", want)]
+        fell_back = [w for w in said if "tune_dtype auto" in str(w.message)]
+        assert len(fell_back) == (dtype == "auto" and not native), fell_back  # once per run, not per block
     with pytest.raises(rvqllm.RVQError, match="tune_dtype='fp16' is unknown"):
         rvqllm.RVQConfig(tune_dtype="fp16")
 
