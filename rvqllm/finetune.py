@@ -135,16 +135,12 @@ class _TrainableRVQ(nn.Module):
             self._layer[0].bias.copy_(self.bias.to(self._layer[0].bias.dtype))
 
 
-def _autocast(dtype: torch.dtype | None, device: torch.device):
-    """``torch.autocast`` to ``dtype`` on ``device`` (a no-op context for None). Where the device has no
-    native support for it (a CPU without AVX512-BF16/AMX, a GPU before Ampere) the products are emulated,
-    slower than float32: said once, loudly."""
-    if dtype is None:
-        return nullcontext()
-    if not native_bf16(device):
+def _warn_if_emulated(dtype: torch.dtype | None, device: torch.device) -> None:
+    """Say once, loudly, when tuning in ``dtype`` on ``device`` is emulated (a CPU without AVX512-BF16/AMX,
+    a GPU before Ampere): slower than float32."""
+    if dtype is not None and not native_bf16(device):
         warn_once(f"autocast-{device.type}", f"this {device.type.upper()} has no native {dtype} arithmetic: "
                   "tuning in it is emulated and slower than in float32; set tune_dtype: float32 in the config")
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -245,7 +241,7 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
     along a cosine (a warm-stable-decay schedule: the first epoch counts the steps an epoch takes, so
     nothing needs to know it in advance); with one epoch the rates stay constant.
     With ``autocast`` (``torch.bfloat16``) the training steps' forward passes (and so their backward)
-    multiply in that dtype (:func:`_autocast`); parameters, Adam's state, the losses' reductions and the
+    multiply in that dtype (``torch.autocast``; :func:`_warn_if_emulated`); parameters, Adam's state, the losses' reductions and the
     evaluations that decide what is kept stay float32.
     Returns ``(before, after, tuned)``: ``tuned`` is False when nothing changed (no epochs, or reverted)."""
     before = evaluate()
@@ -277,11 +273,13 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
         ranks = placement is not None and placement.world > 1
         every = params + list(float_params) + shadows
         per_epoch = 0  # steps of the first epoch (the same on every rank: the loop runs in step)
+        device = _device(root)
+        _warn_if_emulated(autocast, device)
         with torch.enable_grad():
             for epoch in range(epochs):
                 steps = iter(losses())
                 while True:
-                    with _autocast(autocast, _device(root)):
+                    with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
                         loss = next(steps, None)
                     active = placement.all_reduce_float(float(loss is not None)) if ranks else float(loss is not None)
                     if active == 0:
