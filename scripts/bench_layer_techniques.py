@@ -5,13 +5,14 @@ sequences x 256 tokens from the calibration splits, fp model), then codes each l
 settings and prints the relative output error ``tr(E H E^T) / tr(W H W^T)`` (E = W - What) and the CPU
 time (process time, so other load on the machine does not count).
 
-    python scripts/bench_layer_techniques.py [--blocks 3 7] [--threads 1] [--sharing]
+    python scripts/bench_layer_techniques.py [--blocks 3 7] [--threads 1] [--sharing [--big]]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,35 +58,100 @@ def _rel_error(w: torch.Tensor, h: torch.Tensor, q) -> float:
 
 #: the 2bit preset's coding (before any tuning), for the sharing comparison
 SHARED_KW = dict(vector_dim=8, stages=2, bits=8, error_feedback=True, beam=8, rotate=True, damp=0.1)
+#: code shapes at the same 2 bits per weight of codes that only pay with shared codebooks (per layer their
+#: codebooks would cost 2.5 bpw for 1 x 2**16 at d 8, 0.5 bpw for 4 x 256 at d 16 on a 576 x 576 layer)
+BIG_KW = {
+    "universal 1 x 65,536 (d 8, int16 codes), k-means on a unit Gaussian": dict(vector_dim=8, stages=1, bits=16),
+    "universal 4 x 256 (d 16, beam 8), k-means on a unit Gaussian": dict(vector_dim=16, stages=4, bits=8),
+}
 
 
-def sharing(layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def gaussian_codebook(k: int, d: int, points: int, iters: int, seed: int = 5) -> torch.Tensor:
+    """``[k, d]`` fp16-exact codebook: Lloyd's k-means on ``points`` unit-Gaussian vectors, seeded at
+    random points (k-means++ seeding is sequential in ``k``: hours at 65,536), searched tile by tile.
+    Cached under ``~/.cache/rvqllm/bench`` (minutes per iteration on one core at 4 M points)."""
+    from rvqllm.rvq.kmeans import assign
+    from rvqllm.rvq.residual import to_fp16_exact
+
+    path = Path.home() / ".cache" / "rvqllm" / "bench" / f"gauss-k{k}-d{d}-n{points}-i{iters}-s{seed}.pt"
+    if path.exists():
+        return torch.load(path)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(points, d, generator=gen)
+    ones = torch.ones_like(x)
+    centers = x[torch.randperm(points, generator=gen)[:k]].clone()
+    for it in range(iters):
+        a = assign(x, ones, centers)
+        total = torch.zeros(k, d).index_add_(0, a, x)
+        count = torch.bincount(a, minlength=k).float()
+        centers = torch.where(count[:, None] > 0, total / count.clamp_min(1)[:, None], centers)
+        print(f"  gaussian k-means k={k}: iteration {it + 1}/{iters}, train MSE {float(((x - centers[a]) ** 2).mean()):.5f}",
+              flush=True)
+    centers = to_fp16_exact(centers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(centers, path)
+    return centers
+
+
+def gaussian_mse(codebooks: torch.Tensor, beam: int, n: int = 65536) -> float:
+    """Held-out MSE per dimension of ``codebooks [S, K, d]`` on ``n`` fresh unit-Gaussian vectors."""
+    from rvqllm.rvq.residual import encode_rvq_chunked
+
+    x = torch.randn(n, codebooks.shape[-1], generator=torch.Generator().manual_seed(99))
+    codes = encode_rvq_chunked(x, codebooks, beam)
+    xhat = codebooks[torch.arange(codebooks.shape[0])[None, :], codes].sum(1)
+    return float(((x - xhat) ** 2).mean())
+
+
+def sharing(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], big: bool, points: int, iters: int) -> None:
     """Per-layer codebooks against shared ones (issue 13's technique 2), the 2bit preset's coding: each
     layer coded with its own k-means codebooks, with those of the same kind of layer in another of the
     blocks (q_proj of block 3 for q_proj of block 7, ...), and with one universal codebook pair k-means-
-    trained on a unit Gaussian (rotated, row-normalised weights are near Gaussian)."""
+    trained on a unit Gaussian (rotated, row-normalised weights are near Gaussian). With ``big``, also
+    the shapes of :data:`BIG_KW` with universal Gaussian codebooks (``points`` training vectors, ``iters``
+    Lloyd iterations for the 65,536-entry one), and every universal codebook's held-out MSE on the
+    Gaussian itself."""
     from rvqllm.rvq.residual import learn_codebooks
 
     own = {n: quantize_weight(w, h, **SHARED_KW) for n, (w, h) in layers.items()}
     g = torch.randn(256 * 64, 8, generator=torch.Generator().manual_seed(5))
     gaussian = learn_codebooks(g, torch.ones_like(g), 2, 256, 20, 0, 64)
+    universal = {"universal 2 x 256 (d 8, beam 8), k-means on a unit Gaussian": (gaussian, SHARED_KW)}
+    if big:
+        for name, shape in BIG_KW.items():
+            d, stages, bits = shape["vector_dim"], shape["stages"], shape["bits"]
+            if stages == 1:
+                cb = gaussian_codebook(1 << bits, d, points, iters)[None]
+            else:
+                g = torch.randn(256 * 64, d, generator=torch.Generator().manual_seed(5))
+                cb = learn_codebooks(g, torch.ones_like(g), stages, 1 << bits, 20, 0, 64)
+            universal[name] = (cb, {**SHARED_KW, **shape})
 
     def kind(name: str) -> str:  # model.layers.3.self_attn.q_proj -> q_proj
         return name.rsplit(".", 1)[-1]
 
-    rows = {"own (per layer)": [], "another block's, same kind": [], "universal (unit Gaussian)": []}
+    rows = {"own 2 x 256 (d 8, beam 8, per layer)": [], "another block's 2 x 256, same kind": []}
+    rows.update({name: [] for name in universal})
+    seconds = dict.fromkeys(rows, 0.0)
     for n, (w, h) in layers.items():
         other = next(m for m in layers if m != n and kind(m) == kind(n))
-        rows["own (per layer)"].append(_rel_error(w, h, own[n]))
-        rows["another block's, same kind"].append(
+        rows["own 2 x 256 (d 8, beam 8, per layer)"].append(_rel_error(w, h, own[n]))
+        rows["another block's 2 x 256, same kind"].append(
             _rel_error(w, h, quantize_weight(w, h, codebooks=own[other].codebooks, **SHARED_KW)))
-        rows["universal (unit Gaussian)"].append(_rel_error(w, h, quantize_weight(w, h, codebooks=gaussian, **SHARED_KW)))
-    print("| codebooks (2bit coding: d8 S2 b8, error feedback, beam 8, rotation, damp 0.1) | rel. output error | vs own |")
-    print("|---|---|---|")
-    base = sum(rows["own (per layer)"]) / len(layers)
+        for name, (cb, kw) in universal.items():
+            t0 = time.process_time()
+            q = quantize_weight(w, h, codebooks=cb, **kw)
+            seconds[name] += time.process_time() - t0
+            rows[name].append(_rel_error(w, h, q))
+    print("| codebooks (error feedback, rotation, damp 0.1; 2 bits per weight of codes) | rel. output error | vs own "
+          "| Gaussian MSE held out | coding CPU s |")
+    print("|---|---|---|---|---|")
+    base = sum(rows["own 2 x 256 (d 8, beam 8, per layer)"]) / len(layers)
     for name, errs in rows.items():
         mean = sum(errs) / len(errs)
-        print(f"| {name} | {mean:.5f} | {mean / base:.3f} |")
+        mse = f"{gaussian_mse(universal[name][0], universal[name][1]['beam']):.4f}" if name in universal else "–"
+        cpu = f"{seconds[name]:.1f}" if name in universal else "–"
+        print(f"| {name} | {mean:.5f} | {mean / base:.3f} | {mse} | {cpu} |")
 
 
 def main() -> None:
@@ -94,11 +160,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sharing", action="store_true",
                     help="only the shared-codebook comparison (per-layer / another block's / universal Gaussian)")
+    ap.add_argument("--big", action="store_true",
+                    help="with --sharing: also 1 x 65,536 (d 8) and 4 x 256 (d 16) universal Gaussian codebooks")
+    ap.add_argument("--big-points", type=int, default=4_000_000,
+                    help="training vectors of the 65,536-entry Gaussian codebook")
+    ap.add_argument("--big-iters", type=int, default=6, help="its Lloyd iterations")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = capture(args.blocks)
     if args.sharing:
-        sharing(layers)
+        sharing(layers, args.big, args.big_points, args.big_iters)
         return
     print(f"{len(layers)} layers of blocks {args.blocks}; mean relative output error over them; CPU seconds in total\n")
     print("| code | technique | rel. output error | vs greedy | CPU s |")

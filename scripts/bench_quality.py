@@ -8,6 +8,8 @@ for:
 - ``fp16``: the baseline;
 - ``rtn2`` / ``rtn3`` / ``rtn4``: round-to-nearest scalar quantization, group 128, fp16 scale + zero (the floor);
 - ``preset:NAME``: an rvqllm preset (``configs/NAME.yaml``), with its quantization wall time;
+- ``universal:NAME``: preset NAME (no tuning) coded against one universal set of codebooks for the whole
+  model, k-means-trained on a unit Gaussian (issue 13's technique 2, before the format can share them);
 - ``ablate:NAME``: each technique of preset NAME flipped in turn (off when the preset has it on), one row
   each, with its ppl and its quantization wall time (the cost of the technique);
 - ``rd``: the Gaussian rate-distortion benchmark of the RVQ core (``scripts/bench_rd.py``).
@@ -94,11 +96,48 @@ def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
 
         folder = rvqllm.save(model, args.save_dir / save_as, tok, overwrite=True)
         disk = {"checkpoint": str(folder), "disk_mib": folder_bytes(folder) / 2**20}
-    return {**disk, "bpw": size["bpw"], "quantize_seconds": seconds, "quantize_cpu_seconds": cpu, "finetune_seconds": finetune,
+    return {**disk, "bpw": size["bpw"], "codebooks_bpw": size["codebooks_bpw"], "weights": size["weights"],
+            "quantize_seconds": seconds, "quantize_cpu_seconds": cpu, "finetune_seconds": finetune,
             "distill_seconds": report.distill.get("seconds", 0.0),
             "distill": {k: v for k, v in report.distill.items() if not k.startswith("peak")},
             "calib": f"{cfg.calib_sequences}x{cfg.calib_seq_len}", "calib_texts": list(args.calib),
             "ppl": _evaluate(model, tok, args.windows)}
+
+
+def _universal_row(cfg, args) -> dict:
+    """``cfg`` coded against one set of codebooks for every layer, k-means-trained on a unit Gaussian (no
+    layer's data): what sharing codebooks across the model buys before any tuning (issue 13's technique
+    2). The checkpoint format has no shared codebooks yet, so each layer holds a copy; the bpw reported
+    counts the set once (``bpw_shared``) beside the per-layer copies' (``bpw``). Tuning would tune each
+    copy apart, which is not sharing: rows with fine-tuning or distillation are refused."""
+    from unittest import mock
+
+    import bench_layer_techniques as blt
+
+    import rvqllm.pipeline
+    from rvqllm.rvq import quantize_weight
+    from rvqllm.rvq.residual import learn_codebooks
+
+    if cfg.finetune_epochs or cfg.distill_epochs:
+        raise SystemExit("universal:FILE measures coding only: give a YAML with finetune_epochs: 0 and "
+                         "distill_epochs: 0 (shared codebooks cannot be tuned by this harness)")
+    k, d = 1 << cfg.bits, cfg.vector_dim
+    if cfg.stages == 1 and k > 4096:
+        cb = blt.gaussian_codebook(k, d, args.universal_points, args.universal_iters)[None]
+    else:
+        g = torch.randn(k * 64, d, generator=torch.Generator().manual_seed(5))
+        cb = learn_codebooks(g, torch.ones_like(g), cfg.stages, k, 20, 0, 64)
+
+    def shared(*a, **kw):
+        return quantize_weight(*a, codebooks=cb, **kw)
+
+    with mock.patch.object(rvqllm.pipeline, "quantize_weight", shared):
+        row = _quantized_row(cfg, args)
+    weights = row["weights"]
+    return {**row, "bpw_per_layer_copies": row["bpw"],
+            "bpw": row["bpw"] - row["codebooks_bpw"] + cb.numel() * 16 / weights,
+            "universal_codebook": {"stages": cfg.stages, "entries": k, "vector_dim": d,
+                                   "points": args.universal_points, "iters": args.universal_iters}}
 
 
 def run_row(row: str, args, emit) -> None:
@@ -144,12 +183,17 @@ def run_row(row: str, args, emit) -> None:
             row_cfg = cfg.replace(**edits)
             emit({**base, "method": f"rvqllm {name}", "change": change, **_quantized_row(row_cfg, args)})
         return
+    if row.startswith("universal:"):
+        name = row.split(":", 1)[1]
+        cfg = RVQConfig.load(name)
+        emit({**base, "method": f"rvqllm {name}, universal Gaussian codebooks", **_universal_row(cfg, args)})
+        return
     if row == "rd":
         import bench_rd
 
         emit({**base, "method": "gaussian-rd", "rd": bench_rd.run(args.rd_train, args.rd_test, 0)})
         return
-    raise SystemExit(f"unknown row {row!r}: use fp16, rtn2/rtn3/rtn4, preset:NAME, ablate:NAME or rd")
+    raise SystemExit(f"unknown row {row!r}: use fp16, rtn2/rtn3/rtn4, preset:NAME, universal:NAME, ablate:NAME or rd")
 
 
 def _append(path: Path | None, result: dict) -> None:
@@ -230,13 +274,16 @@ def tables(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", nargs="*", default=[], help="fp16 rtn2 rtn3 rtn4 preset:NAME ablate:NAME rd")
+    ap.add_argument("--rows", nargs="*", default=[], help="fp16 rtn2 rtn3 rtn4 preset:NAME universal:NAME ablate:NAME rd")
     ap.add_argument("--windows", type=int, default=64, help="512-token windows per test text (64 = ppl-512x64)")
     ap.add_argument("--calib-seqs", type=int, default=None, help="override the presets' calibration sequences")
     ap.add_argument("--calib-len", type=int, default=None, help="override the presets' calibration length")
     ap.add_argument("--calib", nargs="+", default=list(CALIB_TEXTS),
                     help="calibration texts (default: %(default)s): reference names or any rvqllm text source; "
                          "'sampled' takes its share of the sequences as text sampled from the model itself")
+    ap.add_argument("--universal-points", type=int, default=4_000_000,
+                    help="universal:FILE with a one-stage code above 4,096 entries: Gaussian training vectors")
+    ap.add_argument("--universal-iters", type=int, default=6, help="... and Lloyd iterations")
     ap.add_argument("--rd-train", type=int, default=1 << 17)
     ap.add_argument("--rd-test", type=int, default=1 << 15)
     ap.add_argument("--techniques", nargs="*", default=None,

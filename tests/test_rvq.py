@@ -171,3 +171,26 @@ def test_given_codebooks_are_used_as_they_are(rotate):
     assert _output_error(borrowed, other_w, other_h) < 0.2 * float(torch.trace(other_w.double() @ other_h @ other_w.double().T))
     with pytest.raises(ValueError, match="do not fit"):
         quantize_weight(w, h, codebooks=learned.codebooks[:1], **kw)
+
+
+def test_tiled_search_of_a_large_codebook_is_the_exact_nearest(monkeypatch):
+    """Codebooks above ``BLOCKED_ABOVE`` entries are searched tile by tile (running minimum): the same
+    arg-min as one full distance block, weighted or not, in ``assign`` and in greedy RVQ encoding; a
+    whole layer coded against a 2**12-entry codebook gets the codes of the untiled search."""
+    from rvqllm.rvq import kmeans, residual
+    from rvqllm.rvq.residual import encode_rvq
+
+    gen = torch.Generator().manual_seed(3)
+    x, words = torch.randn(700, 8, generator=gen), torch.randn(5000, 8, generator=gen)
+    wt = torch.rand(700, 8, generator=gen) + 0.1
+    full = kmeans.weighted_sq_dist(x, wt, words).argmin(1)
+    assert torch.equal(kmeans.assign(x, wt, words), full)  # 5000 > BLOCKED_ABOVE: the tiled path
+    assert torch.equal(kmeans.nearest_blocked(x, words), torch.cdist(x, words).argmin(1))
+    cb = words[None, :4096]  # 4096 entries: not tiled at the default threshold
+    untiled = encode_rvq(x, cb, wt=wt)
+    w, h = _correlated_layer(seed=2)
+    kw = dict(vector_dim=8, stages=1, bits=12, seed=0, rotate=True, codebooks=cb)
+    layer_untiled = quantize_weight(w, h, **kw)
+    monkeypatch.setattr(residual, "BLOCKED_ABOVE", 1024)
+    assert torch.equal(encode_rvq(x, cb, wt=wt), untiled)
+    assert torch.equal(quantize_weight(w, h, **kw).codes, layer_untiled.codes)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import rotation
-from .kmeans import assign, weighted_kmeans
+from .kmeans import BLOCKED_ABOVE, assign, nearest_blocked, weighted_kmeans
 
 
 @dataclass
@@ -390,7 +390,8 @@ def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = 
         def weigh(r: Tensor) -> Tensor:
             return r
     else:
-        wsq = wt @ (codebooks * codebooks).transpose(1, 2)  # [S, n, K]: sum_j wt[n, j] * c[k, j]^2
+        # [S, n, K]: sum_j wt[n, j] * c[k, j]^2 (not for huge codebooks: their greedy search is tiled)
+        wsq = wt @ (codebooks * codebooks).transpose(1, 2) if k <= BLOCKED_ABOVE or (beam > 1 and stages > 1) else None
 
         def word_norms(s: int) -> Tensor:  # [n, K]
             return wsq[s]
@@ -401,7 +402,10 @@ def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = 
     greedy = torch.empty(n, stages, dtype=torch.long, device=x.device)
     r = x
     for s in range(stages):
-        idx = (word_norms(s) - 2.0 * weigh(r) @ codebooks[s].T).argmin(1)
+        if k > BLOCKED_ABOVE:  # 2**16-entry codebooks: tile by tile, nothing of size n * k
+            idx = nearest_blocked(r, codebooks[s], wt)
+        else:
+            idx = (word_norms(s) - 2.0 * weigh(r) @ codebooks[s].T).argmin(1)
         greedy[:, s] = idx
         r = r - codebooks[s][idx]
     if beam <= 1 or stages == 1:
