@@ -213,6 +213,19 @@ def _micro_batches(x: Tensor, tgt: Tensor, kw: dict, size: int):
         yield x[a:b], tgt[a:b], {k: _slice(v, a, b, batch) for k, v in kw.items()}
 
 
+def _share_codebooks(wrappers: dict[QuantizedLinear, _TrainableRVQ]) -> None:
+    """Layers whose ``codebooks`` buffer is one tensor (codebooks shared by several layers) get one
+    trainable codebook: every wrapper of such a layer takes the first one's parameter, so the shared
+    codebook is tuned once, by every layer's gradient together, and stays shared when written back."""
+    first: dict[tuple, nn.Parameter] = {}
+    for m, w in wrappers.items():
+        key = (m.codebooks.device, m.codebooks.data_ptr())
+        if key in first:
+            w.codebooks = first[key]
+        else:
+            first[key] = w.codebooks
+
+
 def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[[], float],
           losses: Callable[[], Iterator[Tensor]], *, epochs: int, lr: float,
           storage_dtype: torch.dtype | None, evaluate_after: Callable[[], float] | None = None,
@@ -249,6 +262,7 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
         return before, before, False
     moving = code_fraction > 0
     wrappers = {m: _TrainableRVQ(m, shadow=moving) for m in root.modules() if isinstance(m, QuantizedLinear)}
+    _share_codebooks(wrappers)
     saved_float = [p.detach().clone() for p in float_params]
     saved_layers = {m: (m.codebooks.clone(), m.scales.clone(), None if m.bias is None else m.bias.clone())
                     for m in wrappers}
@@ -260,7 +274,7 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
     _swap(root, wrappers)
     try:
         shadows = [w.shadow for w in wrappers.values() if w.shadow is not None]
-        params = [p for w in wrappers.values() for p in w.parameters() if p is not w.shadow]
+        params = list({id(p): p for w in wrappers.values() for p in w.parameters() if p is not w.shadow}.values())
         for p in frozen:
             p.requires_grad_(False)
         for p in float_params:

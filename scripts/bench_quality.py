@@ -106,32 +106,42 @@ def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
 
 def _universal_row(cfg, args) -> dict:
     """``cfg`` coded against one set of codebooks for every layer, k-means-trained on a unit Gaussian (no
-    layer's data): what sharing codebooks across the model buys before any tuning (issue 13's technique
-    2). The checkpoint format has no shared codebooks yet, so each layer holds a copy; the bpw reported
-    counts the set once (``bpw_shared``) beside the per-layer copies' (``bpw``). Tuning would tune each
-    copy apart, which is not sharing: rows with fine-tuning or distillation are refused."""
+    layer's data): issue 13's technique 2. The layers of the model in memory share one codebook tensor,
+    so the whole-model distillation tunes it once, with every layer's gradient (``finetune._tune`` gives
+    layers with one codebook buffer one parameter); the ppl is measured on that model in memory. The
+    checkpoint format has no shared codebooks yet (``rvqllm.save`` would write a copy per layer), so the
+    bpw reported counts the set once (``bpw``) beside what per-layer copies cost (``bpw_per_layer_copies``).
+    Block fine-tuning would re-tune the shared set block by block: such rows are refused."""
     from unittest import mock
 
     import bench_layer_techniques as blt
 
     import rvqllm.pipeline
+    from rvqllm.nn import QuantizedLinear
     from rvqllm.rvq import quantize_weight
     from rvqllm.rvq.residual import learn_codebooks
 
-    if cfg.finetune_epochs or cfg.distill_epochs:
-        raise SystemExit("universal:FILE measures coding only: give a YAML with finetune_epochs: 0 and "
-                         "distill_epochs: 0 (shared codebooks cannot be tuned by this harness)")
+    if cfg.finetune_epochs:
+        raise SystemExit("universal:FILE cannot block-fine-tune a shared codebook: give a YAML with finetune_epochs: 0")
     k, d = 1 << cfg.bits, cfg.vector_dim
     if cfg.stages == 1 and k > 4096:
         cb = blt.gaussian_codebook(k, d, args.universal_points, args.universal_iters)[None]
     else:
         g = torch.randn(k * 64, d, generator=torch.Generator().manual_seed(5))
         cb = learn_codebooks(g, torch.ones_like(g), cfg.stages, k, 20, 0, 64)
+    shared = cb.half()  # the one codebook tensor every layer's buffer will be
+    from_rvq = QuantizedLinear.from_rvq
 
-    def shared(*a, **kw):
+    def coded(*a, **kw):
         return quantize_weight(*a, codebooks=cb, **kw)
 
-    with mock.patch.object(rvqllm.pipeline, "quantize_weight", shared):
+    def tied(*a, **kw):
+        layer = from_rvq(*a, **kw)
+        layer.codebooks = shared
+        return layer
+
+    with mock.patch.object(rvqllm.pipeline, "quantize_weight", coded), \
+            mock.patch.object(QuantizedLinear, "from_rvq", staticmethod(tied)):
         row = _quantized_row(cfg, args)
     weights = row["weights"]
     return {**row, "bpw_per_layer_copies": row["bpw"],

@@ -291,6 +291,36 @@ def test_distillation_lowers_the_kl_to_the_float_model(calib_ids, tmp_path):
         assert torch.equal(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits)
 
 
+def test_layers_sharing_one_codebook_tensor_are_tuned_as_one(calib_ids):
+    """Codebooks shared by several layers (one tensor behind every layer's buffer): distillation gives
+    them one parameter, so the shared codebook moves once, with every layer's gradient, and every layer
+    still holds that one tensor afterwards (not a per-layer copy tuned apart); the KL still falls."""
+    from rvqllm.finetune import distill_model, teacher_topk
+
+    float_model = tiny_llama()
+    batches = [calib_ids[:4], calib_ids[4:]]
+    teacher = teacher_topk(float_model, batches, k=16)
+    model = tiny_llama()
+    rvqllm.quantize(model, rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3), calib_ids)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    shared = layers[0].codebooks.clone()
+    for m in layers:
+        m.codebooks = shared
+    start = shared.clone()
+    from rvqllm.finetune import _share_codebooks, _TrainableRVQ
+
+    own = QuantizedLinear.from_rvq(quantize_weight(torch.randn(8, 16), None, vector_dim=8, stages=1, bits=3), 3, None)
+    wrappers = {m: _TrainableRVQ(m) for m in [*layers, own]}
+    _share_codebooks(wrappers)
+    assert len({id(wrappers[m].codebooks) for m in layers}) == 1  # one parameter for the shared tensor
+    assert wrappers[own].codebooks is not wrappers[layers[0]].codebooks
+    before, after = distill_model(model, list(model.model.layers), batches, teacher, epochs=10, lr=3e-3,
+                                  micro_batch=2, storage_dtype=torch.float16)
+    assert after < before, (before, after)
+    assert all(m.codebooks is shared for m in layers)
+    assert not torch.equal(shared, start)  # tuned, in the one tensor
+
+
 def test_codes_move_during_distillation_and_the_model_is_what_is_saved(calib_ids, tmp_path):
     from rvqllm.finetune import _topk_kl, distill_model, teacher_topk
 
