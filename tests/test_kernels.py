@@ -88,6 +88,28 @@ def test_repacked_codes_follow_in_place_edits(fast_cpu):
     assert again is not first and again[2 * 2 + 1, 3] == codes[3, 2, 1]
 
 
+def test_large_codebooks_are_converted_once_and_follow_in_place_edits(fast_cpu):
+    """A 65,536-entry fp16 table goes to the kernels as a float32 copy kept on the tensor: made once
+    for every call (and every layer sharing the tensor), made again after an in-place edit (the output
+    follows it) and never taken over by a copy of the tensor."""
+    codes, cb, sc, b = make_layer(19, 64, 8, 1, 65536, torch.int16, seed=4)
+    x = torch.randn(2, 64)
+    first, flag = cpu._float_codebooks(cb)
+    assert flag == 0 and first.dtype == torch.float32 and cpu._float_codebooks(cb)[0] is first
+    code = int(codes[5, 1, 0]) & 0xFFFF
+    with torch.no_grad():
+        cb[0, code] += 1.0
+    assert cpu._float_codebooks(cb)[0] is not first
+    for impl in CPU_IMPLS:
+        torch.testing.assert_close(dispatch.get_impl(impl)(x, codes, cb, sc, b, 64),
+                                   rvq_linear_reference(x, codes, cb, sc, b, 64), rtol=1e-4, atol=1e-4)
+    twin = cb.clone()
+    twin.__dict__.update(cb.__dict__)  # a copy carrying the attribute: its own storage, so not reused
+    assert cpu._float_codebooks(twin)[0] is not cpu._float_codebooks(cb)[0]
+    small = torch.randn(2, 256, 8).half()
+    assert cpu._float_codebooks(small)[1] == 1  # small tables: as they are, the kernel converts them
+
+
 def test_sixteen_bit_codes_use_the_upper_half(fast_cpu):
     """int16 codes >= 32768 are negative bit patterns; every implementation must read them as unsigned."""
     codes, cb, sc, b = make_layer(24, 40, 8, 2, 65536, torch.int16, seed=3)

@@ -30,9 +30,31 @@ def _half_flag(t: Tensor) -> tuple[Tensor, int]:
     return t.float().contiguous(), 0
 
 
+#: fp16 codebooks of at least this many values go to the kernels as a cached float32 copy
+LARGE_CODEBOOK = 1 << 16
+
+
+def _float_codebooks(codebooks: Tensor) -> tuple[Tensor, int]:
+    """``codebooks`` for the kernels: small ones as they are (the kernel converts fp16 per call, a few
+    KiB); large fp16 ones (a 65,536-entry table: 1 MiB) as a float32 copy kept on the tensor itself and
+    made again only when the tensor changes in place (its version counter), so a table shared by every
+    layer is converted once, not at every call of every layer (the kernel reads float32 as it is)."""
+    if codebooks.dtype != torch.float16 or codebooks.numel() < LARGE_CODEBOOK:
+        return _half_flag(codebooks)
+    try:  # the storage too: a deep copy carries the attribute but has its own storage and counter
+        version = (codebooks._version, codebooks.data_ptr())
+    except RuntimeError:  # an inference-mode tensor keeps no version: convert every call
+        return codebooks.float().contiguous(), 0
+    cached = getattr(codebooks, "_rvq_float32", None)
+    if cached is None or cached[0] != version:
+        cached = (version, codebooks.float().contiguous())
+        codebooks._rvq_float32 = cached
+    return cached[1], 0
+
+
 def _common(codes: Tensor, codebooks: Tensor, scales: Tensor):
     codes = codes.contiguous()
-    cb, cb_half = _half_flag(codebooks)
+    cb, cb_half = _float_codebooks(codebooks)
     sc, sc_half = _half_flag(scales)
     return codes, int(codes.dtype == torch.int16), cb, cb_half, sc, sc_half
 

@@ -427,13 +427,19 @@ static void lut16_token(const float* xr, const uint8_t* ct, int64_t Opad, const 
 
 struct Prep {
   std::vector<float> cb, sc, xp;
+  const float* cbp = nullptr;  // the float32 codebooks: the caller's own when given in float32 (no copy)
 };
 static thread_local Prep g_prep;
 
 static void prep(Prep& p, const float* x, int64_t T, const void* cb, int cb_half, const void* sc, int sc_half,
                  int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features) {
-  p.cb.resize(S * K * D);
-  to_f32(cb, cb_half, S * K * D, p.cb.data());
+  if (cb_half) {
+    p.cb.resize(S * K * D);
+    to_f32(cb, cb_half, S * K * D, p.cb.data());
+    p.cbp = p.cb.data();
+  } else {
+    p.cbp = (const float*)cb;
+  }
   p.sc.resize(O);
   to_f32(sc, sc_half, O, p.sc.data());
   if (x) {
@@ -462,8 +468,8 @@ void rvq_gemv_lut(const float* x, int64_t T, const void* codes, int code16, cons
                   int64_t S, int64_t K, int64_t D, int64_t in_features, float* y, int nt) {
   Prep& p = g_prep;
   prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
-  if (code16) lut_impl<uint16_t>(p.xp.data(), T, (const uint16_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
-  else lut_impl<uint8_t>(p.xp.data(), T, (const uint8_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  if (code16) lut_impl<uint16_t>(p.xp.data(), T, (const uint16_t*)codes, p.cbp, p.sc.data(), O, G, S, K, D, y, nt);
+  else lut_impl<uint8_t>(p.xp.data(), T, (const uint8_t*)codes, p.cbp, p.sc.data(), O, G, S, K, D, y, nt);
   finish(y, T, O, p.sc.data(), bias, bias_half, nt);
 }
 
@@ -472,8 +478,8 @@ void rvq_gemv_decode(const float* x, int64_t T, const void* codes, int code16, c
                      int64_t S, int64_t K, int64_t D, int64_t in_features, float* y, int nt) {
   Prep& p = g_prep;
   prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
-  if (code16) DISPATCH_D(decode_impl, uint16_t, p.xp.data(), T, (const uint16_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
-  else DISPATCH_D(decode_impl, uint8_t, p.xp.data(), T, (const uint8_t*)codes, p.cb.data(), p.sc.data(), O, G, S, K, D, y, nt);
+  if (code16) DISPATCH_D(decode_impl, uint16_t, p.xp.data(), T, (const uint16_t*)codes, p.cbp, p.sc.data(), O, G, S, K, D, y, nt);
+  else DISPATCH_D(decode_impl, uint8_t, p.xp.data(), T, (const uint8_t*)codes, p.cbp, p.sc.data(), O, G, S, K, D, y, nt);
   finish(y, T, O, p.sc.data(), bias, bias_half, nt);
 }
 
@@ -482,8 +488,8 @@ void rvq_dequant_rows(const void* codes, int code16, const void* cb, int cb_half
                       int64_t o0, int64_t o1, float* w, int nt) {
   Prep& p = g_prep;
   prep(p, nullptr, 0, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
-  if (code16) DISPATCH_D(dequant_impl, uint16_t, (const uint16_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
-  else DISPATCH_D(dequant_impl, uint8_t, (const uint8_t*)codes, p.cb.data(), p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
+  if (code16) DISPATCH_D(dequant_impl, uint16_t, (const uint16_t*)codes, p.cbp, p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
+  else DISPATCH_D(dequant_impl, uint8_t, (const uint8_t*)codes, p.cbp, p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
 }
 
 int rvq_has_lut16() {
