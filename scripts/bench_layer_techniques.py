@@ -93,6 +93,20 @@ def gaussian_codebook(k: int, d: int, points: int, iters: int, seed: int = 5) ->
     return centers
 
 
+def universal_codebooks(stages: int, bits: int, d: int, points: int, iters: int) -> torch.Tensor:
+    """``[stages, 2**bits, d]`` codebooks k-means-trained on a unit Gaussian (no layer's data): one stage
+    above ``BLOCKED_ABOVE`` entries by :func:`gaussian_codebook` (``points`` vectors, ``iters`` Lloyd
+    iterations), otherwise residual k-means on ``64 * 2**bits`` vectors (``learn_codebooks``)."""
+    from rvqllm.rvq.kmeans import BLOCKED_ABOVE
+    from rvqllm.rvq.residual import learn_codebooks
+
+    k = 1 << bits
+    if stages == 1 and k > BLOCKED_ABOVE:
+        return gaussian_codebook(k, d, points, iters)[None]
+    g = torch.randn(k * 64, d, generator=torch.Generator().manual_seed(5))
+    return learn_codebooks(g, torch.ones_like(g), stages, k, 20, 0, 64)
+
+
 def gaussian_mse(codebooks: torch.Tensor, beam: int, n: int = 65536) -> float:
     """Held-out MSE per dimension of ``codebooks [S, K, d]`` on ``n`` fresh unit-Gaussian vectors."""
     from rvqllm.rvq.residual import encode_rvq_chunked
@@ -111,20 +125,12 @@ def sharing(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], big: bool, poi
     the shapes of :data:`BIG_KW` with universal Gaussian codebooks (``points`` training vectors, ``iters``
     Lloyd iterations for the 65,536-entry one), and every universal codebook's held-out MSE on the
     Gaussian itself."""
-    from rvqllm.rvq.residual import learn_codebooks
-
     own = {n: quantize_weight(w, h, **SHARED_KW) for n, (w, h) in layers.items()}
-    g = torch.randn(256 * 64, 8, generator=torch.Generator().manual_seed(5))
-    gaussian = learn_codebooks(g, torch.ones_like(g), 2, 256, 20, 0, 64)
+    gaussian = universal_codebooks(2, 8, 8, points, iters)
     universal = {"universal 2 x 256 (d 8, beam 8), k-means on a unit Gaussian": (gaussian, SHARED_KW)}
     if big:
         for name, shape in BIG_KW.items():
-            d, stages, bits = shape["vector_dim"], shape["stages"], shape["bits"]
-            if stages == 1:
-                cb = gaussian_codebook(1 << bits, d, points, iters)[None]
-            else:
-                g = torch.randn(256 * 64, d, generator=torch.Generator().manual_seed(5))
-                cb = learn_codebooks(g, torch.ones_like(g), stages, 1 << bits, 20, 0, 64)
+            cb = universal_codebooks(shape["stages"], shape["bits"], shape["vector_dim"], points, iters)
             universal[name] = (cb, {**SHARED_KW, **shape})
 
     def kind(name: str) -> str:  # model.layers.3.self_attn.q_proj -> q_proj

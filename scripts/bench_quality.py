@@ -119,16 +119,11 @@ def _universal_row(cfg, args) -> dict:
     import rvqllm.pipeline
     from rvqllm.nn import QuantizedLinear
     from rvqllm.rvq import quantize_weight
-    from rvqllm.rvq.residual import learn_codebooks
 
     if cfg.finetune_epochs:
         raise SystemExit("universal:FILE cannot block-fine-tune a shared codebook: give a YAML with finetune_epochs: 0")
     k, d = 1 << cfg.bits, cfg.vector_dim
-    if cfg.stages == 1 and k > 4096:
-        cb = blt.gaussian_codebook(k, d, args.universal_points, args.universal_iters)[None]
-    else:
-        g = torch.randn(k * 64, d, generator=torch.Generator().manual_seed(5))
-        cb = learn_codebooks(g, torch.ones_like(g), cfg.stages, k, 20, 0, 64)
+    cb = blt.universal_codebooks(cfg.stages, cfg.bits, d, args.universal_points, args.universal_iters)
     shared = cb.half()  # the one codebook tensor every layer's buffer will be
     from_rvq = QuantizedLinear.from_rvq
 
