@@ -17,7 +17,10 @@ Folder layout (``N`` = number of decoder blocks + 1)::
 
 For each quantized layer NAME a shard holds NAME.codes [out, in_groups, stages] uint8|int16,
 NAME.codebooks [stages, 2**bits, vector_dim] fp16, NAME.scales [out] fp16, NAME.bias [out] (if any) and
-NAME.signs [in_groups * vector_dim] int8 ±1 (rotated layers only). Unquantized float tensors are stored
+NAME.signs [in_groups * vector_dim] int8 ±1 (rotated layers only). A layer whose spec says
+``shared_codebooks: true`` stores no codebooks of its own: it decodes with the model's one shared codebook,
+``rvq_shared.codebooks [stages, 2**bits, vector_dim]`` fp16, stored once in the last shard (config
+``shared_codebook``; every sharing layer has that code shape). Unquantized float tensors are stored
 in the model's 16-bit dtype; tied duplicates (lm_head <- embed_tokens) are stored once.
 
 Each shard's safetensors metadata holds the sha256 of every tensor it holds (``rvq_tensor_sha256``) and
@@ -50,7 +53,7 @@ from .arch import is_linear
 from .config import RVQConfig
 from .errors import RVQError
 from .fsutil import fsync_path
-from .nn import QuantizedLinear, mark_quantized
+from .nn import SHARED_KEY, QuantizedLinear, bind_shared, mark_quantized
 from .size import model_specs
 from .validate import (
     CONFIG_SUM_KEY,
@@ -134,9 +137,16 @@ def _kept_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _quantized_buffers(module: nn.Module, prefix: str) -> set[str]:
-    """Names (``prefix`` + name under ``module``) of the codes/codebooks/scales of its quantized layers."""
+    """Names (``prefix`` + name under ``module``) of the codes/codebooks/scales of its quantized layers,
+    and the shared codebook's (stored as they are, never cast)."""
     return {f"{prefix}{n}.{b}" for n, m in module.named_modules() if isinstance(m, QuantizedLinear)
-            for b in _QUANTIZED_BUFFERS}
+            for b in _QUANTIZED_BUFFERS} | {f"{prefix}{SHARED_KEY}"}
+
+
+def _kept_as_stored(layers: dict[str, dict]) -> set[str]:
+    """Names of the tensors of quantized layers ``{name: spec}`` never cast on save or load (and the shared
+    codebook's)."""
+    return {f"{name}.{b}" for name in layers for b in _QUANTIZED_BUFFERS} | {SHARED_KEY}
 
 
 def _stored(name: str, t: Tensor, dtype: torch.dtype | None, quantized: bool) -> Tensor:
@@ -226,8 +236,10 @@ def read_shard(path: str | Path) -> tuple[dict[str, Tensor], dict[str, dict]]:
     path = Path(path)
     tensors, metadata = read_checksummed(path)
     specs = shard_specs(path, metadata)
-    for name in specs:
+    for name, spec in specs.items():
         for b in _QUANTIZED_BUFFERS:
+            if b == "codebooks" and spec.get("shared_codebooks"):
+                continue
             if f"{name}.{b}" not in tensors:
                 raise RVQError(f"{path} lacks tensor '{name}.{b}' of quantized layer {name!r} (listed in its "
                                f"{SPECS_KEY}): {_SHARD_FIX}")
@@ -496,7 +508,10 @@ def publish(shards_dir: str | Path, out: str | Path, *, model_config: dict | Non
         for k in range(1, n):
             if _place(found[k], tmp / found[k].name):
                 moved.append((found[k], tmp / found[k].name))
-        quantized = {f"{name}.{b}" for name in qcfg["layers"] for b in _QUANTIZED_BUFFERS}
+        quantized = _kept_as_stored(qcfg["layers"])
+        if any(s.get("shared_codebooks") for s in qcfg["layers"].values()) and SHARED_KEY not in rest:
+            raise RVQError(f"the quantization config lists layers with a shared codebook but {SHARED_KEY} is not "
+                           "among the tensors to save: attach it to the model (rvqllm.nn.attach_shared)")
         last = {name: _stored(name, t, dtype, name in quantized) for name, t in rest.items()}
         _write_shard(tmp / shard_name(n - 1, n), last,
                      {name: s for name, s in qcfg["layers"].items() if f"{name}.codes" in last})
@@ -601,7 +616,7 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     folder = Path(folder)
     checked = validate_checkpoint(folder, dtype)
     model, qcfg, tensors = checked.skeleton, checked.quantization_config, checked.tensors
-    quantized_buffers = {f"{n}.{b}" for n in qcfg["layers"] for b in ("codes", "codebooks", "scales")}
+    quantized_buffers = _kept_as_stored(qcfg["layers"])
     for k, t in tensors.items():
         if k not in quantized_buffers and t.is_floating_point():
             tensors[k] = t.to(dtype)
@@ -609,6 +624,7 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     if result.unexpected_keys:  # validate_checkpoint already refused these; kept as a guard
         raise RVQError(f"{folder} holds tensor {result.unexpected_keys[0]!r} that the model has no place for")
     model.tie_weights()
+    bind_shared(model)  # the skeleton's layers already point at model.rvq_shared; kept as a guard
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     missing += [n for n, b in model.named_buffers() if b.is_meta]
     if missing:

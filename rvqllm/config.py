@@ -40,6 +40,7 @@ class RVQConfig:
     hessian_damp: float = 0.01  #: add this x mean(diag H) x I to each layer's input Hessian (larger: less bent to the calibration text)
     codebook_refits: int = 0  #: rounds of joint least-squares codebook re-fit to beam-searched codes (0 = off)
     rotate: bool = False  #: code W R, R a random sign flip + block Hadamard, applied to x at run time (docs/ROTATION.md)
+    shared_codebook: str | None = None  #: one codebook for every layer, stored once: a built-in name ("gaussian-65536") or a .safetensors file (rvqllm.rvq.universal); no k-means then
     # --- block fine-tuning (rvqllm.finetune) -----------------------------------------------------------
     finetune_epochs: int = 0  #: Adam passes over the calibration batches per block (0 = off)
     finetune_lr: float = 1e-3  #: Adam learning rate for codebooks, scale gains, biases and norms
@@ -141,6 +142,21 @@ class RVQConfig:
              "bpw_budget needs mixed_candidates: list the code shapes the layers may use")
         for c in self.mixed_candidates:
             RVQConfig(vector_dim=c["vector_dim"], stages=c["stages"], bits=c["bits"])  # same range checks
+        need(self.shared_codebook is None or (isinstance(self.shared_codebook, str) and self.shared_codebook != ""),
+             f"shared_codebook={self.shared_codebook!r} must be a built-in codebook name or a .safetensors path (or null)")
+        if self.shared_codebook is not None:
+            from .rvq.universal import builtin_shape
+
+            shape = builtin_shape(self.shared_codebook)
+            need(shape is None or shape == (self.stages, self.bits, self.vector_dim),
+                 f"shared_codebook {self.shared_codebook!r} is {shape[0] if shape else 0} stage(s) of 2**"
+                 f"{shape[1] if shape else 0} entries of dimension {shape[2] if shape else 0}: set stages, bits "
+                 "and vector_dim to those")
+            need(self.bpw_budget is None, "shared_codebook cannot be combined with bpw_budget (mixed precision "
+                 "gives layers different code shapes): drop one of the two")
+            need(self.finetune_epochs == 0, "shared_codebook cannot be combined with block fine-tuning (each block "
+                 "would move the codebook the earlier blocks were tuned against): set finetune_epochs: 0 and "
+                 "use distill_epochs, which tunes the shared codebook with the whole model")
         need(isinstance(self.skip, list) and all(isinstance(s, str) for s in self.skip),
              "skip must be a list of module-name substrings, e.g. [lm_head]")
 

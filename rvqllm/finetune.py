@@ -129,7 +129,7 @@ class _TrainableRVQ(nn.Module):
     @torch.no_grad()
     def write_back(self) -> None:
         """Round the trained values to the stored precision and put them in the wrapped layer."""
-        self._layer[0].codebooks.copy_(self.codebooks.clamp(-65504, 65504).half())
+        self._layer[0].write_codebooks(self.codebooks.clamp(-65504, 65504).half())
         self._layer[0].scales.copy_(self.scales().clamp(-65504, 65504).half())
         if self.bias is not None:
             self._layer[0].bias.copy_(self.bias.to(self._layer[0].bias.dtype))
@@ -214,12 +214,13 @@ def _micro_batches(x: Tensor, tgt: Tensor, kw: dict, size: int):
 
 
 def _share_codebooks(wrappers: dict[QuantizedLinear, _TrainableRVQ]) -> None:
-    """Layers whose ``codebooks`` buffer is one tensor (codebooks shared by several layers) get one
+    """Layers whose ``codebooks`` are one tensor (the model's shared codebook, or one buffer) get one
     trainable codebook: every wrapper of such a layer takes the first one's parameter, so the shared
     codebook is tuned once, by every layer's gradient together, and stays shared when written back."""
     first: dict[tuple, nn.Parameter] = {}
     for m, w in wrappers.items():
-        key = (m.codebooks.device, m.codebooks.data_ptr())
+        owner = m.shared_owner  # one shared codebook, whatever device each layer reads its copy on
+        key = ("shared", id(owner)) if owner is not None else (m.codebooks.device, m.codebooks.data_ptr())
         if key in first:
             w.codebooks = first[key]
         else:
@@ -341,7 +342,7 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
             for p, v in zip(float_params, saved_float, strict=True):
                 p.copy_(v)
             for m, (cb, sc, b) in saved_layers.items():
-                m.codebooks.copy_(cb)
+                m.write_codebooks(cb)
                 m.scales.copy_(sc)
                 if b is not None:
                     m.bias.copy_(b)

@@ -38,7 +38,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .arch import prepare_for_layers, set_module
 from .checkpoint import FORMAT_VERSION, QUANT_METHOD
 from .errors import RVQError
-from .nn import QuantizedLinear
+from .nn import QuantizedLinear, attach_shared, bind_shared
 
 #: Per-layer keys every entry of ``quantization_config.layers`` must have.
 LAYER_KEYS = ("in_features", "out_features", "vector_dim", "stages", "bits", "bias")
@@ -132,6 +132,12 @@ class RVQHfQuantizer(HfQuantizer):
                 # touches ``parent.<child>.weight`` (GPT-2's scaled c_proj init), which a quantized layer
                 # has not; such a parent holds nothing of its own to initialise, so mark it done.
                 parent._is_hf_initialized = True
+        shared = [spec for spec in layers.values() if spec.get("shared_codebooks")]
+        if shared:  # the one shared codebook (rvq_shared.codebooks), filled by the loader like any buffer
+            s = shared[0]
+            attach_shared(model, torch.empty(s["stages"], 1 << s["bits"], s["vector_dim"], dtype=torch.float16,
+                                             device=device))
+            bind_shared(model)
         model.rvq_layers = {k: dict(v) for k, v in layers.items()}
         return model
 

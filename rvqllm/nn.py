@@ -9,6 +9,47 @@ from .kernels import dequantize, rvq_linear
 from .kernels.cpu_build import warn_once
 from .rvq import RVQWeight, code_dtype, pack, rotation
 
+#: attribute of the model that holds the shared codebook (:class:`SharedCodebooks`); its tensor is stored
+#: once in a checkpoint, as ``SHARED_KEY``
+SHARED_NAME = "rvq_shared"
+SHARED_KEY = f"{SHARED_NAME}.codebooks"
+
+
+class SharedCodebooks(nn.Module):
+    """The one codebook every layer with ``shared_codebooks`` decodes with (config ``shared_codebook``).
+
+    A child of the model (``model.rvq_shared``), so ``model.to()`` moves it once and the checkpoint stores
+    its buffer ``codebooks [stages, 2**bits, vector_dim]`` fp16 once. Layers on another device than this
+    module (a model spread over devices) read a copy made once per device (again after an in-place change).
+    """
+
+    def __init__(self, codebooks: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("codebooks", codebooks)
+        self._copies: dict[torch.device, tuple[tuple, Tensor]] = {}
+
+    def on(self, device: torch.device) -> Tensor:
+        """The codebook on ``device``: the buffer itself there, else a cached copy."""
+        cb = self.codebooks
+        if cb.device == device or cb.is_meta:
+            return cb
+        try:
+            key = (cb._version, cb.data_ptr(), cb.device)
+        except RuntimeError:  # an inference-mode tensor keeps no version: copy every call
+            return cb.to(device)
+        hit = self._copies.get(device)
+        if hit is None or hit[0] != key:
+            hit = (key, cb.to(device))
+            self._copies[device] = hit
+        return hit[1]
+
+
+def attach_shared(model: nn.Module, codebooks: Tensor) -> SharedCodebooks:
+    """Give ``model`` its shared codebook (``model.rvq_shared``), replacing any earlier one; returns it."""
+    owner = SharedCodebooks(codebooks)
+    setattr(model, SHARED_NAME, owner)
+    return owner
+
 
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight stays compressed in memory and is decoded on the fly.
@@ -24,6 +65,9 @@ class QuantizedLinear(nn.Module):
     :mod:`rvqllm.rvq.rotation`); its forward computes ``x' = x R`` (zero-padded to the coded width) and
     runs the same op on ``x'``. A layer without rotation has no ``signs`` buffer and no ``hadamard_block``
     spec field, so its checkpoint entry is exactly what it was before rotations existed.
+
+    A layer built with ``shared=True`` (spec ``shared_codebooks``) has no ``codebooks`` buffer of its own:
+    ``codebooks`` reads the model's :class:`SharedCodebooks`, which :meth:`share` attaches.
 
     ``weight`` exists for model code that reads a linear layer's matrix instead of calling it (Mamba's
     ``dt_proj.weight @ x``; the CUDA fast paths of Mamba hybrids): it decodes the whole ``[out, in]``
@@ -44,8 +88,11 @@ class QuantizedLinear(nn.Module):
         bias_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         hadamard_block: int = 0,
+        shared: bool = False,
     ) -> None:
         super().__init__()
+        self.shared = shared
+        self._owner_ref: tuple[SharedCodebooks, ...] = ()  # a tuple: not registered as a submodule
         self.in_features = in_features
         self.out_features = out_features
         self.vector_dim = vector_dim
@@ -55,9 +102,10 @@ class QuantizedLinear(nn.Module):
         self.compute_dtype = bias_dtype
         groups = -(-in_features // vector_dim)
         self.register_buffer("codes", torch.zeros(out_features, groups, stages, dtype=code_dtype(bits), device=device))
-        self.register_buffer(
-            "codebooks", torch.zeros(stages, 1 << bits, vector_dim, dtype=torch.float16, device=device)
-        )
+        if not shared:
+            self.register_buffer(
+                "codebooks", torch.zeros(stages, 1 << bits, vector_dim, dtype=torch.float16, device=device)
+            )
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float16, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
@@ -74,7 +122,7 @@ class QuantizedLinear(nn.Module):
         """An empty layer (buffers to be loaded) from a checkpoint's per-layer spec (see :meth:`spec`)."""
         return cls(spec["in_features"], spec["out_features"], vector_dim=spec["vector_dim"], stages=spec["stages"],
                    bits=spec["bits"], bias=spec["bias"], bias_dtype=bias_dtype, device=device,
-                   hadamard_block=spec.get("hadamard_block", 0))
+                   hadamard_block=spec.get("hadamard_block", 0), shared=bool(spec.get("shared_codebooks")))
 
     @classmethod
     def from_rvq(cls, q: RVQWeight, bits: int, bias: Tensor | None,
@@ -102,6 +150,38 @@ class QuantizedLinear(nn.Module):
         if dtype is not None:
             layer.compute_dtype = dtype
         return layer
+
+    def __getattr__(self, name: str):
+        if name == "codebooks" and self.__dict__.get("shared"):
+            ref = self.__dict__.get("_owner_ref")
+            if not ref:
+                raise RuntimeError("this QuantizedLinear uses a shared codebook that was never attached: "
+                                   "call layer.share(model.rvq_shared) (rvqllm.load does)")
+            return ref[0].on(self._buffers["codes"].device)
+        return super().__getattr__(name)
+
+    @property
+    def shared_owner(self) -> SharedCodebooks | None:
+        """The :class:`SharedCodebooks` this layer decodes with, or ``None`` (its own codebooks)."""
+        return self._owner_ref[0] if self._owner_ref else None
+
+    def share(self, owner: SharedCodebooks) -> QuantizedLinear:
+        """Decode with ``owner``'s codebook from now on (its shape must be this layer's); the layer's own
+        ``codebooks`` buffer, if any, is dropped. Returns the layer."""
+        want = (self.stages, 1 << self.bits, self.vector_dim)
+        if tuple(owner.codebooks.shape) != want:
+            raise ValueError(f"shared codebook of shape {list(owner.codebooks.shape)} for a layer coded with "
+                             f"{list(want)} (stages, 2**bits, vector_dim)")
+        self._buffers.pop("codebooks", None)
+        self.shared = True
+        self._owner_ref = (owner,)
+        return self
+
+    def write_codebooks(self, values: Tensor) -> None:
+        """Overwrite the codebooks this layer decodes with (the shared ones, for a sharing layer)."""
+        target = self._owner_ref[0].codebooks if self._owner_ref else self.codebooks
+        with torch.no_grad():
+            target.copy_(values.to(device=target.device, dtype=target.dtype))
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.half()``, ``.cuda()``...: the buffers, and ``compute_dtype`` as a float parameter's."""
@@ -163,6 +243,8 @@ class QuantizedLinear(nn.Module):
         }
         if self.signs is not None:
             spec["hadamard_block"] = self.hadamard_block
+        if self.shared:
+            spec["shared_codebooks"] = True
         return spec
 
     def extra_repr(self) -> str:
@@ -170,7 +252,19 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, vector_dim={self.vector_dim}, "
             f"stages={self.stages}, bits={self.bits}, bias={self.bias is not None}"
             + (f", hadamard_block={self.hadamard_block}" if self.signs is not None else "")
+            + (", shared_codebooks=True" if self.shared else "")
         )
+
+
+def bind_shared(model: nn.Module) -> None:
+    """Attach ``model.rvq_shared`` to every layer of ``model`` that uses a shared codebook; raise
+    :class:`ValueError` when such a layer exists and the model has none."""
+    owner = getattr(model, SHARED_NAME, None)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear) and m.shared:
+            if owner is None:
+                raise ValueError(f"layer {name} uses a shared codebook but the model has no {SHARED_NAME}")
+            m.share(owner)
 
 
 def mark_quantized(model: nn.Module) -> None:

@@ -58,7 +58,7 @@ from .finetune import (
 from .kernels.cpu_build import warn_once
 from .meter import Meter, trim_host_memory
 from .mixed import allocate, fisher_sensitivity
-from .nn import QuantizedLinear, mark_quantized
+from .nn import QuantizedLinear, SharedCodebooks, attach_shared, mark_quantized
 from .placement import Placement, oom_errors
 from .resume import MemoryActivations, RunDir, run_fingerprint
 from .rvq import quantize_weight
@@ -331,6 +331,7 @@ class _Walk:
         self.fp = None  # the float model's activations (fine-tuning towards them, or distillation's teacher)
         self.plan: dict[str, dict] = {}
         self.specs: dict[str, dict] = dict(getattr(self.model, "rvq_layers", {}))
+        self.shared: SharedCodebooks | None = None
 
     # -- before the first block ------------------------------------------------------------------
     def prepare(self, run_dir, resume: bool) -> None:
@@ -354,6 +355,13 @@ class _Walk:
             if not self.place.is_main:  # the other ranks join the folder rank 0 prepared, as it is
                 self.run = RunDir.open(run_dir, fingerprint, resume=True, clean=False)
         source.load_rest(self.device)
+        if cfg.shared_codebook is not None:  # every layer codes against it; the model keeps it (stored once)
+            from .rvq.universal import load_shared_codebook
+
+            tuned = self.run.shared_codebook() if self.run is not None else None  # a resumed, distilled run's
+            cb = tuned if tuned is not None else load_shared_codebook(cfg.shared_codebook, cfg.stages, cfg.bits,
+                                                                      cfg.vector_dim)
+            self.shared = attach_shared(self.model, cb.to(self.device))
         self.start_block = self.run.blocks_done if self.run is not None else 0
         if source.streaming and self.start_block == 0:  # streamed: the embeddings and the first block tell
             check_causal_first_block(self.model, source.load_block(0, self.device), self.device)
@@ -438,13 +446,18 @@ class _Walk:
                     kmeans_points=cfg.kmeans_points, beam=cfg.beam_width, hessian_weighted=cfg.hessian_weighted,
                     error_feedback=cfg.error_feedback, refits=cfg.codebook_refits,
                     seed=cfg.seed * 100_003 + self.offsets[i] + k, rotate=cfg.rotate, damp=cfg.hessian_damp,
+                    codebooks=None if self.shared is None else self.shared.codebooks.float(),
                 )
                 bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-                coded[name] = (QuantizedLinear.from_rvq(q, shape["bits"], bias, linear_weight(module).dtype).to(self.device),
-                               time.perf_counter() - t0)
+                qlayer = QuantizedLinear.from_rvq(q, shape["bits"], bias, linear_weight(module).dtype).to(self.device)
+                if self.shared is not None:
+                    qlayer.share(self.shared)
+                coded[name] = (qlayer, time.perf_counter() - t0)
             for name in layers:
                 mine, seconds = coded.get(name, (None, 0.0))
                 qlayer = place.broadcast_layer(mine, None if mine is None else mine.spec(), owners[name])
+                if qlayer.shared and qlayer.shared_owner is None:  # another rank's layer: the same codebook here
+                    qlayer.share(self.shared)
                 set_module(self.model, name, qlayer)
                 self.specs[name] = qlayer.spec()
                 self.report.layers[name] = {**qlayer.spec(), "seconds": round(seconds, 3), "rank": owners[name]}
@@ -485,6 +498,8 @@ class _Walk:
                 old = self.model.get_submodule(name)
                 if is_linear(old):  # the float layer it replaces computes in the model's dtype
                     qlayer.compute_dtype = linear_weight(old).dtype
+                if qlayer.shared:
+                    qlayer.share(self.shared)
                 set_module(self.model, name, qlayer)
         for name in self.names[i]:
             spec = self.run.layer_spec(i, name)

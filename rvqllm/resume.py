@@ -12,6 +12,9 @@ Layout of ``<out>.partial/`` (written by :class:`RunDir`)::
     in-000k/00000.safetensors the inputs (hidden states) of block k, one file per calibration batch
     fp-000k/...               the float model's inputs of block k (fine-tuning towards them, distillation)
     teacher-000N/...          the float model's top-k next-token log-probabilities (distillation)
+    shared-codebook.safetensors
+                              the shared codebook as the distillation tuned it (config shared_codebook),
+                              written before progress.json says distilled
 
 After block ``i`` is quantized, its shard and the next block's inputs are written and flushed, then
 ``progress.json`` says ``blocks_done = i + 1``; only then are block ``i``'s inputs deleted. A kill at any
@@ -41,7 +44,7 @@ from .checkpoint import block_tensors, read_shard, shard_name, write_shard
 from .config import RVQConfig
 from .errors import RVQError
 from .fsutil import fsync_path
-from .nn import QuantizedLinear
+from .nn import SHARED_KEY, SHARED_NAME, QuantizedLinear, bind_shared
 from .validate import TENSOR_SUMS_KEY, read_checksummed, tensor_digest, write_safetensors
 
 RUN_VERSION = 1
@@ -201,6 +204,7 @@ class RunDir:
         keep |= {self.shard_path(i).name for i in range(self.blocks_done)}
         if self.distilled:
             self._rename_distilled()
+            keep.add(SHARED_FILE)
         for p in self.path.iterdir():
             if p.name not in keep:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -246,9 +250,22 @@ class RunDir:
         if write:
             for i in range(self.n_blocks):
                 self._write_block(i, model, dtype, self._distilled_path(i))
+            owner = getattr(model, SHARED_NAME, None)
+            if owner is not None:  # the distillation tuned the shared codebook too: keep it with the shards
+                write_shard(self.path / SHARED_FILE, {SHARED_KEY: owner.codebooks}, {})
             write_json_atomic(self.path / "progress.json", {"blocks_done": self.n_blocks, "distilled": True})
             self._rename_distilled()
         self.distilled = True
+
+    def shared_codebook(self) -> Tensor | None:
+        """The shared codebook as the distillation left it (:meth:`commit_distilled`), or ``None``."""
+        path = self.path / SHARED_FILE
+        if not self.distilled or not path.is_file():
+            return None
+        tensors, _ = read_shard(path)
+        if SHARED_KEY not in tensors:
+            raise RVQError(f"{path} lacks {SHARED_KEY}: the run folder is damaged; pass --overwrite to start over")
+        return tensors[SHARED_KEY]
 
     def _write_block(self, i: int, model: nn.Module, dtype: torch.dtype | None, path: Path) -> None:
         specs = {n: model.get_submodule(n).spec() for n in self._layer_names(i)}
@@ -303,12 +320,17 @@ class RunDir:
         layers, params = self.restore_block(i)
         for name, layer in layers.items():
             set_module(model, name, layer.to(device))
+        bind_shared(model)  # layers with a shared codebook decode with the model's
         model.load_state_dict({k: t.to(device=device, dtype=torch.float32) if t.is_floating_point() else t.to(device)
                                for k, t in params.items()}, strict=False, assign=True)
 
     def finish(self) -> None:
         """Delete the run folder (after the final checkpoint is safely saved)."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+#: the run folder's copy of the distilled shared codebook (config ``shared_codebook``)
+SHARED_FILE = "shared-codebook.safetensors"
 
 
 def run_dir_for(out: str | Path) -> Path:

@@ -2,7 +2,8 @@
 
 A quantized layer's bits are everything stored to decode its weight, in the dtype it is stored in:
 codes (uint8 or int16 per code), codebooks (fp16), scales (fp16) and, in a rotated layer, its signs
-(int8, one per coded input column). A bias is not a weight and is reported apart. bpw = those bits / (out_features * in_features).
+(int8, one per coded input column). A bias is not a weight and is reported apart. A shared codebook
+(spec ``shared_codebooks``) is stored once: :func:`summarize` counts it once, :func:`layer_bits` not at all. bpw = those bits / (out_features * in_features).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def layer_bits(spec: dict) -> dict[str, int]:
     code_bits = code_dtype(b).itemsize * 8
     return {
         "codes": out * groups * s * code_bits,
-        "codebooks": s * (1 << b) * d * 16,
+        "codebooks": 0 if spec.get("shared_codebooks") else s * (1 << b) * d * 16,
         "scales": out * 16,
         "signs": groups * d * 8 if spec.get("hadamard_block") else 0,
         "weights": out * inp,
@@ -41,6 +42,8 @@ def summarize(specs: dict[str, dict]) -> dict:
     for spec in specs.values():
         for k, v in layer_bits(spec).items():
             totals[k] += v
+    shared = {(s["stages"], s["bits"], s["vector_dim"]) for s in specs.values() if s.get("shared_codebooks")}
+    totals["codebooks"] += sum(st * (1 << b) * d * 16 for st, b, d in shared)  # stored once for the model
     w = max(totals["weights"], 1)
     bits = totals["codes"] + totals["codebooks"] + totals["scales"] + totals["signs"]
     return {

@@ -191,6 +191,9 @@ def check_layer_spec(name: str, spec: Any, where: str = "config.json") -> dict:
             raise RVQError(f"{where}: quantized layer {name!r} has {key}={v!r}, not an integer in {lo}..{hi}: {_FIX}")
     if type(spec.get("bias")) is not bool:
         raise RVQError(f"{where}: quantized layer {name!r} has bias={spec.get('bias')!r}, not true/false: {_FIX}")
+    if "shared_codebooks" in spec and spec["shared_codebooks"] is not True:  # optional: decodes with rvq_shared
+        raise RVQError(f"{where}: quantized layer {name!r} has shared_codebooks={spec['shared_codebooks']!r}, "
+                       f"which is true when present: {_FIX}")
     if "hadamard_block" in spec:  # optional: the layer is rotated (rvqllm.rvq.rotation)
         b = spec["hadamard_block"]
         width = -(-spec["in_features"] // spec["vector_dim"]) * spec["vector_dim"]
@@ -198,6 +201,16 @@ def check_layer_spec(name: str, spec: Any, where: str = "config.json") -> dict:
             raise RVQError(f"{where}: quantized layer {name!r} has hadamard_block={b!r}, not a power of two "
                            f"dividing its coded width {width}: {_FIX}")
     return spec
+
+
+def shared_shape(layers: dict[str, dict], where: str) -> tuple[int, int, int] | None:
+    """``(stages, 2**bits, vector_dim)`` of the shared codebook the layers with ``shared_codebooks`` decode
+    with (they must agree), or ``None`` when no layer shares one."""
+    shapes = {(s["stages"], 1 << s["bits"], s["vector_dim"]) for s in layers.values() if s.get("shared_codebooks")}
+    if len(shapes) > 1:
+        raise RVQError(f"{where}: layers with shared_codebooks disagree on the codebook's shape "
+                       f"({sorted(shapes)}), but a model has one shared codebook: {_FIX}")
+    return next(iter(shapes), None)
 
 
 def check_quantization_config(config: dict, folder: str | Path) -> dict:
@@ -216,6 +229,7 @@ def check_quantization_config(config: dict, folder: str | Path) -> dict:
         raise RVQError(f"{folder}/config.json: quantization_config lists no quantized layers: {_FIX}")
     for name, spec in layers.items():
         check_layer_spec(name, spec)
+    shared_shape(layers, f"{folder}/config.json")
     if not isinstance(q.get("rvq_config", {}), dict):
         raise RVQError(f"{folder}/config.json: quantization_config.rvq_config is not an object: {_FIX}")
     return q
@@ -556,6 +570,7 @@ def check_structure(path: Path, tensors: dict[str, torch.Tensor], skeleton: nn.M
     other floating tensors may be stored in any float dtype (they are cast on load); integer buffers exact.
     Messages name ``path``, or for one tensor the file ``where`` says it came from.
     """
+    from .nn import SHARED_KEY
     from .rvq import code_dtype
 
     def at(name: str) -> Path:
@@ -567,6 +582,7 @@ def check_structure(path: Path, tensors: dict[str, torch.Tensor], skeleton: nn.M
         exact[f"{name}.codes"] = code_dtype(s["bits"])
         exact[f"{name}.codebooks"] = torch.float16
         exact[f"{name}.scales"] = torch.float16
+    exact[SHARED_KEY] = torch.float16
     for name in tensors:
         if name not in spec:
             raise RVQError(f"{at(name)} holds tensor {name!r}, which the model has no place for: "
@@ -659,14 +675,16 @@ def check_headers(folder: str | Path, dtype: torch.dtype = torch.float32) -> tup
 
     from .arch import is_conv1d, is_linear, prepare_for_layers, set_module
     from .bounds import build_skeleton, check_declared_counts
-    from .nn import QuantizedLinear
+    from .nn import QuantizedLinear, attach_shared, bind_shared
 
     folder = Path(folder)
     config = read_config(folder)
     qcfg = check_quantization_config(config, folder)
     layout = read_layout(folder, config, qcfg["layers"])  # headers only: a few KiB per file
     n = len(layout.entries)
-    if 3 * len(qcfg["layers"]) > n:  # codes, codebooks and scales each
+    shared = shared_shape(qcfg["layers"], f"{folder}/config.json")
+    least = sum(2 if s.get("shared_codebooks") else 3 for s in qcfg["layers"].values()) + (shared is not None)
+    if least > n:  # codes, codebooks and scales each (codebooks once for the sharing layers)
         raise RVQError(f"{folder}/config.json lists {len(qcfg['layers'])} quantized layers but the weights hold "
                        f"only {n} tensors: {_FIX}")
     check_declared_counts(config, n, str(folder), _FIX)
@@ -696,6 +714,9 @@ def check_headers(folder: str | Path, dtype: torch.dtype = torch.float32) -> tup
                 raise RVQError(f"{folder}/config.json says layer {name!r} is {spec['out_features']}x{spec['in_features']} "
                                f"but the model config makes it {out_f}x{in_f}: {_FIX}")
             set_module(skeleton, name, QuantizedLinear.from_spec(spec, bias_dtype=dtype, device="meta"))
+        if shared is not None:  # one meta codebook the sharing layers point at; load() assigns its tensor
+            attach_shared(skeleton, torch.empty(shared, dtype=torch.float16, device="meta"))
+            bind_shared(skeleton)
         skeleton.tie_weights()
         return skeleton
 

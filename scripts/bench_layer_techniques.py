@@ -67,27 +67,18 @@ BIG_KW = {
 
 
 def gaussian_codebook(k: int, d: int, points: int, iters: int, seed: int = 5) -> torch.Tensor:
-    """``[k, d]`` fp16-exact codebook: Lloyd's k-means on ``points`` unit-Gaussian vectors, seeded at
-    random points (k-means++ seeding is sequential in ``k``: hours at 65,536), searched tile by tile.
-    Cached under ``~/.cache/rvqllm/bench`` (minutes per iteration on one core at 4 M points)."""
-    from rvqllm.rvq.kmeans import assign
-    from rvqllm.rvq.residual import to_fp16_exact
+    """``[k, d]`` codebook k-means-trained on a unit Gaussian (:func:`rvqllm.rvq.universal.gaussian_codebook`):
+    the packaged ``gaussian-65536`` when the recipe is its own, else trained and cached under
+    ``~/.cache/rvqllm/bench`` (minutes per iteration on one core at 4 M points)."""
+    from rvqllm.rvq.universal import GAUSSIAN_RECIPE, load_shared_codebook
+    from rvqllm.rvq.universal import gaussian_codebook as train
 
+    if dict(entries=k, vector_dim=d, points=points, iters=iters, seed=seed) == GAUSSIAN_RECIPE:
+        return load_shared_codebook("gaussian-65536", 1, 16, 8)[0].float()
     path = Path.home() / ".cache" / "rvqllm" / "bench" / f"gauss-k{k}-d{d}-n{points}-i{iters}-s{seed}.pt"
     if path.exists():
         return torch.load(path)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(points, d, generator=gen)
-    ones = torch.ones_like(x)
-    centers = x[torch.randperm(points, generator=gen)[:k]].clone()
-    for it in range(iters):
-        a = assign(x, ones, centers)
-        total = torch.zeros(k, d).index_add_(0, a, x)
-        count = torch.bincount(a, minlength=k).float()
-        centers = torch.where(count[:, None] > 0, total / count.clamp_min(1)[:, None], centers)
-        print(f"  gaussian k-means k={k}: iteration {it + 1}/{iters}, train MSE {float(((x - centers[a]) ** 2).mean()):.5f}",
-              flush=True)
-    centers = to_fp16_exact(centers)
+    centers = train(k, d, points, iters, seed, log=lambda line: print(line, flush=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(centers, path)
     return centers

@@ -8,8 +8,6 @@ for:
 - ``fp16``: the baseline;
 - ``rtn2`` / ``rtn3`` / ``rtn4``: round-to-nearest scalar quantization, group 128, fp16 scale + zero (the floor);
 - ``preset:NAME``: an rvqllm preset (``configs/NAME.yaml``), with its quantization wall time;
-- ``universal:NAME``: preset NAME (no tuning) coded against one universal set of codebooks for the whole
-  model, k-means-trained on a unit Gaussian (issue 13's technique 2, before the format can share them);
 - ``ablate:NAME``: each technique of preset NAME flipped in turn (off when the preset has it on), one row
   each, with its ppl and its quantization wall time (the cost of the technique);
 - ``rd``: the Gaussian rate-distortion benchmark of the RVQ core (``scripts/bench_rd.py``).
@@ -104,47 +102,6 @@ def _quantized_row(cfg, args, save_as: str | None = None) -> dict:
             "ppl": _evaluate(model, tok, args.windows)}
 
 
-def _universal_row(cfg, args) -> dict:
-    """``cfg`` coded against one set of codebooks for every layer, k-means-trained on a unit Gaussian (no
-    layer's data): issue 13's technique 2. The layers of the model in memory share one codebook tensor,
-    so the whole-model distillation tunes it once, with every layer's gradient (``finetune._tune`` gives
-    layers with one codebook buffer one parameter); the ppl is measured on that model in memory. The
-    checkpoint format has no shared codebooks yet (``rvqllm.save`` would write a copy per layer), so the
-    bpw reported counts the set once (``bpw``) beside what per-layer copies cost (``bpw_per_layer_copies``).
-    Block fine-tuning would re-tune the shared set block by block: such rows are refused."""
-    from unittest import mock
-
-    import bench_layer_techniques as blt
-
-    import rvqllm.pipeline
-    from rvqllm.nn import QuantizedLinear
-    from rvqllm.rvq import quantize_weight
-
-    if cfg.finetune_epochs:
-        raise SystemExit("universal:FILE cannot block-fine-tune a shared codebook: give a YAML with finetune_epochs: 0")
-    k, d = 1 << cfg.bits, cfg.vector_dim
-    cb = blt.universal_codebooks(cfg.stages, cfg.bits, d, args.universal_points, args.universal_iters)
-    shared = cb.half()  # the one codebook tensor every layer's buffer will be
-    from_rvq = QuantizedLinear.from_rvq
-
-    def coded(*a, **kw):
-        return quantize_weight(*a, codebooks=cb, **kw)
-
-    def tied(*a, **kw):
-        layer = from_rvq(*a, **kw)
-        layer.codebooks = shared
-        return layer
-
-    with mock.patch.object(rvqllm.pipeline, "quantize_weight", coded), \
-            mock.patch.object(QuantizedLinear, "from_rvq", staticmethod(tied)):
-        row = _quantized_row(cfg, args)
-    weights = row["weights"]
-    return {**row, "bpw_per_layer_copies": row["bpw"],
-            "bpw": row["bpw"] - row["codebooks_bpw"] + cb.numel() * 16 / weights,
-            "universal_codebook": {"stages": cfg.stages, "entries": k, "vector_dim": d,
-                                   "points": args.universal_points, "iters": args.universal_iters}}
-
-
 def run_row(row: str, args, emit) -> None:
     """Measure one row spec; ``emit(result)`` gets each result as soon as it is measured (an ablation
     gives one per technique)."""
@@ -188,17 +145,12 @@ def run_row(row: str, args, emit) -> None:
             row_cfg = cfg.replace(**edits)
             emit({**base, "method": f"rvqllm {name}", "change": change, **_quantized_row(row_cfg, args)})
         return
-    if row.startswith("universal:"):
-        name = row.split(":", 1)[1]
-        cfg = RVQConfig.load(name)
-        emit({**base, "method": f"rvqllm {name}, universal Gaussian codebooks", **_universal_row(cfg, args)})
-        return
     if row == "rd":
         import bench_rd
 
         emit({**base, "method": "gaussian-rd", "rd": bench_rd.run(args.rd_train, args.rd_test, 0)})
         return
-    raise SystemExit(f"unknown row {row!r}: use fp16, rtn2/rtn3/rtn4, preset:NAME, universal:NAME, ablate:NAME or rd")
+    raise SystemExit(f"unknown row {row!r}: use fp16, rtn2/rtn3/rtn4, preset:NAME, ablate:NAME or rd")
 
 
 def _append(path: Path | None, result: dict) -> None:
@@ -279,16 +231,13 @@ def tables(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", nargs="*", default=[], help="fp16 rtn2 rtn3 rtn4 preset:NAME universal:NAME ablate:NAME rd")
+    ap.add_argument("--rows", nargs="*", default=[], help="fp16 rtn2 rtn3 rtn4 preset:NAME ablate:NAME rd")
     ap.add_argument("--windows", type=int, default=64, help="512-token windows per test text (64 = ppl-512x64)")
     ap.add_argument("--calib-seqs", type=int, default=None, help="override the presets' calibration sequences")
     ap.add_argument("--calib-len", type=int, default=None, help="override the presets' calibration length")
     ap.add_argument("--calib", nargs="+", default=list(CALIB_TEXTS),
                     help="calibration texts (default: %(default)s): reference names or any rvqllm text source; "
                          "'sampled' takes its share of the sequences as text sampled from the model itself")
-    ap.add_argument("--universal-points", type=int, default=4_000_000,
-                    help="universal:FILE with a one-stage code above 4,096 entries: Gaussian training vectors")
-    ap.add_argument("--universal-iters", type=int, default=6, help="... and Lloyd iterations")
     ap.add_argument("--rd-train", type=int, default=1 << 17)
     ap.add_argument("--rd-test", type=int, default=1 << 15)
     ap.add_argument("--techniques", nargs="*", default=None,

@@ -88,11 +88,27 @@ def test_repacked_codes_follow_in_place_edits(fast_cpu):
     assert again is not first and again[2 * 2 + 1, 3] == codes[3, 2, 1]
 
 
+def test_d8_fp16_codebooks_are_read_as_stored(fast_cpu):
+    """With F16C the decode kernels read a d = 8 fp16 table as it is (a 65,536-entry table is 1 MiB, not
+    2): no float32 copy is made, and the output matches the reference at one token (four groups in flight,
+    a tail of groups), at several tokens, and on the many-token tiled path."""
+    codes, cb, sc, b = make_layer(19, 100, 8, 1, 65536, torch.int16, seed=4)  # 13 groups: 3 x 4 + 1
+    if not cpu.reads_half8(cb):
+        pytest.skip("kernels built without F16C")
+    got, flag = cpu._float_codebooks(cb)
+    assert flag == 1 and got.data_ptr() == cb.data_ptr()
+    for t in (1, 3, 9):
+        x = torch.randn(t, 100, generator=torch.Generator().manual_seed(t))
+        ref = rvq_linear_reference(x, codes, cb, sc, b, 100)
+        for impl in ("cpu_decode", "cpu_tiled"):
+            torch.testing.assert_close(dispatch.get_impl(impl)(x, codes, cb, sc, b, 100), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_large_codebooks_are_converted_once_and_follow_in_place_edits(fast_cpu):
-    """A 65,536-entry fp16 table goes to the kernels as a float32 copy kept on the tensor: made once
-    for every call (and every layer sharing the tensor), made again after an in-place edit (the output
-    follows it) and never taken over by a copy of the tensor."""
-    codes, cb, sc, b = make_layer(19, 64, 8, 1, 65536, torch.int16, seed=4)
+    """A 65,536-entry fp16 table the kernels do not read as stored (d != 8, or no F16C) goes to them as a
+    float32 copy kept on the tensor: made once for every call (and every layer sharing the tensor), made
+    again after an in-place edit (the output follows it) and never taken over by a copy of the tensor."""
+    codes, cb, sc, b = make_layer(19, 64, 4, 1, 65536, torch.int16, seed=4)
     x = torch.randn(2, 64)
     first, flag = cpu._float_codebooks(cb)
     assert flag == 0 and first.dtype == torch.float32 and cpu._float_codebooks(cb)[0] is first

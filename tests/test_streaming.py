@@ -51,18 +51,29 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _shared_codebook_file(folder: Path) -> Path:
+    """A random fp16 ``[1, 512, 8]`` codebook file for ``shared_codebook``."""
+    path = folder / "shared.safetensors"
+    save_file({"codebooks": torch.randn(1, 512, 8, generator=torch.Generator().manual_seed(3)).half()}, str(path))
+    return path
+
+
 def _small_model(folder: Path, blocks: int = 3) -> Path:
     return write_synthetic_llama(folder, hidden=64, intermediate=128, heads=4, kv_heads=2, blocks=blocks)
 
 
 # ------------------------------------------------------------------------------------------ same checkpoint
 @pytest.mark.integration
-@pytest.mark.parametrize("recipe", ["cheap", "tuned"])
+@pytest.mark.parametrize("recipe", ["cheap", "tuned", "shared"])
 def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, recipe):
     """CLI (streams the bf16 shards block by block) vs. the library on the whole model in memory + save:
     every tensor identical, config identical. ``tuned`` adds rotation, block fine-tuning towards the float
-    model's activations and whole-model distillation (teacher followed block by block, on disk)."""
-    fields = CHEAP if recipe == "cheap" else TUNED
+    model's activations and whole-model distillation (teacher followed block by block, on disk); ``shared``
+    codes every layer against one shared codebook (stored once) and distils it."""
+    fields = {"cheap": CHEAP, "tuned": TUNED, "shared": None}[recipe]
+    if recipe == "shared":
+        fields = {**CHEAP, "vector_dim": 8, "bits": 9, "rotate": True, "distill_epochs": 1, "distill_chunk_tokens": 16,
+                  "shared_codebook": str(_shared_codebook_file(tmp_path))}
     model_dir = _small_model(tmp_path / "model")
     cfg_path = _config(tmp_path, fields)
     streamed = tmp_path / "streamed"
@@ -75,7 +86,7 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, recipe):
     for b in report["blocks"]:
         assert set(b["seconds"]) >= {"load", "calibrate", "code", "tune", "forward", "write"}
         assert b["peak_rss_mib"] > 0 and b["peak_device_mib"] is None  # CPU: no device memory to report
-    assert bool(report["distill"]) == (recipe == "tuned")
+    assert bool(report["distill"]) == (recipe != "cheap")
 
     torch.set_num_threads(1)
     model, tok = load_model(str(model_dir))
@@ -148,6 +159,20 @@ def test_two_ranks_under_torchrun_equal_one(tmp_path):
     _, _, one, two = _one_and_two_ranks(tmp_path, {**CHEAP, "rotate": True, "beam_width": 2}, "--quiet")
     a, b = _tensors(one), _tensors(two)
     assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.integration
+def test_two_ranks_share_one_codebook_as_one_process_does(tmp_path):
+    """A shared codebook under torchrun: each rank codes its layers against its own copy of the same file,
+    the layers another rank coded are tied to it on arrival; the checkpoint equals one process's and
+    stores the codebook once."""
+    fields = {**CHEAP, "vector_dim": 8, "bits": 9, "rotate": True, "beam_width": 2,
+              "shared_codebook": str(_shared_codebook_file(tmp_path))}
+    _, _, one, two = _one_and_two_ranks(tmp_path, fields, "--quiet")
+    a, b = _tensors(one), _tensors(two)
+    assert a.keys() == b.keys() and [k for k in a if k.endswith("codebooks")] == ["rvq_shared.codebooks"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
 

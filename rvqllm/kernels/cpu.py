@@ -34,12 +34,19 @@ def _half_flag(t: Tensor) -> tuple[Tensor, int]:
 LARGE_CODEBOOK = 1 << 16
 
 
+def reads_half8(codebooks: Tensor) -> bool:
+    """True when the decode kernels read these (d = 8, fp16) codebooks as they are stored (F16C build)."""
+    lib = load_library()
+    return (codebooks.dtype == torch.float16 and codebooks.shape[-1] == 8 and lib is not None
+            and bool(lib.rvq_reads_half8()))
+
+
 def _float_codebooks(codebooks: Tensor) -> tuple[Tensor, int]:
     """``codebooks`` for the kernels: small ones as they are (the kernel converts fp16 per call, a few
     KiB); large fp16 ones (a 65,536-entry table: 1 MiB) as a float32 copy kept on the tensor itself and
     made again only when the tensor changes in place (its version counter), so a table shared by every
     layer is converted once, not at every call of every layer (the kernel reads float32 as it is)."""
-    if codebooks.dtype != torch.float16 or codebooks.numel() < LARGE_CODEBOOK:
+    if codebooks.dtype != torch.float16 or codebooks.numel() < LARGE_CODEBOOK or reads_half8(codebooks):
         return _half_flag(codebooks)
     try:  # the storage too: a deep copy carries the attribute but has its own storage and counter
         version = (codebooks._version, codebooks.data_ptr())

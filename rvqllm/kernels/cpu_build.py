@@ -110,6 +110,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.rvq_gemv_lut16.argtypes = [p, i64, p, i64, p, p, i32, p, i32, i64, i64, i64, i64, i64, p, i32]
     lib.rvq_gemv_lut16.restype = ctypes.c_int
     lib.rvq_has_lut16.restype = ctypes.c_int
+    lib.rvq_reads_half8.restype = ctypes.c_int
     lib.rvq_abi_version.restype = ctypes.c_int
     lib.rvq_h2f.argtypes, lib.rvq_h2f.restype = [ctypes.c_uint16], ctypes.c_float
 
@@ -132,7 +133,7 @@ def load_library() -> ctypes.CDLL | None:
                 raise RuntimeError("no C++ compiler found ($CXX, g++, c++, clang++)")
             lib = ctypes.CDLL(str(_compile(cxx)))
             _bind(lib)
-            if lib.rvq_abi_version() != 1:
+            if lib.rvq_abi_version() != 2:
                 raise RuntimeError("cached kernel library has an unexpected ABI version")
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: fall back, loudly

@@ -183,6 +183,17 @@ static inline __m128 dec4(const float* cb, const C* c, int64_t S, int64_t K) {
   for (int64_t s = 1; s < S; ++s) w = _mm_add_ps(w, _mm_loadu_ps(cb + (s * K + (int64_t)c[s]) * 4));
   return w;
 }
+#if defined(__F16C__)
+#define RVQ_HALF8 1
+// The same from an fp16 table read as it is stored (half the bytes: a 65,536 x 8 table is 1 MiB, not 2).
+template <typename C>
+static inline __m256 dec8h(const uint16_t* cb, const C* c, int64_t S, int64_t K) {
+  __m256 w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cb + (int64_t)c[0] * 8)));
+  for (int64_t s = 1; s < S; ++s)
+    w = _mm256_add_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cb + (s * K + (int64_t)c[s]) * 8))));
+  return w;
+}
+#endif
 static inline float hsum8(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -283,6 +294,64 @@ static void decode_impl(const float* xp, int64_t T, const C* codes, const float*
     }
   }
 }
+
+#if defined(RVQ_HALF8)
+// decode_impl for d = 8 with the codebooks read as fp16 (no float32 copy of the table anywhere). At one
+// token four groups are in flight at a time: their table reads are independent, so their cache misses
+// overlap.
+template <typename C>
+static void decode_h8_impl(const float* xp, int64_t T, const C* codes, const uint16_t* cb, int64_t O,
+                           int64_t G, int64_t S, int64_t K, float* y, int nt) {
+  const int64_t GD = G * 8;
+  constexpr int TB = 8;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t o = 0; o < O; ++o) {
+    const C* c = codes + o * G * S;
+    if (T == 1) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 4 <= G; g += 4) {
+        a0 = _mm256_fmadd_ps(dec8h(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
+        a1 = _mm256_fmadd_ps(dec8h(cb, c + (g + 1) * S, S, K), _mm256_loadu_ps(xp + (g + 1) * 8), a1);
+        a2 = _mm256_fmadd_ps(dec8h(cb, c + (g + 2) * S, S, K), _mm256_loadu_ps(xp + (g + 2) * 8), a2);
+        a3 = _mm256_fmadd_ps(dec8h(cb, c + (g + 3) * S, S, K), _mm256_loadu_ps(xp + (g + 3) * 8), a3);
+      }
+      for (; g < G; ++g) a0 = _mm256_fmadd_ps(dec8h(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
+      y[o] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      continue;
+    }
+    for (int64_t t0 = 0; t0 < T; t0 += TB) {
+      __m256 acc[TB];
+      for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        const __m256 w = dec8h(cb, c + g * S, S, K);
+        const float* xr = xp + t0 * GD + g * 8;
+        for (int t = 0; t < TB; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + t * GD), acc[t]);
+      }
+      const int64_t tb = std::min<int64_t>(TB, T - t0);
+      for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * O + o] = hsum8(acc[t]);
+    }
+  }
+}
+
+template <typename C>
+static void dequant_h8_impl(const C* codes, const uint16_t* cb, const float* sc, int64_t G, int64_t S,
+                            int64_t K, int64_t in_features, int64_t o0, int64_t o1, float* w, int nt) {
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t o = o0; o < o1; ++o) {
+    const C* c = codes + o * G * S;
+    float* wr = w + (o - o0) * in_features;
+    const __m256 vs = _mm256_set1_ps(sc[o]);
+    const int64_t full = in_features / 8;
+    for (int64_t g = 0; g < full; ++g) _mm256_storeu_ps(wr + g * 8, _mm256_mul_ps(dec8h(cb, c + g * S, S, K), vs));
+    if (full < G) {
+      alignas(32) float v8[8];
+      _mm256_store_ps(v8, _mm256_mul_ps(dec8h(cb, c + full * S, S, K), vs));
+      for (int64_t d = 0; d < in_features - full * 8; ++d) wr[full * 8 + d] = v8[d];
+    }
+  }
+}
+#endif
 
 template <typename C, int DT>
 static void dequant_impl(const C* codes, const float* cb, const float* sc, int64_t G, int64_t S, int64_t K,
@@ -432,8 +501,10 @@ struct Prep {
 static thread_local Prep g_prep;
 
 static void prep(Prep& p, const float* x, int64_t T, const void* cb, int cb_half, const void* sc, int sc_half,
-                 int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features) {
-  if (cb_half) {
+                 int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features, bool keep_half = false) {
+  if (keep_half) {
+    p.cbp = nullptr;  // the kernel reads the fp16 table itself
+  } else if (cb_half) {
     p.cb.resize(S * K * D);
     to_f32(cb, cb_half, S * K * D, p.cb.data());
     p.cbp = p.cb.data();
@@ -459,7 +530,7 @@ static void prep(Prep& p, const float* x, int64_t T, const void* cb, int cb_half
 
 extern "C" {
 
-int rvq_abi_version() { return 1; }
+int rvq_abi_version() { return 2; }
 
 float rvq_h2f(uint16_t h) { return h2f(h); }
 
@@ -477,6 +548,15 @@ void rvq_gemv_decode(const float* x, int64_t T, const void* codes, int code16, c
                      const void* sc, int sc_half, const void* bias, int bias_half, int64_t O, int64_t G,
                      int64_t S, int64_t K, int64_t D, int64_t in_features, float* y, int nt) {
   Prep& p = g_prep;
+#if defined(RVQ_HALF8)
+  if (cb_half && D == 8) {
+    prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features, true);
+    if (code16) decode_h8_impl<uint16_t>(p.xp.data(), T, (const uint16_t*)codes, (const uint16_t*)cb, O, G, S, K, y, nt);
+    else decode_h8_impl<uint8_t>(p.xp.data(), T, (const uint8_t*)codes, (const uint16_t*)cb, O, G, S, K, y, nt);
+    finish(y, T, O, p.sc.data(), bias, bias_half, nt);
+    return;
+  }
+#endif
   prep(p, x, T, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
   if (code16) DISPATCH_D(decode_impl, uint16_t, p.xp.data(), T, (const uint16_t*)codes, p.cbp, p.sc.data(), O, G, S, K, D, y, nt);
   else DISPATCH_D(decode_impl, uint8_t, p.xp.data(), T, (const uint8_t*)codes, p.cbp, p.sc.data(), O, G, S, K, D, y, nt);
@@ -487,9 +567,26 @@ void rvq_dequant_rows(const void* codes, int code16, const void* cb, int cb_half
                       int64_t O, int64_t G, int64_t S, int64_t K, int64_t D, int64_t in_features,
                       int64_t o0, int64_t o1, float* w, int nt) {
   Prep& p = g_prep;
+#if defined(RVQ_HALF8)
+  if (cb_half && D == 8) {
+    prep(p, nullptr, 0, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features, true);
+    if (code16) dequant_h8_impl<uint16_t>((const uint16_t*)codes, (const uint16_t*)cb, p.sc.data(), G, S, K, in_features, o0, o1, w, nt);
+    else dequant_h8_impl<uint8_t>((const uint8_t*)codes, (const uint16_t*)cb, p.sc.data(), G, S, K, in_features, o0, o1, w, nt);
+    return;
+  }
+#endif
   prep(p, nullptr, 0, cb, cb_half, sc, sc_half, O, G, S, K, D, in_features);
   if (code16) DISPATCH_D(dequant_impl, uint16_t, (const uint16_t*)codes, p.cbp, p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
   else DISPATCH_D(dequant_impl, uint8_t, (const uint8_t*)codes, p.cbp, p.sc.data(), G, S, K, D, in_features, o0, o1, w, nt);
+}
+
+// 1 when the decode kernels read d = 8 fp16 codebooks as they are (F16C), 0 when they convert them first.
+int rvq_reads_half8() {
+#if defined(RVQ_HALF8)
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 int rvq_has_lut16() {
