@@ -466,14 +466,16 @@ def cmd_info(args: argparse.Namespace) -> dict:
     if not args.json:
         print(f"{args.checkpoint}: rvq format v{q['format_version']}, {s['layers']} quantized layers, "
               f"{s['weights']:,} weights")
-        print(f"bpw {s['bpw']:.4f} = codes {s['codes_bpw']:.4f} + codebooks {s['codebooks_bpw']:.4f} "
-              f"+ scales {s['scales_bpw']:.4f}" + (f" + signs {s['signs_bpw']:.4f}" if s["signs_bpw"] else "")
+        shared = any(spec.get("shared_codebooks") for spec in q["layers"].values())
+        print(f"bpw {s['bpw']:.4f} = codes {s['codes_bpw']:.4f} + codebooks {s['codebooks_bpw']:.4f}"
+              + (" (one shared codebook, stored once)" if shared else "") + f" + scales {s['scales_bpw']:.4f}" + (f" + signs {s['signs_bpw']:.4f}" if s["signs_bpw"] else "")
               + f"; weights on disk {info['bytes'] / 2**20:.2f} MiB")
         print("config: " + ", ".join(f"{k}={v}" for k, v in q.get("rvq_config", {}).items() if k != "description"))
         if args.layers:
             for name, spec in q["layers"].items():
                 print(f"  {name}: {spec['out_features']}x{spec['in_features']} d={spec['vector_dim']} "
-                      f"S={spec['stages']} b={spec['bits']} bpw={layer_bpw(spec):.3f}")
+                      f"S={spec['stages']} b={spec['bits']} bpw={layer_bpw(spec):.3f}"
+                      + (" (shared codebook not counted)" if spec.get("shared_codebooks") else ""))
     return info
 
 

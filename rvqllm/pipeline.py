@@ -346,22 +346,23 @@ class _Walk:
             check_finite_parameters(self.model)
             check_causal_behaviour(self.model)
         self.model.eval()
+        shared = None
+        if cfg.shared_codebook is not None:  # every layer codes against it; the model keeps it (stored once)
+            from .rvq.universal import load_shared_codebook
+
+            shared = load_shared_codebook(cfg.shared_codebook, cfg.stages, cfg.bits, cfg.vector_dim)
         self.run = None
         if run_dir is not None:
-            fingerprint = run_fingerprint(source.fingerprint(), cfg, self.calibration, self.names)
+            fingerprint = run_fingerprint(source.fingerprint(), cfg, self.calibration, self.names, shared)
             if self.place.is_main:
                 self.run = RunDir.open(run_dir, fingerprint, resume=resume)
             self.place.barrier()
             if not self.place.is_main:  # the other ranks join the folder rank 0 prepared, as it is
                 self.run = RunDir.open(run_dir, fingerprint, resume=True, clean=False)
         source.load_rest(self.device)
-        if cfg.shared_codebook is not None:  # every layer codes against it; the model keeps it (stored once)
-            from .rvq.universal import load_shared_codebook
-
+        if shared is not None:
             tuned = self.run.shared_codebook() if self.run is not None else None  # a resumed, distilled run's
-            cb = tuned if tuned is not None else load_shared_codebook(cfg.shared_codebook, cfg.stages, cfg.bits,
-                                                                      cfg.vector_dim)
-            self.shared = attach_shared(self.model, cb.to(self.device))
+            self.shared = attach_shared(self.model, (tuned if tuned is not None else shared).to(self.device))
         self.start_block = self.run.blocks_done if self.run is not None else 0
         if source.streaming and self.start_block == 0:  # streamed: the embeddings and the first block tell
             check_causal_first_block(self.model, source.load_block(0, self.device), self.device)

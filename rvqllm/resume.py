@@ -117,20 +117,26 @@ class DiskActivations:
 
 
 # ------------------------------------------------------------------------------------------ fingerprint
-def run_fingerprint(model_digest: str, config: RVQConfig, calibration: Tensor, layer_names: list[list[str]]) -> dict:
+def run_fingerprint(model_digest: str, config: RVQConfig, calibration: Tensor, layer_names: list[list[str]],
+                    shared: Tensor | None = None) -> dict:
     """What must be identical for a run to be resumed: config, input model (``model_digest``, from the
-    source), calibration, layers."""
-    return {
+    source), calibration, layers, and the shared codebook's contents (``shared``, config ``shared_codebook``:
+    a file may change between two runs that name it)."""
+    out = {
         "run_format": RUN_VERSION,
         "config": config.to_dict(),
         "model_sha256": model_digest,
         "calibration": {"shape": list(calibration.shape), "sha256": tensor_digest(calibration.long())},
         "layers": layer_names,
     }
+    if shared is not None:
+        out["shared_codebook_sha256"] = tensor_digest(shared)
+    return out
 
 
 _WHAT = {"config": "RVQ config", "model_sha256": "input model", "calibration": "calibration data",
-         "layers": "set of layers to quantize", "run_format": "rvqllm version"}
+         "layers": "set of layers to quantize", "run_format": "rvqllm version",
+         "shared_codebook_sha256": "shared codebook file"}
 
 
 # ------------------------------------------------------------------------------------------ run folder

@@ -125,6 +125,15 @@ def test_resume_after_distillation_keeps_the_tuned_codebook(calib_ids, tmp_path)
         assert torch.equal(again(IDS).logits, model(IDS).logits)
 
 
+def test_a_changed_codebook_file_is_not_resumed(calib_ids, tmp_path):
+    path, cb = _codebook_file(tmp_path)
+    run = tmp_path / "run"
+    rvqllm.quantize(tiny_llama(), _cfg(path), calib_ids, run_dir=run)
+    save_file({"codebooks": (cb.float() * 1.5).half()}, str(path))
+    with pytest.raises(RVQError, match="different shared codebook file"):
+        rvqllm.quantize(tiny_llama(), _cfg(path), calib_ids, run_dir=run, resume=True)
+
+
 def test_bad_shared_codebooks_are_refused_in_one_line(tmp_path):
     with pytest.raises(RVQError, match="no such file"):
         load_shared_codebook(str(tmp_path / "missing.safetensors"), 1, 9, 8)
