@@ -102,6 +102,9 @@ def test_d8_fp16_codebooks_are_read_as_stored(fast_cpu):
         ref = rvq_linear_reference(x, codes, cb, sc, b, 100)
         for impl in ("cpu_decode", "cpu_tiled"):
             torch.testing.assert_close(dispatch.get_impl(impl)(x, codes, cb, sc, b, 100), ref, rtol=1e-4, atol=1e-4)
+            # the same table in float32 takes the float32 decoder of the same loops
+            torch.testing.assert_close(dispatch.get_impl(impl)(x, codes, cb.float(), sc, b, 100), ref, rtol=1e-4,
+                                       atol=1e-4)
 
 
 def test_large_codebooks_are_converted_once_and_follow_in_place_edits(fast_cpu):

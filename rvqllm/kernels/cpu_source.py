@@ -205,6 +205,54 @@ static inline float hsum4(__m128 a) {
   a = _mm_add_ss(a, _mm_movehdup_ps(a));
   return _mm_cvtss_f32(a);
 }
+
+// Output o of the d = 8 fused decode-dot for T tokens (xp [Tpad, G*8]); dec(codes of one group) -> the
+// group's decoded 8 weights. At one token four groups are in flight at a time: their table reads are
+// independent, so their cache misses overlap (a 65,536-entry table lives in L2, not L1).
+template <typename C, typename Dec>
+static inline void dot8_row(const float* xp, int64_t T, const C* c, int64_t G, int64_t S, Dec dec, float* y,
+                            int64_t O, int64_t o) {
+  const int64_t GD = G * 8;
+  constexpr int TB = 8;
+  if (T == 1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) {
+      a0 = _mm256_fmadd_ps(dec(c + g * S), _mm256_loadu_ps(xp + g * 8), a0);
+      a1 = _mm256_fmadd_ps(dec(c + (g + 1) * S), _mm256_loadu_ps(xp + (g + 1) * 8), a1);
+      a2 = _mm256_fmadd_ps(dec(c + (g + 2) * S), _mm256_loadu_ps(xp + (g + 2) * 8), a2);
+      a3 = _mm256_fmadd_ps(dec(c + (g + 3) * S), _mm256_loadu_ps(xp + (g + 3) * 8), a3);
+    }
+    for (; g < G; ++g) a0 = _mm256_fmadd_ps(dec(c + g * S), _mm256_loadu_ps(xp + g * 8), a0);
+    y[o] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return;
+  }
+  for (int64_t t0 = 0; t0 < T; t0 += TB) {
+    __m256 acc[TB];
+    for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 w = dec(c + g * S);
+      const float* xr = xp + t0 * GD + g * 8;
+      for (int t = 0; t < TB; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + t * GD), acc[t]);
+    }
+    const int64_t tb = std::min<int64_t>(TB, T - t0);
+    for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * O + o] = hsum8(acc[t]);
+  }
+}
+
+// One row of the scaled d = 8 weight (codes c of that row, its scale) into wr [in_features].
+template <typename C, typename Dec>
+static inline void dequant8_row(const C* c, int64_t G, int64_t S, Dec dec, float scale, int64_t in_features,
+                                float* wr) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  const int64_t full = in_features / 8;
+  for (int64_t g = 0; g < full; ++g) _mm256_storeu_ps(wr + g * 8, _mm256_mul_ps(dec(c + g * S), vs));
+  if (full < G) {
+    alignas(32) float v8[8];
+    _mm256_store_ps(v8, _mm256_mul_ps(dec(c + full * S), vs));
+    for (int64_t d = 0; d < in_features - full * 8; ++d) wr[full * 8 + d] = v8[d];
+  }
+}
 #endif
 
 // One weight vector in float32: the sum over stages of its codewords (generic vector dim D).
@@ -231,28 +279,7 @@ static void decode_impl(const float* xp, int64_t T, const C* codes, const float*
     const C* c = codes + o * G * S;
 #if defined(__AVX2__)
     if constexpr (DT == 8) {
-      if (T == 1) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int64_t g = 0;
-        for (; g + 2 <= G; g += 2) {
-          a0 = _mm256_fmadd_ps(dec8(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
-          a1 = _mm256_fmadd_ps(dec8(cb, c + (g + 1) * S, S, K), _mm256_loadu_ps(xp + (g + 1) * 8), a1);
-        }
-        for (; g < G; ++g) a0 = _mm256_fmadd_ps(dec8(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
-        y[o] = hsum8(_mm256_add_ps(a0, a1));
-        continue;
-      }
-      for (int64_t t0 = 0; t0 < T; t0 += TB) {
-        __m256 acc[TB];
-        for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
-          const __m256 w = dec8(cb, c + g * S, S, K);
-          const float* xr = xp + t0 * GD + g * 8;
-          for (int t = 0; t < TB; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + t * GD), acc[t]);
-        }
-        const int64_t tb = std::min<int64_t>(TB, T - t0);
-        for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * O + o] = hsum8(acc[t]);
-      }
+      dot8_row(xp, T, c, G, S, [&](const C* p) { return dec8(cb, p, S, K); }, y, O, o);
       continue;
     }
     if constexpr (DT == 4) {
@@ -296,60 +323,22 @@ static void decode_impl(const float* xp, int64_t T, const C* codes, const float*
 }
 
 #if defined(RVQ_HALF8)
-// decode_impl for d = 8 with the codebooks read as fp16 (no float32 copy of the table anywhere). At one
-// token four groups are in flight at a time: their table reads are independent, so their cache misses
-// overlap.
+// decode_impl and dequant_impl for d = 8 with the codebooks read as fp16 (no float32 copy of the table).
 template <typename C>
 static void decode_h8_impl(const float* xp, int64_t T, const C* codes, const uint16_t* cb, int64_t O,
                            int64_t G, int64_t S, int64_t K, float* y, int nt) {
-  const int64_t GD = G * 8;
-  constexpr int TB = 8;
   #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t o = 0; o < O; ++o) {
-    const C* c = codes + o * G * S;
-    if (T == 1) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      int64_t g = 0;
-      for (; g + 4 <= G; g += 4) {
-        a0 = _mm256_fmadd_ps(dec8h(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
-        a1 = _mm256_fmadd_ps(dec8h(cb, c + (g + 1) * S, S, K), _mm256_loadu_ps(xp + (g + 1) * 8), a1);
-        a2 = _mm256_fmadd_ps(dec8h(cb, c + (g + 2) * S, S, K), _mm256_loadu_ps(xp + (g + 2) * 8), a2);
-        a3 = _mm256_fmadd_ps(dec8h(cb, c + (g + 3) * S, S, K), _mm256_loadu_ps(xp + (g + 3) * 8), a3);
-      }
-      for (; g < G; ++g) a0 = _mm256_fmadd_ps(dec8h(cb, c + g * S, S, K), _mm256_loadu_ps(xp + g * 8), a0);
-      y[o] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-      continue;
-    }
-    for (int64_t t0 = 0; t0 < T; t0 += TB) {
-      __m256 acc[TB];
-      for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
-      for (int64_t g = 0; g < G; ++g) {
-        const __m256 w = dec8h(cb, c + g * S, S, K);
-        const float* xr = xp + t0 * GD + g * 8;
-        for (int t = 0; t < TB; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + t * GD), acc[t]);
-      }
-      const int64_t tb = std::min<int64_t>(TB, T - t0);
-      for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * O + o] = hsum8(acc[t]);
-    }
-  }
+  for (int64_t o = 0; o < O; ++o)
+    dot8_row(xp, T, codes + o * G * S, G, S, [&](const C* p) { return dec8h(cb, p, S, K); }, y, O, o);
 }
 
 template <typename C>
 static void dequant_h8_impl(const C* codes, const uint16_t* cb, const float* sc, int64_t G, int64_t S,
                             int64_t K, int64_t in_features, int64_t o0, int64_t o1, float* w, int nt) {
   #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t o = o0; o < o1; ++o) {
-    const C* c = codes + o * G * S;
-    float* wr = w + (o - o0) * in_features;
-    const __m256 vs = _mm256_set1_ps(sc[o]);
-    const int64_t full = in_features / 8;
-    for (int64_t g = 0; g < full; ++g) _mm256_storeu_ps(wr + g * 8, _mm256_mul_ps(dec8h(cb, c + g * S, S, K), vs));
-    if (full < G) {
-      alignas(32) float v8[8];
-      _mm256_store_ps(v8, _mm256_mul_ps(dec8h(cb, c + full * S, S, K), vs));
-      for (int64_t d = 0; d < in_features - full * 8; ++d) wr[full * 8 + d] = v8[d];
-    }
-  }
+  for (int64_t o = o0; o < o1; ++o)
+    dequant8_row(codes + o * G * S, G, S, [&](const C* p) { return dec8h(cb, p, S, K); }, sc[o], in_features,
+                 w + (o - o0) * in_features);
 }
 #endif
 
@@ -366,9 +355,8 @@ static void dequant_impl(const C* codes, const float* cb, const float* sc, int64
     int64_t g0 = 0;
 #if defined(__AVX2__)
     if constexpr (DT == 8) {
-      const __m256 vs = _mm256_set1_ps(scale);
-      const int64_t full = in_features / 8;
-      for (; g0 < full; ++g0) _mm256_storeu_ps(wr + g0 * 8, _mm256_mul_ps(dec8(cb, c + g0 * S, S, K), vs));
+      dequant8_row(c, G, S, [&](const C* p) { return dec8(cb, p, S, K); }, scale, in_features, wr);
+      continue;
     }
     if constexpr (DT == 4) {
       const __m128 vs = _mm_set1_ps(scale);
