@@ -148,10 +148,10 @@ class RVQConfig:
             from .rvq.universal import builtin_shape
 
             shape = builtin_shape(self.shared_codebook)
-            need(shape is None or shape == (self.stages, self.bits, self.vector_dim),
-                 f"shared_codebook {self.shared_codebook!r} is {shape[0] if shape else 0} stage(s) of 2**"
-                 f"{shape[1] if shape else 0} entries of dimension {shape[2] if shape else 0}: set stages, bits "
-                 "and vector_dim to those")
+            if shape is not None and shape != (self.stages, self.bits, self.vector_dim):
+                raise RVQError(f"shared_codebook {self.shared_codebook!r} is {shape[0]} stage(s) of 2**{shape[1]} "
+                               f"entries of dimension {shape[2]}: set stages: {shape[0]}, bits: {shape[1]} and "
+                               f"vector_dim: {shape[2]}")
             need(self.bpw_budget is None, "shared_codebook cannot be combined with bpw_budget (mixed precision "
                  "gives layers different code shapes): drop one of the two")
             need(self.finetune_epochs == 0, "shared_codebook cannot be combined with block fine-tuning (each block "

@@ -115,6 +115,8 @@ class RVQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: torch.nn.Module, dtype: torch.dtype | None = None,
                                              **kwargs: Any) -> torch.nn.Module:
+        from .validate import shared_shape
+
         layers = self.quantization_config.layers
         prepare_for_layers(model, list(layers))
         float_dtype = dtype or getattr(model, "dtype", None) or torch.float32
@@ -132,11 +134,9 @@ class RVQHfQuantizer(HfQuantizer):
                 # touches ``parent.<child>.weight`` (GPT-2's scaled c_proj init), which a quantized layer
                 # has not; such a parent holds nothing of its own to initialise, so mark it done.
                 parent._is_hf_initialized = True
-        shared = [spec for spec in layers.values() if spec.get("shared_codebooks")]
-        if shared:  # the one shared codebook (rvq_shared.codebooks), filled by the loader like any buffer
-            s = shared[0]
-            attach_shared(model, torch.empty(s["stages"], 1 << s["bits"], s["vector_dim"], dtype=torch.float16,
-                                             device=device))
+        shape = shared_shape(layers, "quantization_config")
+        if shape is not None:  # the one shared codebook (rvq_shared.codebooks), filled by the loader like any buffer
+            attach_shared(model, torch.empty(shape, dtype=torch.float16, device=device))
             bind_shared(model)
         model.rvq_layers = {k: dict(v) for k, v in layers.items()}
         return model

@@ -14,6 +14,7 @@ from torch import nn
 
 from .nn import QuantizedLinear
 from .rvq import code_dtype
+from .validate import shared_shape
 
 
 def layer_bits(spec: dict) -> dict[str, int]:
@@ -42,8 +43,9 @@ def summarize(specs: dict[str, dict]) -> dict:
     for spec in specs.values():
         for k, v in layer_bits(spec).items():
             totals[k] += v
-    shared = {(s["stages"], s["bits"], s["vector_dim"]) for s in specs.values() if s.get("shared_codebooks")}
-    totals["codebooks"] += sum(st * (1 << b) * d * 16 for st, b, d in shared)  # stored once for the model
+    shared = shared_shape(specs, "the layer specs")
+    if shared is not None:  # stored once for the model
+        totals["codebooks"] += shared[0] * shared[1] * shared[2] * 16
     w = max(totals["weights"], 1)
     bits = totals["codes"] + totals["codebooks"] + totals["scales"] + totals["signs"]
     return {

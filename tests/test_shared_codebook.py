@@ -143,7 +143,7 @@ def test_bad_shared_codebooks_are_refused_in_one_line(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(RVQError, match="not a readable safetensors"):
         load_shared_codebook(str(tmp_path / "junk.safetensors"), 1, 9, 8)
-    with pytest.raises(RVQError, match="set stages, bits and vector_dim"):
+    with pytest.raises(RVQError, match="set stages: 1, bits: 16 and vector_dim: 8"):
         rvqllm.RVQConfig(shared_codebook="gaussian-65536")  # the 2 x 256 defaults
     with pytest.raises(RVQError, match="block fine-tuning"):
         rvqllm.RVQConfig(vector_dim=8, stages=1, bits=16, shared_codebook="gaussian-65536", finetune_epochs=1)
