@@ -139,13 +139,13 @@ def _kept_state(model: nn.Module) -> dict[str, Tensor]:
 def _quantized_buffers(module: nn.Module, prefix: str) -> set[str]:
     """Names (``prefix`` + name under ``module``) of the codes/codebooks/scales of its quantized layers,
     and the shared codebook's (stored as they are, never cast)."""
-    return {f"{prefix}{n}.{b}" for n, m in module.named_modules() if isinstance(m, QuantizedLinear)
-            for b in _QUANTIZED_BUFFERS} | {f"{prefix}{SHARED_KEY}"}
+    layers = [n for n, m in module.named_modules() if isinstance(m, QuantizedLinear)]
+    return {f"{prefix}{name}" for name in _kept_as_stored(layers)}
 
 
-def _kept_as_stored(layers: dict[str, dict]) -> set[str]:
-    """Names of the tensors of quantized layers ``{name: spec}`` never cast on save or load (and the shared
-    codebook's)."""
+def _kept_as_stored(layers) -> set[str]:
+    """Names of the tensors of the quantized layers ``layers`` (names, or ``{name: spec}``) never cast on
+    save or load (and the shared codebook's)."""
     return {f"{name}.{b}" for name in layers for b in _QUANTIZED_BUFFERS} | {SHARED_KEY}
 
 

@@ -332,6 +332,7 @@ class _Walk:
         self.plan: dict[str, dict] = {}
         self.specs: dict[str, dict] = dict(getattr(self.model, "rvq_layers", {}))
         self.shared: SharedCodebooks | None = None
+        self.shared_float: Tensor | None = None  # its float32 copy, what every layer is coded against
 
     # -- before the first block ------------------------------------------------------------------
     def prepare(self, run_dir, resume: bool) -> None:
@@ -363,6 +364,7 @@ class _Walk:
         if shared is not None:
             tuned = self.run.shared_codebook() if self.run is not None else None  # a resumed, distilled run's
             self.shared = attach_shared(self.model, (tuned if tuned is not None else shared).to(self.device))
+            self.shared_float = self.shared.codebooks.float()
         self.start_block = self.run.blocks_done if self.run is not None else 0
         if source.streaming and self.start_block == 0:  # streamed: the embeddings and the first block tell
             check_causal_first_block(self.model, source.load_block(0, self.device), self.device)
@@ -447,7 +449,7 @@ class _Walk:
                     kmeans_points=cfg.kmeans_points, beam=cfg.beam_width, hessian_weighted=cfg.hessian_weighted,
                     error_feedback=cfg.error_feedback, refits=cfg.codebook_refits,
                     seed=cfg.seed * 100_003 + self.offsets[i] + k, rotate=cfg.rotate, damp=cfg.hessian_damp,
-                    codebooks=None if self.shared is None else self.shared.codebooks.float(),
+                    codebooks=self.shared_float,
                 )
                 bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
                 qlayer = QuantizedLinear.from_rvq(q, shape["bits"], bias, linear_weight(module).dtype).to(self.device)

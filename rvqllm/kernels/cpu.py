@@ -30,7 +30,8 @@ def _half_flag(t: Tensor) -> tuple[Tensor, int]:
     return t.float().contiguous(), 0
 
 
-#: fp16 codebooks of at least this many values go to the kernels as a cached float32 copy
+#: fp16 codebooks of at least this many values that the kernels cannot read as stored go to them as a
+#: cached float32 copy
 LARGE_CODEBOOK = 1 << 16
 
 
@@ -42,10 +43,11 @@ def reads_half8(codebooks: Tensor) -> bool:
 
 
 def _float_codebooks(codebooks: Tensor) -> tuple[Tensor, int]:
-    """``codebooks`` for the kernels: small ones as they are (the kernel converts fp16 per call, a few
-    KiB); large fp16 ones (a 65,536-entry table: 1 MiB) as a float32 copy kept on the tensor itself and
-    made again only when the tensor changes in place (its version counter), so a table shared by every
-    layer is converted once, not at every call of every layer (the kernel reads float32 as it is)."""
+    """``codebooks`` for the kernels: small ones and ``d = 8`` fp16 ones the decode kernels read as stored
+    (:func:`reads_half8`) as they are; other large fp16 ones (``d != 8``, or a build without F16C) as a
+    float32 copy kept on the tensor itself and made again only when the tensor changes in place (its
+    version counter), so a table shared by every layer is converted once, not at every call of every layer
+    (the kernel reads float32 as it is)."""
     if codebooks.dtype != torch.float16 or codebooks.numel() < LARGE_CODEBOOK or reads_half8(codebooks):
         return _half_flag(codebooks)
     try:  # the storage too: a deep copy carries the attribute but has its own storage and counter
