@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import RVQConfig, available_presets
 from .errors import ResumableError, RVQError
-from .reference import CALIB_TEXTS, EVAL_TEXTS
+from .reference import CALIB_TEXTS, EVAL_TEXTS, TEXTS
 
 DEFAULT_PRESET = "2bit"  #: `rvqllm quantize`'s preset
 DEMO_PRESET = "2bit-fast"  #: `rvqllm demo`'s preset: minutes on a laptop; the demo's last line names the best one
@@ -28,7 +28,7 @@ BEST_PRESET = "2bit"
 #: minutes the 2bit preset's quantization of the reference took on this project's 2-core CPU (session 9:
 #: 1,374.2 s, 23 min 6 s with start-up and saving; docs/RESULTS.md, README.md): printed by the demo
 BEST_PRESET_MINUTES = 23
-DEFAULT_TEXTS = list(EVAL_TEXTS)  #: kjv, shakespeare (the calibration's domains) and django (out of domain)
+DEFAULT_TEXTS = list(EVAL_TEXTS)  #: kjv, shakespeare (calibration's domains), django (held out), wiki, news (out of domain)
 
 
 class _Progress:
@@ -537,8 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"preset name ({presets}) or YAML file (default: {preset}); more stages/bits cost time "
                              "and size, gain quality")
         sp.add_argument("--calib", nargs="+", default=list(CALIB_TEXTS),
-                        help=f"calibration text sources (default: {' '.join(CALIB_TEXTS)}): reference names (kjv, shakespeare, "
-                             "fortunes, django), .txt/.jsonl/.parquet "
+                        help=f"calibration text sources (default: {' '.join(CALIB_TEXTS)}): reference names ({', '.join(TEXTS)}), "
+                             ".txt/.jsonl/.parquet "
                              "files or data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. "
                              "wikitext:wikitext-2-raw-v1); text from the domain you care about helps quality")
         sp.add_argument("--calib-sequences", type=int, help="override the preset: calibration sequences "
@@ -578,8 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure the baseline's perplexity again instead of reusing the number measured earlier "
                              "on this machine for the same model files, texts, protocol and library versions")
         sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS,
-                        help=f"evaluation texts (default: {' '.join(EVAL_TEXTS)}; django is out of the default calibration's "
-                             "domains): reference names (kjv, shakespeare, fortunes, django), .txt/.jsonl/.parquet files or "
+                        help=f"evaluation texts (default: {' '.join(EVAL_TEXTS)}; django is held out, wiki and news are "
+                             f"kinds of text the default calibration has none of): reference names ({', '.join(TEXTS)}), "
+                             ".txt/.jsonl/.parquet files or "
                              "data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. wikitext:wikitext-2-raw-v1)")
         sp.add_argument("--context", type=int, default=512, help="tokens per window (ppl-512x64 protocol: 512)")
         sp.add_argument("--windows", type=int, default=64,

@@ -2,9 +2,9 @@
 
 A text source is one string:
 
-- ``kjv`` / ``shakespeare`` / ``fortunes`` / ``django`` (optionally ``reference:kjv``): the offline
-  reference texts (:mod:`rvqllm.reference`); the split
-  (``test`` for evaluation, ``calib`` for calibration) is chosen by the caller;
+- ``kjv`` / ``shakespeare`` / ``fortunes`` / ``django`` / ``code`` / ``wiki`` / ``news`` (optionally
+  ``reference:kjv``): the offline reference texts (:mod:`rvqllm.reference`); the split (``test`` for
+  evaluation, ``calib`` for calibration) is chosen by the caller;
 - a path to a local ``.txt``, ``.jsonl`` (a ``text`` field per line) or ``.parquet`` (a ``text`` column);
 - a local folder of data files (``.parquet``/``.jsonl``/``.csv``), read with ``datasets``;
 - a ``datasets`` name with optional config and split: ``wikitext:wikitext-2-raw-v1``,

@@ -1,4 +1,4 @@
-"""The offline reference: SmolLM2-135M-Instruct and four texts, all from package registries.
+"""The offline reference: SmolLM2-135M-Instruct and seven texts, all from package registries.
 
 Everything is converted once into a cache folder (``~/.cache/rvqllm`` unless told otherwise) and read
 from there afterwards; every step is idempotent and writes through a temporary name, so an interrupted
@@ -18,8 +18,19 @@ run never leaves a half-made file that looks finished.
 - Django documentation, the out-of-domain text: the PyPI sdist ``Django==5.2.8`` (downloaded, never
   installed), its reStructuredText sources (technical prose with code samples and markup), files in
   sorted path order, concatenated as they are. test = ``docs/topics/**/*.txt`` (1.4 MB), calibration =
-  ``docs/ref/**/*.txt`` (2.4 MB). No preset calibrates on it: it measures how a quantized model does on
-  a kind of text its calibration never showed it.
+  ``docs/ref/**/*.txt`` (2.4 MB). No preset calibrates on it; since session 12 the default calibration
+  holds Python source code (``code``), so it is held-out technical text of a kind near the calibration's.
+- From the platform wheel of ``gensim==4.3.3`` (downloaded, never installed or imported; only data files
+  are read), three texts:
+  ``code``: its Python sources, files in sorted path order as they are (source code with comments and
+  docstrings); calibration = the library's modules (1.55 MB), test = its ``gensim/test/*.py`` (0.67 MB).
+  ``wiki``: its shortened English Wikipedia dump (``test_data/enwiki-latest-pages-articles1...bz2``),
+  articles in dump order as plain prose (:func:`_strip_wikitext`; redirects, stubs and the computing
+  articles left out); test = every 4th article, calibration = the rest.
+  ``news``: the Lee corpus of ABC news stories (one story per line); test = ``lee_background.cor``
+  (300 stories, 76k tokens), calibration = ``lee.cor`` (50 other stories: too short for calibration).
+  ``wiki`` and ``news`` are the out-of-domain texts: encyclopaedic prose and news, kinds of text no
+  default calibration text is.
 
 The fp16 baseline on these files (``rvqllm eval``, ppl-512x64): KJV-NT 14.30, Shakespeare 39.62
 (PROTOCOL.md's orientation figures, 14.45 / 39.56, were measured on a slightly different layout).
@@ -27,6 +38,8 @@ The fp16 baseline on these files (``rvqllm eval``, ppl-512x64): KJV-NT 14.30, Sh
 
 from __future__ import annotations
 
+import bz2
+import html
 import importlib.util
 import os
 import re
@@ -35,6 +48,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 from .errors import RVQError
@@ -48,12 +62,20 @@ DJANGO_SDIST = "Django==5.2.8"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 # Files of Debian's fortunes about computing: left out so that no calibration text is technical prose.
 FORTUNES_TECHNICAL = ("computers", "debian", "knghtbrd", "linux", "linuxcookie", "perl", "ascii-art")
-TEXTS = ("kjv", "shakespeare", "fortunes", "django")
-#: what `rvqllm quantize` calibrates on by default: three kinds of text, none of them technical prose
-CALIB_TEXTS = ("kjv", "shakespeare", "fortunes")
-#: what `rvqllm eval` and the benchmarks score by default: two texts of the calibration's domains and one
-#: out of domain (``django``: technical documentation, a kind of text no calibration text is)
-EVAL_TEXTS = ("kjv", "shakespeare", "django")
+GENSIM_WHEEL = "gensim==4.3.3"  # its wheel's test data hold Wikipedia articles and news stories
+WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# Wikipedia articles about computing: left out so that the out-of-domain prose holds no technical text.
+WIKI_TECHNICAL = ("ASCII", "Algorithm", "Algorithms (journal)", "Ada")
+TEXTS = ("kjv", "shakespeare", "fortunes", "django", "code", "wiki", "news")
+#: what `rvqllm quantize` calibrates on by default: four kinds of text, scripture, plays, short modern
+#: English and Python source code
+CALIB_TEXTS = ("kjv", "shakespeare", "fortunes", "code")
+#: what `rvqllm eval` and the benchmarks score by default: two texts of the calibration's domains (kjv,
+#: shakespeare), held-out technical documentation (django) and two kinds of text no calibration text is
+#: (wiki: encyclopaedic prose; news)
+EVAL_TEXTS = ("kjv", "shakespeare", "django", "wiki", "news")
+#: the held-out texts for issue 13's rule ln(ratio) <= 1.25 ln(ratio on kjv); wiki and news are out of domain
+HELD_OUT_TEXTS = ("django", "wiki", "news")
 
 
 def default_cache_dir() -> Path:
@@ -139,6 +161,79 @@ def _sdist(cache_dir: Path, requirement: str) -> Path:
     return found[0]
 
 
+def _wheel(cache_dir: Path, requirement: str) -> Path:
+    """A wheel of ``requirement`` (``name==version``) from PyPI, downloaded once into the cache.
+
+    The platform and Python tags are fixed (manylinux x86-64, CPython 3.11) so that every machine gets the
+    same file and nothing is built; only its data files are read, its code is never run.
+    """
+    name, version = requirement.split("==")
+    folder = cache_dir / "downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def present() -> list[Path]:
+        return [p for p in folder.iterdir() if p.suffix == ".whl" and p.name.lower().startswith(f"{name}-{version}-")]
+
+    if not present():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--platform",
+               "manylinux_2_17_x86_64", "--python-version", "3.11", requirement, "-d", str(folder), "-q"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0 or not present():
+            raise RVQError(f"could not download the {requirement} wheel from PyPI: check the network and retry")
+    return present()[0]
+
+
+def _innermost(pattern: str, repl: str, text: str) -> str:
+    """``re.sub`` repeated until nothing changes (for nested constructs, innermost first)."""
+    while (new := re.sub(pattern, repl, text)) != text:
+        text = new
+    return text
+
+
+def _strip_wikitext(text: str) -> str:
+    """Plain prose from one article's wiki markup: comments, references, templates, tables, tags, files and
+    categories removed; links and external links replaced by their labels; emphasis, heading and list
+    marks dropped. Formulas, the odd unclosed template and a file whose caption holds [brackets] stay."""
+    w = html.unescape(text)
+    w = re.sub(r"<!--.*?-->", "", w, flags=re.S)
+    w = re.sub(r"<ref[^>/]*/>", "", w)
+    w = re.sub(r"<ref[^>]*>.*?</ref>", "", w, flags=re.S)
+    w = _innermost(r"\{\{[^{}]*\}\}", "", w)
+    w = _innermost(r"\{\|[^{}]*?\|\}", "", w)
+    w = re.sub(r"<[^>]+>", "", w)
+    link = r"\[\[(?!(?:File|Image|Category):)"
+    while True:  # innermost links first, so that a file whose caption holds links goes as a whole
+        new = re.sub(r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):[^\[\]]*\]\]", "", w)
+        new = re.sub(link + r"[^\[\]|]*\|([^\[\]]*)\]\]", r"\1", new)
+        new = re.sub(link + r"([^\[\]]*)\]\]", r"\1", new)
+        if new == w:
+            break
+        w = new
+    w = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", w)
+    w = re.sub(r"\[https?://\S+\]", "", w)
+    w = re.sub(r"'{2,}", "", w)
+    w = re.sub(r"(?m)^=+\s*(.*?)\s*=+\s*$", r"\1", w)
+    w = re.sub(r"(?m)^[*#:;]+\s*", "", w)
+    return re.sub(r"\n{3,}", "\n\n", w).strip()
+
+
+def _wiki_articles(wheel: zipfile.ZipFile) -> list[str]:
+    """The dump's articles in dump order as plain prose, one blank line after each: redirects, stubs under
+    200 characters and the computing articles (:data:`WIKI_TECHNICAL`) left out."""
+    xml = bz2.decompress(wheel.read(WIKI_MEMBER)).decode("utf-8", errors="replace")
+    out = []
+    for title, body in re.findall(r"<page>.*?<title>(.*?)</title>.*?<text[^>]*>(.*?)</text>", xml, re.S):
+        if body.lstrip().upper().startswith("#REDIRECT") or title in WIKI_TECHNICAL:
+            continue
+        if len(text := _strip_wikitext(body)) > 200:
+            out.append(text + "\n\n")
+    return out
+
+
+def _wheel_text(wheel: zipfile.ZipFile, names: list[str], sep: str = "") -> str:
+    return "".join(wheel.read(n).decode("utf-8", errors="replace") + sep for n in names)
+
+
 def _members(archive: Path, pattern: str) -> list[tuple[str, str]]:
     """``[(member path, text)]`` of the files in ``archive`` whose path matches ``pattern``, sorted by path."""
     out = []
@@ -184,6 +279,20 @@ def _write_text(name: str, paths: dict[str, Path], cache_dir: Path) -> None:
         files = _fortune_files()
         _write_atomic(paths["test"], "".join(t for i, t in enumerate(files) if i % 4 == 0))
         _write_atomic(paths["calib"], "".join(t for i, t in enumerate(files) if i % 4 != 0))
+    elif name in ("code", "wiki", "news"):
+        with zipfile.ZipFile(_wheel(cache_dir, GENSIM_WHEEL)) as wheel:
+            if name == "code":
+                py = sorted(n for n in wheel.namelist() if n.endswith(".py"))
+                _write_atomic(paths["test"], _wheel_text(wheel, [n for n in py if "/test/" in n], "\n\n"))
+                _write_atomic(paths["calib"], _wheel_text(wheel, [n for n in py if "/test" not in n], "\n\n"))
+            elif name == "wiki":
+                articles = _wiki_articles(wheel)
+                _write_atomic(paths["test"], "".join(a for i, a in enumerate(articles) if i % 4 == 0))
+                _write_atomic(paths["calib"], "".join(a for i, a in enumerate(articles) if i % 4 != 0))
+            else:
+                data = "gensim/test/test_data/"
+                _write_atomic(paths["test"], _wheel_text(wheel, [data + "lee_background.cor"]))
+                _write_atomic(paths["calib"], _wheel_text(wheel, [data + "lee.cor"]))
     else:
         archive = _sdist(cache_dir, DJANGO_SDIST)
         _write_atomic(paths["test"], "".join(t for _, t in _members(archive, r"^[^/]+/docs/topics/.+\.txt$")))

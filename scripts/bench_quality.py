@@ -1,9 +1,10 @@
 """Quality benchmark: perplexity against bits per weight on the reference model (PROTOCOL.md).
 
-Calibrates on the default calibration texts (``rvqllm.reference.CALIB_TEXTS``: the KJV-OT, Shakespeare
-and fortunes calibration splits; ``--calib`` to change) and evaluates ppl-512x``windows`` on the KJV-NT,
-Shakespeare and Django-docs test splits (the last out of domain: no calibration text is technical prose),
-for:
+Calibrates on the default calibration texts (``rvqllm.reference.CALIB_TEXTS``: the KJV-OT, Shakespeare,
+fortunes and Python-code calibration splits; ``--calib`` to change) and evaluates ppl-512x``windows`` on
+the test splits of ``rvqllm.reference.EVAL_TEXTS``: KJV-NT and Shakespeare (the calibration's domains),
+Django's documentation (held-out technical text) and Wikipedia and news (kinds of text no calibration
+text is), for:
 
 - ``fp16``: the baseline;
 - ``rtn2`` / ``rtn3`` / ``rtn4``: round-to-nearest scalar quantization, group 128, fp16 scale + zero (the floor);
@@ -36,10 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_rd beside this file
 
-from rvqllm.reference import CALIB_TEXTS, EVAL_TEXTS  # noqa: E402
+from rvqllm.reference import CALIB_TEXTS, EVAL_TEXTS, HELD_OUT_TEXTS  # noqa: E402
 
 TEXTS = EVAL_TEXTS
-LABEL = {"kjv": "KJV-NT", "shakespeare": "Shakespeare", "django": "Django docs (out of domain)"}
+HELD_OUT = [t for t in HELD_OUT_TEXTS if t in TEXTS]
+LABEL = {"kjv": "KJV-NT", "shakespeare": "Shakespeare", "django": "Django docs (held out)",
+         "wiki": "Wikipedia (out of domain)", "news": "news (out of domain)"}
 
 #: technique -> (config field, value that turns it off, value that turns it on)
 TECHNIQUES = {
@@ -163,8 +166,9 @@ def _append(path: Path | None, result: dict) -> None:
 
 
 def _ppl_cells(r: dict, fp16: dict | None) -> str:
-    """One cell per text: ``ppl (xratio, ln ln-ratio)``, then ``ln(ratio_ood) / ln(ratio_kjv)`` (issue 13's
-    generalisation rule: at most 1.25); ``-`` where a row (an older one) lacks a text."""
+    """One cell per text: ``ppl (xratio, ln ln-ratio)``, then ``ln(ratio_t) / ln(ratio_kjv)`` for each held-out
+    text t (issue 13's generalisation rule: at most 1.25), ``/``-separated in the order of
+    :data:`HELD_OUT`; ``-`` where a row (an older one) lacks a text."""
     cells, logs = [], {}
     for t in TEXTS:
         if t not in r["ppl"]:
@@ -176,17 +180,17 @@ def _ppl_cells(r: dict, fp16: dict | None) -> str:
             cells.append(f"{p:.2f} (x{p / fp16[t]:.2f}, ln {logs[t]:.3f})")
         else:
             cells.append(f"{p:.2f}")
-    rule = logs.get("django", 0.0) / logs["kjv"] if "django" in logs and logs.get("kjv", 0.0) > 0 else None
-    cells.append("-" if rule is None else f"{rule:.2f}")
+    rules = [f"{logs[t] / logs['kjv']:.2f}" if t in logs and logs.get("kjv", 0.0) > 0 else "-" for t in HELD_OUT]
+    cells.append(" / ".join(rules))
     return " | ".join(cells)
 
 
 def _text_header() -> str:
-    return " | ".join(LABEL[t] for t in TEXTS) + " | ln ood / ln KJV"
+    return " | ".join(LABEL[t] for t in TEXTS) + f" | ln t / ln KJV ({' / '.join(HELD_OUT)})"
 
 
 def _calib(r: dict) -> str:
-    """``64x512 kjv+shakespeare+fortunes``; rows from before the texts were recorded say only the size."""
+    """``64x512 kjv+shakespeare+fortunes+code``; rows from before the texts were recorded say only the size."""
     texts = r.get("calib_texts")
     return r.get("calib", "-") + (" " + "+".join(texts) if texts else "")
 

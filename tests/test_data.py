@@ -71,23 +71,41 @@ def test_reference_splits_differ(reference):
     assert load_text("reference:shakespeare", "calib") == load_text("shakespeare", "train")
 
 
-def test_reference_texts_keep_the_out_of_domain_text_out_of_the_calibration(reference):
-    from rvqllm.reference import CALIB_TEXTS, EVAL_TEXTS, TEXTS
+def test_reference_texts_keep_the_held_out_texts_out_of_the_calibration(reference):
+    from transformers import AutoTokenizer
 
-    assert "django" in EVAL_TEXTS and "django" not in CALIB_TEXTS
+    from rvqllm.reference import CALIB_TEXTS, EVAL_TEXTS, HELD_OUT_TEXTS, TEXTS, reference_model_dir
+
+    assert set(HELD_OUT_TEXTS) <= set(EVAL_TEXTS) and not set(HELD_OUT_TEXTS) & set(CALIB_TEXTS)
     assert set(CALIB_TEXTS) | set(EVAL_TEXTS) <= set(TEXTS)
     texts = {(n, s): load_text(n, s) for n in TEXTS for s in ("test", "calib")}
-    for (name, split), text in texts.items():
-        assert len(text) > 400_000, (name, split, len(text))  # > 64 x 512 tokens of any tokenizer
-    topics, ref = texts["django", "test"], texts["django", "calib"]
+    tok = AutoTokenizer.from_pretrained(reference_model_dir())
+    for name in EVAL_TEXTS:  # the whole ppl-512x64 protocol fits in every evaluation text
+        assert len(tok(texts[name, "test"][:600_000], add_special_tokens=False)["input_ids"]) > 64 * 512, name
+    for name in CALIB_TEXTS:
+        assert len(texts[name, "calib"]) > 400_000, name
+    # test and calibration splits never share text
+    for name in TEXTS:
+        test, calib = texts[name, "test"], texts[name, "calib"]
+        assert test[:5000] not in calib and calib[:5000] not in test, name
+    topics = texts["django", "test"]
     assert "Django" in topics and ".. code-block::" in topics  # reStructuredText sources, markup kept
-    assert topics[:5000] not in ref and ref[:5000] not in topics
     fortunes = texts["fortunes", "test"] + texts["fortunes", "calib"]
     assert "\n%\n" not in fortunes  # separators became blank lines
-    # no calibration text is technical prose: the computing fortunes are left out, django is not calibrated on
+    # the only technical text calibrated on is source code: the computing fortunes are left out, django
+    # (documentation) is not calibrated on
     assert fortunes.count("Linux") < 20 and "sys_call_table" not in fortunes
-    for name in CALIB_TEXTS:
+    for name in set(CALIB_TEXTS) - {"code"}:
         assert ".. code-block::" not in texts[name, "calib"]
+    code = texts["code", "calib"]  # Python modules: code, comments, docstrings (a little reST in them)
+    assert code.count("\ndef ") + code.count("    def ") > 1000 and "import numpy" in code
+    assert code.count(".. code-block::") < 5 and "class TestLdaModel" in texts["code", "test"]
+    # the out-of-domain prose: no wiki markup left, no article about computing, news one story per line
+    wiki = texts["wiki", "test"] + texts["wiki", "calib"]
+    assert "Anarchism is a political philosophy" in wiki and "<ref" not in wiki
+    assert "American Standard Code for Information Interchange" not in wiki
+    assert wiki.count("[[") < 5 and wiki.count("{{") < 10  # a file caption with [brackets], formulas
+    assert len(texts["news", "test"].splitlines()) == 300 and "bushfire" in texts["news", "test"]
 
 
 def test_same_options_for_calibration_and_evaluation():
@@ -128,3 +146,12 @@ def test_sampled_tokens_are_the_models_own_text_seeded(reference):
     assert not torch.equal(greedy, a[:, 1:])  # sampled, not greedy
     with pytest.raises(RVQError, match="seq_len >= 2"):
         sampled_tokens(model, tok, 1, 1)
+
+
+def test_wikitext_becomes_plain_prose():
+    from rvqllm.reference import _strip_wikitext
+
+    wiki = ("{{Infobox|name={{lang|x}}}}'''Aardvark''' is a [[mammal]] of [[Africa|African]] soil.<ref>cite</ref>\n"
+            "[[File:A.jpg|thumb|An [[aardvark]] at night]]\n== Diet ==\n* It eats [[ant]]s.<!-- hidden -->\n"
+            "{| class=wikitable\n| cell\n|}\nSee [https://example.org the site] &amp; more.[[Category:Mammals]]\n\n\n\nEnd.")
+    assert _strip_wikitext(wiki) == "Aardvark is a mammal of African soil.\n\nDiet\nIt eats ants.\n\nSee the site & more.\n\nEnd."
