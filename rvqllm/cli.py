@@ -25,9 +25,10 @@ DEMO_PRESET = "2bit-fast"  #: `rvqllm demo`'s preset: minutes on a laptop; the d
 #: perplexity windows per text in `rvqllm demo` (ppl-512x16: a quarter of the ppl-512x64 protocol, same windows first)
 DEMO_WINDOWS = 16
 BEST_PRESET = "2bit"
-#: minutes the 2bit preset's quantization of the reference took on this project's 2-core CPU (session 9:
-#: 1,374.2 s, 23 min 6 s with start-up and saving; docs/RESULTS.md, README.md): printed by the demo
-BEST_PRESET_MINUTES = 23
+#: minutes the 2bit preset's quantization of the reference took on this project's 2-core CPU (session 12,
+#: four-text calibration: 1,425.0 s, 23 min 59 s with start-up and saving; docs/RESULTS.md, README.md):
+#: printed by the demo
+BEST_PRESET_MINUTES = 24
 DEFAULT_TEXTS = list(EVAL_TEXTS)  #: kjv, shakespeare (calibration's domains), django (held out), wiki, news (out of domain)
 
 
