@@ -264,28 +264,30 @@ def _fortune_files() -> list[str]:
     return out
 
 
+def _write_quarters(paths: dict[str, Path], parts: list[str]) -> None:
+    """Every 4th part (index 0, 4, 8, ...) joined into the test file, the rest into the calibration file."""
+    _write_atomic(paths["test"], "".join(t for i, t in enumerate(parts) if i % 4 == 0))
+    _write_atomic(paths["calib"], "".join(t for i, t in enumerate(parts) if i % 4 != 0))
+
+
 def _write_text(name: str, paths: dict[str, Path], cache_dir: Path) -> None:
     if name == "kjv":
         _write_atomic(paths["test"], _bible("Matthew1:1-Revelation22:21"))
         _write_atomic(paths["calib"], _bible("Genesis1:1-Malachi4:6"))
     elif name == "shakespeare":
         plays = _shakespeare_files(cache_dir)
-        _write_atomic(paths["test"], "".join(t for i, (_, t) in enumerate(plays) if i % 4 == 0))
-        _write_atomic(paths["calib"], "".join(t for i, (_, t) in enumerate(plays) if i % 4 != 0))
+        _write_quarters(paths, [t for _, t in plays])
     elif name == "fortunes":
         files = _fortune_files()
-        _write_atomic(paths["test"], "".join(t for i, t in enumerate(files) if i % 4 == 0))
-        _write_atomic(paths["calib"], "".join(t for i, t in enumerate(files) if i % 4 != 0))
+        _write_quarters(paths, files)
     elif name in ("code", "wiki", "news"):
         with zipfile.ZipFile(_wheel(cache_dir, GENSIM_WHEEL)) as wheel:
             if name == "code":
                 py = sorted(n for n in wheel.namelist() if n.endswith(".py"))
                 _write_atomic(paths["test"], _wheel_text(wheel, [n for n in py if "/test/" in n], "\n\n"))
-                _write_atomic(paths["calib"], _wheel_text(wheel, [n for n in py if "/test" not in n], "\n\n"))
+                _write_atomic(paths["calib"], _wheel_text(wheel, [n for n in py if "/test/" not in n], "\n\n"))
             elif name == "wiki":
-                articles = _wiki_articles(wheel)
-                _write_atomic(paths["test"], "".join(a for i, a in enumerate(articles) if i % 4 == 0))
-                _write_atomic(paths["calib"], "".join(a for i, a in enumerate(articles) if i % 4 != 0))
+                _write_quarters(paths, _wiki_articles(wheel))
             else:
                 data = "gensim/test/test_data/"
                 _write_atomic(paths["test"], _wheel_text(wheel, [data + "lee_background.cor"]))
