@@ -1,4 +1,4 @@
-"""The offline reference: SmolLM2-135M-Instruct and seven texts, all from package registries.
+"""The offline reference: SmolLM2-135M-Instruct and eight texts, all from package registries.
 
 Everything is converted once into a cache folder (``~/.cache/rvqllm`` unless told otherwise) and read
 from there afterwards; every step is idempotent and writes through a temporary name, so an interrupted
@@ -21,7 +21,7 @@ run never leaves a half-made file that looks finished.
   ``docs/ref/**/*.txt`` (2.4 MB). No preset calibrates on it; since session 12 the default calibration
   holds Python source code (``code``), so it is held-out technical text of a kind near the calibration's.
 - From the platform wheel of ``gensim==4.3.3`` (downloaded, never installed or imported; only data files
-  are read), three texts:
+  are read), four texts:
   ``code``: its Python sources, files in sorted path order as they are (source code with comments and
   docstrings); calibration = the library's modules (1.55 MB), test = its ``gensim/test/*.py`` (0.67 MB).
   ``wiki``: its shortened English Wikipedia dump (``test_data/enwiki-latest-pages-articles1...bz2``),
@@ -31,6 +31,12 @@ run never leaves a half-made file that looks finished.
   (300 stories, 76k tokens), calibration = ``lee.cor`` (50 other stories: too short for calibration).
   ``wiki`` and ``news`` are the out-of-domain texts: encyclopaedic prose and news, kinds of text no
   default calibration text is.
+  ``usenet``: the bodies of the 200 Usenet posts of 1993 in ``test_data/mini_newsgroup`` (a pickled
+  scikit-learn bunch of the 20 Newsgroups data, mostly alt.atheism and sci.space; read as a stream of
+  pickle opcodes, never unpickled): informal argument and chat, a kind of text no reference text is
+  besides. Headers, quoted lines, attribution lines and signatures are left out (:func:`_usenet_posts`);
+  test = three posts of every four (46k tokens), calibration = every 4th (15k). Not yet in the default
+  evaluation (session 13: scored on request, ``--text usenet``).
 
 The fp16 baseline on these files (``rvqllm eval``, ppl-512x64): KJV-NT 14.30, Shakespeare 39.62
 (PROTOCOL.md's orientation figures, 14.45 / 39.56, were measured on a slightly different layout).
@@ -42,6 +48,7 @@ import bz2
 import html
 import importlib.util
 import os
+import pickletools
 import re
 import shutil
 import subprocess
@@ -49,6 +56,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from .errors import RVQError
@@ -66,7 +74,8 @@ GENSIM_WHEEL = "gensim==4.3.3"  # its wheel's test data hold Wikipedia articles 
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # Wikipedia articles about computing: left out so that the out-of-domain prose holds no technical text.
 WIKI_TECHNICAL = ("ASCII", "Algorithm", "Algorithms (journal)", "Ada")
-TEXTS = ("kjv", "shakespeare", "fortunes", "django", "code", "wiki", "news")
+USENET_MEMBER = "gensim/test/test_data/mini_newsgroup"
+TEXTS = ("kjv", "shakespeare", "fortunes", "django", "code", "wiki", "news", "usenet")
 #: what `rvqllm quantize` calibrates on by default: four kinds of text, scripture, plays, short modern
 #: English and Python source code
 CALIB_TEXTS = ("kjv", "shakespeare", "fortunes", "code")
@@ -227,6 +236,32 @@ def _wiki_articles(wheel: zipfile.ZipFile) -> list[str]:
     return out
 
 
+# header lines of a post (some bodies quote a forwarded post's headers too)
+_USENET_HEADER = (r"(To: )?(From|To|Cc|Date|Subject|Newsgroups|Path|Message-ID|Organization|Lines|References|"
+                  r"Sender|Reply-To|Distribution|Keywords|Summary|Followup-To|Expires|Article-I\.D\.|"
+                  r"NNTP-Posting-Host|X-[\w-]+): ")
+
+
+def _usenet_posts(wheel: zipfile.ZipFile) -> list[str]:
+    """The posts' bodies in stored order, one blank line after each: the pickle's string constants that
+    are posts (header lines, then ``Subject:``) are read off its opcodes (:func:`pickletools.genops`
+    only parses; nothing is unpickled or run); headers (forwarded ones inside a body too), signatures
+    (from a ``--`` line on), quoted lines (``>``, ``|``, ``:``, ``AB>``), attribution lines (``In article ...``, ``... writes:``) and bodies under 100
+    characters are left out."""
+    raw = zlib.decompress(wheel.read(USENET_MEMBER))
+    out = []
+    for _, arg, _ in pickletools.genops(raw):
+        if not (isinstance(arg, str) and re.match(r"(?s)[A-Z][\w-]+: .*\nSubject: ", arg)):
+            continue
+        body = re.split(r"(?m)^-- ?$", arg.partition("\n\n")[2])[0]
+        lines = [line for line in body.split("\n") if not re.match(r"\s*\w{0,3}[>|:]", line)
+                 and not re.match(_USENET_HEADER, line) and not line.startswith("In article")
+                 and not re.search(r"(writes|wrote|says):\s*$", line)]
+        if len(text := re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()) > 100:
+            out.append(text + "\n\n")
+    return out
+
+
 def _wheel_text(wheel: zipfile.ZipFile, names: list[str], sep: str = "") -> str:
     return "".join(wheel.read(n).decode("utf-8", errors="replace") + sep for n in names)
 
@@ -270,6 +305,13 @@ def _write_quarters(paths: dict[str, Path], parts: list[str]) -> None:
     _write_atomic(paths["calib"], "".join(t for i, t in enumerate(parts) if i % 4 != 0))
 
 
+def _write_reverse_quarters(paths: dict[str, Path], parts: list[str]) -> None:
+    """Every 4th part into the calibration file, the rest into the test file (a text evaluated more than
+    calibrated on)."""
+    _write_atomic(paths["test"], "".join(t for i, t in enumerate(parts) if i % 4 != 0))
+    _write_atomic(paths["calib"], "".join(t for i, t in enumerate(parts) if i % 4 == 0))
+
+
 def _write_text(name: str, paths: dict[str, Path], cache_dir: Path) -> None:
     if name == "kjv":
         _write_atomic(paths["test"], _bible("Matthew1:1-Revelation22:21"))
@@ -280,7 +322,7 @@ def _write_text(name: str, paths: dict[str, Path], cache_dir: Path) -> None:
     elif name == "fortunes":
         files = _fortune_files()
         _write_quarters(paths, files)
-    elif name in ("code", "wiki", "news"):
+    elif name in ("code", "wiki", "news", "usenet"):
         with zipfile.ZipFile(_wheel(cache_dir, GENSIM_WHEEL)) as wheel:
             if name == "code":
                 py = sorted(n for n in wheel.namelist() if n.endswith(".py"))
@@ -288,6 +330,8 @@ def _write_text(name: str, paths: dict[str, Path], cache_dir: Path) -> None:
                 _write_atomic(paths["calib"], _wheel_text(wheel, [n for n in py if "/test/" not in n], "\n\n"))
             elif name == "wiki":
                 _write_quarters(paths, _wiki_articles(wheel))
+            elif name == "usenet":
+                _write_reverse_quarters(paths, _usenet_posts(wheel))
             else:
                 data = "gensim/test/test_data/"
                 _write_atomic(paths["test"], _wheel_text(wheel, [data + "lee_background.cor"]))

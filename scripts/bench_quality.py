@@ -42,7 +42,7 @@ from rvqllm.reference import CALIB_TEXTS, EVAL_TEXTS, HELD_OUT_TEXTS  # noqa: E4
 TEXTS = EVAL_TEXTS
 HELD_OUT = [t for t in HELD_OUT_TEXTS if t in TEXTS]
 LABEL = {"kjv": "KJV-NT", "shakespeare": "Shakespeare", "django": "Django docs (held out)",
-         "wiki": "Wikipedia (out of domain)", "news": "news (out of domain)"}
+         "wiki": "Wikipedia (out of domain)", "news": "news (out of domain)", "usenet": "Usenet posts (out of domain)"}
 
 #: technique -> (config field, value that turns it off, value that turns it on)
 TECHNIQUES = {

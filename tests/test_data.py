@@ -4,6 +4,7 @@ same token options (sequences, length, seed) for calibration and evaluation."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,6 +107,12 @@ def test_reference_texts_keep_the_held_out_texts_out_of_the_calibration(referenc
     assert "American Standard Code for Information Interchange" not in wiki
     assert wiki.count("[[") < 5 and wiki.count("{{") < 10  # a file caption with [brackets], formulas
     assert len(texts["news", "test"].splitlines()) == 300 and "bushfire" in texts["news", "test"]
+    # Usenet posts: bodies only (no headers, quotes, attributions or signatures); the test split holds the
+    # whole protocol, so it can join the evaluation texts
+    usenet = texts["usenet", "test"] + texts["usenet", "calib"]
+    assert "Space Station" in usenet and "atheis" in usenet
+    assert not re.search(r"(?m)^(Message-ID|Path|Newsgroups|Subject):|^>|^In article|writes:$|^-- ?$", usenet)
+    assert len(tok(texts["usenet", "test"], add_special_tokens=False)["input_ids"]) > 64 * 512
 
 
 def test_same_options_for_calibration_and_evaluation():
