@@ -299,17 +299,12 @@ def _fortune_files() -> list[str]:
     return out
 
 
-def _write_quarters(paths: dict[str, Path], parts: list[str]) -> None:
-    """Every 4th part (index 0, 4, 8, ...) joined into the test file, the rest into the calibration file."""
-    _write_atomic(paths["test"], "".join(t for i, t in enumerate(parts) if i % 4 == 0))
-    _write_atomic(paths["calib"], "".join(t for i, t in enumerate(parts) if i % 4 != 0))
-
-
-def _write_reverse_quarters(paths: dict[str, Path], parts: list[str]) -> None:
-    """Every 4th part into the calibration file, the rest into the test file (a text evaluated more than
-    calibrated on)."""
-    _write_atomic(paths["test"], "".join(t for i, t in enumerate(parts) if i % 4 != 0))
-    _write_atomic(paths["calib"], "".join(t for i, t in enumerate(parts) if i % 4 == 0))
+def _write_quarters(paths: dict[str, Path], parts: list[str], quarter: str = "test") -> None:
+    """Every 4th part (index 0, 4, 8, ...) joined into the ``quarter`` split's file ("test", or "calib" for
+    a text evaluated more than calibrated on), the rest into the other one."""
+    rest = "calib" if quarter == "test" else "test"
+    _write_atomic(paths[quarter], "".join(t for i, t in enumerate(parts) if i % 4 == 0))
+    _write_atomic(paths[rest], "".join(t for i, t in enumerate(parts) if i % 4 != 0))
 
 
 def _write_text(name: str, paths: dict[str, Path], cache_dir: Path) -> None:
@@ -331,7 +326,7 @@ def _write_text(name: str, paths: dict[str, Path], cache_dir: Path) -> None:
             elif name == "wiki":
                 _write_quarters(paths, _wiki_articles(wheel))
             elif name == "usenet":
-                _write_reverse_quarters(paths, _usenet_posts(wheel))
+                _write_quarters(paths, _usenet_posts(wheel), quarter="calib")
             else:
                 data = "gensim/test/test_data/"
                 _write_atomic(paths["test"], _wheel_text(wheel, [data + "lee_background.cor"]))
