@@ -246,8 +246,8 @@ def _usenet_posts(wheel: zipfile.ZipFile) -> list[str]:
     """The posts' bodies in stored order, one blank line after each: the pickle's string constants that
     are posts (header lines, then ``Subject:``) are read off its opcodes (:func:`pickletools.genops`
     only parses; nothing is unpickled or run); headers (forwarded ones inside a body too), signatures
-    (from a ``--`` line on), quoted lines (``>``, ``|``, ``:``, ``AB>``), attribution lines (``In article ...``, ``... writes:``) and bodies under 100
-    characters are left out."""
+    (from a ``--`` line on), quoted lines (``>``, ``|``, ``:``, ``AB>``), attribution lines
+    (``In article ...``, ``... writes:``) and bodies under 100 characters are left out."""
     raw = zlib.decompress(wheel.read(USENET_MEMBER))
     out = []
     for _, arg, _ in pickletools.genops(raw):
