@@ -48,7 +48,6 @@ import bz2
 import html
 import importlib.util
 import os
-import pickletools
 import re
 import shutil
 import subprocess
@@ -58,6 +57,7 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
+from pickletools import genops  # parses only: the project never unpickles
 
 from .errors import RVQError
 
@@ -250,7 +250,7 @@ def _usenet_posts(wheel: zipfile.ZipFile) -> list[str]:
     (``In article ...``, ``... writes:``) and bodies under 100 characters are left out."""
     raw = zlib.decompress(wheel.read(USENET_MEMBER))
     out = []
-    for _, arg, _ in pickletools.genops(raw):
+    for _, arg, _ in genops(raw):
         if not (isinstance(arg, str) and re.match(r"(?s)[A-Z][\w-]+: .*\nSubject: ", arg)):
             continue
         body = re.split(r"(?m)^-- ?$", arg.partition("\n\n")[2])[0]
