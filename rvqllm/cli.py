@@ -29,7 +29,7 @@ BEST_PRESET = "2bit"
 #: four-text calibration: 1,425.0 s, 23 min 59 s with start-up and saving; docs/RESULTS.md, README.md):
 #: printed by the demo
 BEST_PRESET_MINUTES = 24
-DEFAULT_TEXTS = list(EVAL_TEXTS)  #: kjv, shakespeare (calibration's domains), django (held out), wiki, news (out of domain)
+DEFAULT_TEXTS = list(EVAL_TEXTS)  #: kjv, shakespeare, wiki (calibration's domains), django (held out), news, usenet (out of domain)
 
 
 class _Progress:
@@ -579,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure the baseline's perplexity again instead of reusing the number measured earlier "
                              "on this machine for the same model files, texts, protocol and library versions")
         sp.add_argument("--text", nargs="+", default=DEFAULT_TEXTS,
-                        help=f"evaluation texts (default: {' '.join(EVAL_TEXTS)}; django is held out, wiki and news are "
-                             f"kinds of text the default calibration has none of): reference names ({', '.join(TEXTS)}), "
+                        help=f"evaluation texts (default: {' '.join(EVAL_TEXTS)}; django is held out, news and usenet "
+                             f"are kinds of text the default calibration has none of): reference names ({', '.join(TEXTS)}), "
                              ".txt/.jsonl/.parquet files or "
                              "data folders, datasets names as NAME[:CONFIG[:SPLIT]] (e.g. wikitext:wikitext-2-raw-v1)")
         sp.add_argument("--context", type=int, default=512, help="tokens per window (ppl-512x64 protocol: 512)")

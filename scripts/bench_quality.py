@@ -1,10 +1,10 @@
 """Quality benchmark: perplexity against bits per weight on the reference model (PROTOCOL.md).
 
 Calibrates on the default calibration texts (``rvqllm.reference.CALIB_TEXTS``: the KJV-OT, Shakespeare,
-fortunes and Python-code calibration splits; ``--calib`` to change) and evaluates ppl-512x``windows`` on
-the test splits of ``rvqllm.reference.EVAL_TEXTS``: KJV-NT and Shakespeare (the calibration's domains),
-Django's documentation (held-out technical text) and Wikipedia and news (kinds of text no calibration
-text is), for:
+fortunes, Python-code and Wikipedia calibration splits; ``--calib`` to change) and evaluates
+ppl-512x``windows`` on the test splits of ``rvqllm.reference.EVAL_TEXTS``: KJV-NT, Shakespeare and
+Wikipedia (the calibration's domains), Django's documentation (held-out technical text) and news and
+Usenet posts (kinds of text no calibration text is), for:
 
 - ``fp16``: the baseline;
 - ``rtn2`` / ``rtn3`` / ``rtn4``: round-to-nearest scalar quantization, group 128, fp16 scale + zero (the floor);
@@ -42,7 +42,7 @@ from rvqllm.reference import CALIB_TEXTS, EVAL_TEXTS, HELD_OUT_TEXTS  # noqa: E4
 TEXTS = EVAL_TEXTS
 HELD_OUT = [t for t in HELD_OUT_TEXTS if t in TEXTS]
 LABEL = {"kjv": "KJV-NT", "shakespeare": "Shakespeare", "django": "Django docs (held out)",
-         "wiki": "Wikipedia (out of domain)", "news": "news (out of domain)", "usenet": "Usenet posts (out of domain)"}
+         "wiki": "Wikipedia", "news": "news (out of domain)", "usenet": "Usenet posts (out of domain)"}
 
 #: technique -> (config field, value that turns it off, value that turns it on)
 TECHNIQUES = {

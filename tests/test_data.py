@@ -101,7 +101,7 @@ def test_reference_texts_keep_the_held_out_texts_out_of_the_calibration(referenc
     code = texts["code", "calib"]  # Python modules: code, comments, docstrings (a little reST in them)
     assert code.count("\ndef ") + code.count("    def ") > 1000 and "import numpy" in code
     assert code.count(".. code-block::") < 5 and "class TestLdaModel" in texts["code", "test"]
-    # the out-of-domain prose: no wiki markup left, no article about computing, news one story per line
+    # the encyclopaedic prose: no wiki markup left, no article about computing; news one story per line
     wiki = texts["wiki", "test"] + texts["wiki", "calib"]
     assert "Anarchism is a political philosophy" in wiki and "<ref" not in wiki
     assert "American Standard Code for Information Interchange" not in wiki

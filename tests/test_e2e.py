@@ -1,9 +1,9 @@
 """The real reference model (SmolLM2-135M-Instruct) through real transformers: slow, run in CI.
 
 Quick protocol variant: ppl on the first 8 windows x 512 tokens of each test text (4,088 predicted
-tokens each: KJV-NT, Shakespeare, the held-out Django docs and the out-of-domain Wikipedia and news),
-calibration 16 sequences x 256 tokens from the default calibration texts (KJV-OT, Shakespeare, fortunes,
-Python code).
+tokens each: KJV-NT, Shakespeare and Wikipedia, the held-out Django docs and the out-of-domain news and
+Usenet posts), calibration 16 sequences x 256 tokens from the default calibration texts (KJV-OT,
+Shakespeare, fortunes, Python code, Wikipedia).
 """
 
 import math
@@ -47,14 +47,14 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     ppl = {k: r.ppl for k, r in evaluate(loaded, tok, texts, windows=WINDOWS).items()}
     # A regression bound, not the goal: the 4-bit preset's full-protocol figures are in docs/RESULTS.md. On
-    # this test's calibration (8 x 256 tokens of kjv+shakespeare+fortunes+code) and first 8 windows, greedy
-    # as here, it measured 12.89 / 47.58 / 18.14 / 28.77 / 38.63 against 10.66 / 44.48 / 16.01 / 24.60 /
-    # 33.06 (x1.21 / x1.07 / x1.13 / x1.17 / x1.17 for KJV / Shakespeare / django / wiki / news; session
-    # 12, the same calls in a throwaway script). Before code joined the calibration: x1.18 / x1.05 / x1.18
-    # (session 7); the session-6 preset with beam 8 x1.15 / x1.05 / x1.19, greedy without fine-tuning
-    # x1.26 / x1.09 (KJV / Shakespeare). The bounds sit 7-15 % above (they were 1.35 on every text until
-    # session 7).
-    bounds = {"kjv": 1.3, "shakespeare": 1.15, "django": 1.3, "wiki": 1.3, "news": 1.3}
+    # this test's calibration (8 x 256 tokens of kjv+shakespeare+fortunes+code+wiki) and first 8 windows,
+    # greedy as here, it measured 12.90 / 47.24 / 18.02 / 28.37 / 38.33 / 44.07 against 10.66 / 44.48 /
+    # 16.01 / 24.60 / 33.06 / 39.39 (x1.21 / x1.06 / x1.13 / x1.15 / x1.16 / x1.12 for KJV / Shakespeare /
+    # django / wiki / news / usenet; session 14, the same calls in a throwaway script). Session 12's
+    # four-text calibration: x1.21 / x1.07 / x1.13 / x1.17 / x1.17; session 7's three texts: x1.18 / x1.05 /
+    # x1.18; the session-6 preset with beam 8 x1.15 / x1.05 / x1.19, greedy without fine-tuning x1.26 /
+    # x1.09 (KJV / Shakespeare). The bounds sit 7-11 % above (they were 1.35 on every text until session 7).
+    bounds = {"kjv": 1.3, "shakespeare": 1.15, "django": 1.25, "wiki": 1.25, "news": 1.25, "usenet": 1.23}
     for name in TEXTS:
         assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
 
@@ -62,16 +62,17 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
 def test_2bit_preset_quality_regression_bound(texts, baseline_ppl, reference_2bit):
     model, tok = reference_2bit
     ppl = {k: r.ppl for k, r in evaluate(model, tok, texts, windows=WINDOWS).items()}
-    # The 2-bit preset on this quick protocol (16x256 calibration from kjv+shakespeare+fortunes+code, 8
-    # windows) measured 33.07 / 77.46 / 39.92 / 82.89 / 113.75 against the baseline's 10.66 / 44.48 / 16.01 /
-    # 24.60 / 33.06 (x3.10 / x1.74 / x2.49 / x3.37 / x3.44 for KJV / Shakespeare / django / wiki / news;
-    # session 12, the same calls in a throwaway script; the first 8 KJV windows are hard for it, and its 4
-    # KJV sequences are few). The bounds sit ~10 % above. Before code joined the calibration it measured
-    # x2.77 / x1.66 / x4.24 (KJV / Shakespeare / django), and under that calibration the preset without
-    # its distillation gave x3.02 / x1.72, without error feedback x4.98 / x2.38, the session-1 preset
-    # x3.86 / x2.13: the last two lie above these bounds; the first was not measured under the new
-    # calibration. docs/RESULTS.md has the ablation.
-    bounds = {"kjv": 3.4, "shakespeare": 1.95, "django": 2.8, "wiki": 3.7, "news": 3.8}
+    # The 2-bit preset on this quick protocol (16x256 calibration from kjv+shakespeare+fortunes+code+wiki,
+    # 8 windows) measured 35.20 / 80.32 / 43.81 / 65.66 / 99.11 / 88.67 against the baseline's 10.66 /
+    # 44.48 / 16.01 / 24.60 / 33.06 / 39.39 (x3.30 / x1.81 / x2.74 / x2.67 / x3.00 / x2.25 for KJV /
+    # Shakespeare / django / wiki / news / usenet; session 14, the same calls in a throwaway script; the
+    # first 8 KJV windows are hard for it, and its 3-4 KJV sequences of 16 are few). The bounds sit ~10 %
+    # above. Session 12's four-text calibration measured x3.10 / x1.74 / x2.49 / x3.37 / x3.44 (the KJV
+    # and django bounds were 3.4 and 2.8 then, wiki and news 3.7 and 3.8); before code joined the
+    # calibration x2.77 / x1.66 / x4.24 (KJV / Shakespeare / django), and under that calibration the
+    # preset without its distillation gave x3.02 / x1.72, without error feedback x4.98 / x2.38, the
+    # session-1 preset x3.86 / x2.13 (docs/RESULTS.md has the ablation).
+    bounds = {"kjv": 3.6, "shakespeare": 1.98, "django": 3.0, "wiki": 2.95, "news": 3.3, "usenet": 2.48}
     for name in TEXTS:
         assert math.isfinite(ppl[name])
         assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
