@@ -49,7 +49,7 @@ class RVQConfig:
     finetune_sequences: int = 0  #: fine-tune on the calibration batches holding the first this many sequences (0: all); the Hessians use all
     tune_dtype: str = "float32"  #: what block fine-tuning and distillation multiply in: "float32", "bfloat16" (autocast; params, optimizer and losses stay float32), or "auto": bfloat16 where the device has it natively, else float32
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
-    distill_lr: float = 1e-3  #: Adam learning rate of the distillation (what the 2bit presets use)
+    distill_lr: float = 1e-3  #: Adam learning rate of the distillation: 1e-3 suits 2-bit codes; finer codes need less (3bit 2e-4, 4bit 1e-4)
     distill_sequences: int = 0  #: distil on the first this many calibration sequences only (0: all); the Hessians use all
     distill_lr_decay: bool = False  #: epochs after the first decay the learning rate to 0 (cosine); off: constant
     distill_code_fraction: float = 0.0  #: codes move in distillation: share of each layer's groups re-encoded per update (0 = frozen; costs 3 fp32 copies of the weights)
