@@ -214,7 +214,8 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
         _say(args, f"block fine-tuning: {result['finetune_seconds']:.0f} s; block output error x"
                    f"{sum(gain) / len(gain):.2f} on average")
     if report.distill:
-        _say(args, f"distillation: {report.distill['seconds']:.0f} s; KL {report.distill['kl_before']:.4f} -> "
+        _say(args, f"distillation at learning rate {report.distill['lr']:.2g}: {report.distill['seconds']:.0f} s; "
+                   f"KL {report.distill['kl_before']:.4f} -> "
                    f"{report.distill['kl_after']:.4f}")
     return result
 

@@ -49,7 +49,7 @@ class RVQConfig:
     finetune_sequences: int = 0  #: fine-tune on the calibration batches holding the first this many sequences (0: all); the Hessians use all
     tune_dtype: str = "float32"  #: what block fine-tuning and distillation multiply in: "float32", "bfloat16" (autocast; params, optimizer and losses stay float32), or "auto": bfloat16 where the device has it natively, else float32
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
-    distill_lr: float = 1e-3  #: Adam learning rate of the distillation: 1e-3 suits 2-bit codes; finer codes need less (3bit 2e-4, 4bit 1e-4)
+    distill_lr: float | str = "auto"  #: Adam learning rate of the distillation, or "auto": from the code's bits per weight b, 1e-3 x 10^(-(b-2)/2) (1e-3 at 2 bits, 3.2e-4 at 3, 1e-4 at 4: rvqllm.finetune.distill_rate)
     distill_sequences: int = 0  #: distil on the first this many calibration sequences only (0: all); the Hessians use all
     distill_lr_decay: bool = False  #: epochs after the first decay the learning rate to 0 (cosine); off: constant
     distill_code_fraction: float = 0.0  #: codes move in distillation: share of each layer's groups re-encoded per update (0 = frozen; costs 3 fp32 copies of the weights)
@@ -102,8 +102,10 @@ class RVQConfig:
              f"finetune_lr={self.finetune_lr!r} is out of range: use a positive number below 1 (1e-3 is typical)")
         need(isinstance(self.distill_epochs, int) and self.distill_epochs >= 0,
              f"distill_epochs={self.distill_epochs!r} must be a non-negative integer (0 turns distillation off)")
-        need(isinstance(self.distill_lr, int | float) and 0 < self.distill_lr < 1,
-             f"distill_lr={self.distill_lr!r} is out of range: use a positive number below 1 (1e-3 is typical)")
+        need(self.distill_lr == "auto" or (isinstance(self.distill_lr, int | float) and not isinstance(self.distill_lr, bool)
+                                           and 0 < self.distill_lr < 1),
+             f"distill_lr={self.distill_lr!r} is out of range: use 'auto' (set from the code's bits per weight) or a "
+             "positive number below 1 (1e-3 suits 2-bit codes)")
         need(isinstance(self.distill_sequences, int) and not isinstance(self.distill_sequences, bool)
              and self.distill_sequences >= 0,
              f"distill_sequences={self.distill_sequences!r} must be a non-negative integer (0: every calibration sequence)")

@@ -687,6 +687,27 @@ def distill_model(
     return before, after
 
 
+def distill_rate(code_bpw: float) -> float:
+    """The distillation's Adam learning rate for codes of ``code_bpw`` bits per weight (codebooks and scales
+    not counted), ``distill_lr: auto``: ``1e-3 * 10 ** (-(code_bpw - 2) / 2)``, about a factor 3 less per
+    bit, with ``code_bpw`` held to [1, 8]. The rule runs through the best rates measured on SmolLM2-135M
+    (docs/RESULTS.md, session 15): 1e-3 at 2 bits (5e-4 and 3e-4 worse, 2e-3 worse), 1e-4 at 4 (3e-4 and
+    3e-5 worse), and 1e-4 and 3e-4 equal within 0.5 % at 3. A finer code leaves a smaller residual error
+    for the distillation to correct, and a rate fit for a coarser code then overshoots it."""
+    bpw = min(max(float(code_bpw), 1.0), 8.0)
+    return 1e-3 * 10.0 ** (-(bpw - 2.0) / 2.0)
+
+
+def code_bits_per_weight(specs: dict[str, dict]) -> float:
+    """Bits per weight of the codes alone over quantized layers' specs (:meth:`QuantizedLinear.spec`),
+    weighted by each layer's weight count: ``stages * bits / vector_dim`` for a uniform preset."""
+    weights = sum(s["in_features"] * s["out_features"] for s in specs.values())
+    if weights == 0:
+        return 2.0
+    bits = sum(s["in_features"] * s["out_features"] * s["stages"] * s["bits"] / s["vector_dim"] for s in specs.values())
+    return bits / weights
+
+
 #: beam width of the re-encoding when codes move during tuning (:meth:`_TrainableRVQ.recode`)
 RECODE_BEAM = 8
 #: sequences the KL before and after distillation is measured on (each measurement costs a forward pass each)

@@ -49,7 +49,9 @@ from .errors import ResumableError, RVQError
 from .finetune import (
     TEACHER_TOP_K,
     check_lm_head_fn,
+    code_bits_per_weight,
     distill_model,
+    distill_rate,
     finetune_block,
     lm_head_fn,
     native_bf16,
@@ -580,6 +582,8 @@ class _Walk:
         cfg = self.config
         if self.teacher is not None and not (self.run is not None and self.run.distilled):
             meter = Meter(self.device, self.reset_host_peak)
+            if self.source.streaming:  # the shards are rank 0's to write: wait until it has written the last
+                self.place.barrier()
             for i in range(len(self.source)):  # every block back on the device, compressed
                 if self.source.streaming:
                     self.source.load_empty_block(i, skip=cfg.skip)
@@ -593,13 +597,15 @@ class _Walk:
                 teacher.append(tuple(t[:rows] for t in self.teacher.get(j)))
             t0 = time.perf_counter()
             codes: dict = {}
+            lr = distill_rate(code_bits_per_weight(self.specs)) if cfg.distill_lr == "auto" else cfg.distill_lr
             before, after = distill_model(self.model, list(self.source.blocks), batches, teacher,
-                                          epochs=cfg.distill_epochs, lr=cfg.distill_lr, micro_batch=cfg.finetune_batch,
+                                          epochs=cfg.distill_epochs, lr=lr, micro_batch=cfg.finetune_batch,
                                           storage_dtype=self._storage_dtype(), chunk_tokens=cfg.distill_chunk_tokens,
                                           placement=self.place, code_fraction=cfg.distill_code_fraction,
                                           code_every=cfg.distill_code_every, code_lr=cfg.distill_code_lr,
                                           stats=codes, lr_decay=cfg.distill_lr_decay, autocast=self._autocast())
-            self.report.distill = {"kl_before": before, "kl_after": after, "seconds": round(time.perf_counter() - t0, 3),
+            self.report.distill = {"kl_before": before, "kl_after": after, "lr": lr,
+                                   "seconds": round(time.perf_counter() - t0, 3),
                                    **codes, **{k: v for k, v in meter.result().items() if k.startswith("peak")}}
             if self.run is not None:
                 self.run.commit_distilled(self.model, self._storage_dtype(), write=self.place.is_main)

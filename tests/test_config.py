@@ -15,3 +15,13 @@ def test_recorded_recipe_from_a_newer_version_still_reads():
     assert rvqllm.RVQConfig.from_dict(data, strict=False) == rvqllm.RVQConfig()
     with pytest.raises(RVQError, match="unknown config field"):
         rvqllm.RVQConfig.from_dict(data)
+
+
+def test_distill_lr_takes_auto_or_a_rate():
+    """``distill_lr``: "auto" (the default: set from the code's bits per weight) or a number in (0, 1);
+    anything else is a one-line error naming both choices."""
+    assert rvqllm.RVQConfig().distill_lr == "auto"
+    assert rvqllm.RVQConfig(distill_lr=2e-4).distill_lr == 2e-4
+    for bad in (0, -1e-3, 1.5, "fast", True, None):
+        with pytest.raises(RVQError, match="distill_lr=.*'auto'"):
+            rvqllm.RVQConfig(distill_lr=bad)

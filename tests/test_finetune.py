@@ -394,6 +394,38 @@ def test_pipeline_distillation_reports_and_keeps_improvement(calib_ids, dtype):
     assert report.distill["kl_after"] < report.distill["kl_before"]
 
 
+def test_distill_rate_follows_the_code_bits_per_weight():
+    """``distill_lr: auto``: 1e-3 at 2 bits per weight, a factor sqrt(10) less per extra bit, held to 1..8 bits."""
+    from rvqllm.finetune import code_bits_per_weight, distill_rate
+
+    assert distill_rate(2.0) == pytest.approx(1e-3)
+    assert distill_rate(3.0) == pytest.approx(1e-3 / 10 ** 0.5)
+    assert distill_rate(4.0) == pytest.approx(1e-4)
+    assert distill_rate(0.25) == distill_rate(1.0) and distill_rate(16.0) == distill_rate(8.0)
+    specs = {"a": {"in_features": 64, "out_features": 32, "vector_dim": 8, "stages": 2, "bits": 8},  # 2 bits
+             "b": {"in_features": 64, "out_features": 96, "vector_dim": 4, "stages": 2, "bits": 8}}  # 4 bits
+    assert code_bits_per_weight(specs) == pytest.approx((2 * 32 + 4 * 96) / 128)
+
+
+@pytest.mark.parametrize(("lr", "want"), [("auto", 1e-3 * 10 ** 0.5), (3e-3, 3e-3)])
+def test_pipeline_distillation_uses_the_configured_or_derived_rate(calib_ids, monkeypatch, lr, want):
+    """The rate reaches the distillation: the config's number, or for "auto" the rule at the code's bits per
+    weight (1 stage x 3 bits / 8 weights = 0.375, held to 1 bit); the report records it."""
+    import rvqllm.pipeline as P
+
+    seen, real = {}, P.distill_model
+
+    def spy(*args, **kw):
+        seen["lr"] = kw["lr"]
+        return real(*args, **kw)
+
+    monkeypatch.setattr(P, "distill_model", spy)
+    cfg = rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3, distill_epochs=1, distill_lr=lr,
+                           calib_batch_size=4)
+    report = rvqllm.quantize(tiny_llama(), cfg, calib_ids)
+    assert seen["lr"] == pytest.approx(want) and report.distill["lr"] == pytest.approx(want)
+
+
 @pytest.mark.parametrize("n", [0, 3, 8, 20])
 def test_distill_sequences_distils_on_a_prefix_of_the_calibration(calib_ids, monkeypatch, n):
     """``distill_sequences``: the Hessians see every calibration sequence, the distillation (and its teacher)
