@@ -699,13 +699,12 @@ def distill_rate(code_bpw: float) -> float:
 
 
 def code_bits_per_weight(specs: dict[str, dict]) -> float:
-    """Bits per weight of the codes alone over quantized layers' specs (:meth:`QuantizedLinear.spec`),
-    weighted by each layer's weight count: ``stages * bits / vector_dim`` for a uniform preset."""
+    """Bits per weight the codes carry over quantized layers' specs (:meth:`QuantizedLinear.spec`), weighted
+    by each layer's weight count: ``stages * bits / vector_dim`` for a uniform preset. Information, not
+    storage (:func:`rvqllm.size.summarize`'s ``codes_bpw`` counts a 3-bit code as its uint8)."""
     weights = sum(s["in_features"] * s["out_features"] for s in specs.values())
-    if weights == 0:
-        return 2.0
     bits = sum(s["in_features"] * s["out_features"] * s["stages"] * s["bits"] / s["vector_dim"] for s in specs.values())
-    return bits / weights
+    return bits / max(weights, 1)
 
 
 #: beam width of the re-encoding when codes move during tuning (:meth:`_TrainableRVQ.recode`)
