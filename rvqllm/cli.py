@@ -211,8 +211,11 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
     tuned = [b for b in report.blocks.values() if b.get("error_before", 0) > 0]
     if tuned:
         gain = [b["error_after"] / b["error_before"] for b in tuned]
+        undone = sum(not b.get("finetune_kept", True) for b in tuned)
+        retried = sum(b.get("finetune_attempts", 1) > 1 for b in tuned)
         _say(args, f"block fine-tuning: {result['finetune_seconds']:.0f} s; block output error x"
-                   f"{sum(gain) / len(gain):.2f} on average")
+                   f"{sum(gain) / len(gain):.2f} on average; {retried} blocks retried at a lower rate, "
+                   f"{undone} kept as coded (tuning made them worse)")
     if report.distill:
         _say(args, f"distillation at learning rate {report.distill['lr']:.2g}: {report.distill['seconds']:.0f} s; "
                    f"KL {report.distill['kl_before']:.4f} -> "

@@ -47,6 +47,7 @@ class RVQConfig:
     finetune_batch: int = 2  #: calibration sequences per Adam step
     finetune_target: str = "block"  #: "block": the float block on the same inputs; "model": the float model's activations
     finetune_sequences: int = 0  #: fine-tune on the calibration batches holding the first this many sequences (0: all); the Hessians use all
+    finetune_retries: int = 0  #: a block whose tuning made its output error worse (and was undone) is tuned again from where it was, at a third of the previous learning rate, up to this many times
     tune_dtype: str = "float32"  #: what block fine-tuning and distillation multiply in: "float32", "bfloat16" (autocast; params, optimizer and losses stay float32), or "auto": bfloat16 where the device has it natively, else float32
     distill_epochs: int = 0  #: after all blocks: passes of whole-model distillation towards the float model's logits
     distill_lr: float | str = "auto"  #: Adam learning rate of the distillation, or "auto": from the code's bits per weight b, 1e-3 x 10^(-(b-2)/2) (1e-3 at 2 bits, 3.2e-4 at 3, 1e-4 at 4: rvqllm.finetune.distill_rate)
@@ -123,6 +124,10 @@ class RVQConfig:
              f"distill_code_lr={self.distill_code_lr!r} is out of range: use a positive number below 10 (1e-2 is typical)")
         need(isinstance(self.distill_chunk_tokens, int) and self.distill_chunk_tokens >= 1,
              f"distill_chunk_tokens={self.distill_chunk_tokens!r} must be a positive integer (tokens per logit chunk)")
+        need(isinstance(self.finetune_retries, int) and not isinstance(self.finetune_retries, bool)
+             and self.finetune_retries >= 0,
+             f"finetune_retries={self.finetune_retries!r} must be a non-negative integer (0: a block whose tuning "
+             "was undone stays as coded)")
         need(isinstance(self.finetune_batch, int) and self.finetune_batch >= 1,
              f"finetune_batch={self.finetune_batch!r} must be a positive integer (sequences per step)")
         need(self.tune_dtype in ("float32", "bfloat16", "auto"),

@@ -354,6 +354,10 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
     return before, after, True
 
 
+#: a block whose tuning was undone is tuned again at the previous learning rate divided by this
+RETRY_LR_DIVISOR = 3.0
+
+
 def finetune_block(
     block: nn.Module,
     inputs,
@@ -368,6 +372,8 @@ def finetune_block(
     placement: Placement | None = None,
     tuned_batches: list[int] | None = None,
     autocast: torch.dtype | None = None,
+    retries: int = 0,
+    stats: dict | None = None,
 ) -> tuple[float, float]:
     """Tune ``block``'s quantized layers' codebooks/scales/biases and its float parameters in place.
 
@@ -386,6 +392,10 @@ def finetune_block(
         tuned_batches: the batches of ``kwargs`` to tune on (None: all); only they need ``targets``. The
             others still get their outputs, from the tuned block.
         autocast: ``torch.bfloat16`` to train in it (see :func:`_tune`); None: float32.
+        retries: when the tuning made the error worse (and so was undone), tune again from the same
+            values at a third of the previous rate, up to this many times (:data:`RETRY_LR_DIVISOR`).
+        stats: a dict that gets ``attempts`` (tunings run, 1 + retries used), ``lr`` (the rate of the
+            last one) and ``tuned`` (whether a tuning was kept).
     Returns:
         ``(error_before, error_after)``: relative output error on the tuned batches.
     """
@@ -406,11 +416,19 @@ def finetune_block(
                 yield (out - tgt).pow(2).sum() / tgt.pow(2).sum().clamp_min(1e-30)
 
     float_params = [p for p in block.parameters() if p.is_floating_point()]
-    before, after, tuned = _tune(
-        block, float_params, lambda: _relative_error(block, inputs, targets, kwargs, None, placement), losses,
-        epochs=epochs, lr=lr, storage_dtype=storage_dtype, placement=placement, autocast=autocast,
-        evaluate_after=None if outputs is None else
-        lambda: _relative_error(block, inputs, targets, kwargs, outputs, placement))
+    rate, attempts = lr, 0
+    while True:  # an undone tuning restores every value exactly, so a retry starts where the first did
+        attempts += 1
+        before, after, tuned = _tune(
+            block, float_params, lambda: _relative_error(block, inputs, targets, kwargs, None, placement), losses,
+            epochs=epochs, lr=rate, storage_dtype=storage_dtype, placement=placement, autocast=autocast,
+            evaluate_after=None if outputs is None else
+            lambda: _relative_error(block, inputs, targets, kwargs, outputs, placement))
+        if tuned or epochs <= 0 or attempts > retries:
+            break
+        rate /= RETRY_LR_DIVISOR
+    if stats is not None:
+        stats.update(attempts=attempts, lr=rate, tuned=tuned)
     if outputs is not None and not tuned:  # reverted (or never tuned): the outputs of the kept values
         _relative_error(block, inputs, targets, kwargs, outputs, placement)
     if outputs is not None:  # the batches not tuned on: outputs of the kept values

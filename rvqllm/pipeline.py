@@ -79,7 +79,8 @@ class QuantizeReport:
 
     layers: dict[str, dict] = field(default_factory=dict)
     #: per block: {"seconds": {stage: s}, "total_seconds", "peak_rss_mib", "peak_device_mib"} and, with
-    #: fine-tuning, "error_before", "error_after", "finetune_seconds"
+    #: fine-tuning, "error_before", "error_after", "finetune_seconds", "finetune_attempts" (1 + retries used),
+    #: "finetune_lr" (the last attempt's rate) and "finetune_kept" (False: every attempt was undone)
     blocks: dict[int, dict] = field(default_factory=dict)
     distill: dict = field(default_factory=dict)  #: whole-model distillation: KL before/after, time, memory
     seconds: float = 0.0
@@ -472,13 +473,17 @@ class _Walk:
         if targets is not None:
             with meter.stage("tune"):  # fine-tuning also writes the next block's inputs (its last evaluation)
                 t0 = time.perf_counter()
+                tune_stats: dict = {}
                 before, after = finetune_block(block, self.store, targets, self.kwargs, epochs=cfg.finetune_epochs,
                                                lr=cfg.finetune_lr, micro_batch=cfg.finetune_batch,
                                                storage_dtype=self._storage_dtype(), outputs=outputs,
                                                placement=place, tuned_batches=sorted(tuned),
-                                               autocast=self._autocast())
+                                               autocast=self._autocast(), retries=cfg.finetune_retries,
+                                               stats=tune_stats)
                 self.report.blocks[i] = {"error_before": before, "error_after": after,
-                                         "finetune_seconds": round(time.perf_counter() - t0, 3)}
+                                         "finetune_seconds": round(time.perf_counter() - t0, 3),
+                                         "finetune_attempts": tune_stats["attempts"],
+                                         "finetune_lr": tune_stats["lr"], "finetune_kept": tune_stats["tuned"]}
         elif outputs is not None:
             with meter.stage("forward"):
                 _forward(block, self.store, self.kwargs, outputs, self.device)

@@ -25,3 +25,13 @@ def test_distill_lr_takes_auto_or_a_rate():
     for bad in (0, -1e-3, 1.5, "fast", True, None):
         with pytest.raises(RVQError, match="distill_lr=.*'auto'"):
             rvqllm.RVQConfig(distill_lr=bad)
+
+
+def test_finetune_retries_takes_a_non_negative_integer():
+    """``finetune_retries`` (default 0: an undone block tuning is not tried again) counts retries: a bool,
+    a negative or a fractional count is a one-line error that names the field and what it takes."""
+    assert rvqllm.RVQConfig().finetune_retries == 0
+    assert rvqllm.RVQConfig(finetune_retries=2).finetune_retries == 2
+    for bad in (-1, 1.5, True, "1", None):
+        with pytest.raises(RVQError, match="finetune_retries=.* non-negative integer"):
+            rvqllm.RVQConfig(finetune_retries=bad)

@@ -75,6 +75,28 @@ def test_finetuning_never_makes_the_block_worse():
     assert all(torch.equal(v, block.state_dict()[k]) for k, v in state.items())
 
 
+def test_an_undone_tuning_is_retried_at_a_third_of_the_rate_from_the_same_values():
+    block, inputs, targets, kwargs = _block_with_targets()
+    start = {k: v.clone() for k, v in block.state_dict().items()}
+    stats: dict = {}
+    before, after = finetune_block(block, inputs, targets, kwargs, epochs=3, lr=0.9, retries=4, stats=stats)
+    assert stats["tuned"] and after < before, (stats, before, after)
+    assert stats["attempts"] > 1 and stats["lr"] == pytest.approx(0.9 / 3 ** (stats["attempts"] - 1))
+    # the kept attempt started from the values the block had: a fresh block tuned at that rate alone ends
+    # in the same state, bit for bit
+    twin, *_ = _block_with_targets()
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in start.items())
+    once: dict = {}
+    assert finetune_block(twin, inputs, targets, kwargs, epochs=3, lr=stats["lr"], stats=once) == (before, after)
+    assert once == {"attempts": 1, "lr": stats["lr"], "tuned": True}
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in block.state_dict().items())
+    # without retries the diverging rate is undone and nothing else is tried
+    none: dict = {}
+    fresh, *_ = _block_with_targets()
+    assert finetune_block(fresh, inputs, targets, kwargs, epochs=3, lr=0.9, stats=none) == (before, before)
+    assert none == {"attempts": 1, "lr": 0.9, "tuned": False}
+
+
 @pytest.mark.parametrize("lr", [1e-2, 0.9])  # kept, and reverted (diverges)
 def test_finetuning_writes_the_kept_blocks_outputs(lr):
     block, inputs, targets, kwargs = _block_with_targets()
@@ -209,6 +231,9 @@ def test_pipeline_with_finetuning_saves_what_it_computes(calib_ids, tmp_path):
     report = rvqllm.quantize(model, cfg, calib_ids)
     assert set(report.blocks) == {0, 1}
     assert all(b["error_after"] <= b["error_before"] for b in report.blocks.values())
+    assert all(b["finetune_attempts"] == 1 and b["finetune_lr"] == cfg.finetune_lr for b in report.blocks.values())
+    assert [b["finetune_kept"] for b in report.blocks.values()] == [b["error_after"] < b["error_before"]
+                                                                  for b in report.blocks.values()]
     out = rvqllm.save(model, tmp_path / "q")
     loaded = rvqllm.load(out)
     ids = calib_ids[:2]
