@@ -107,8 +107,9 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, recipe):
 
 
 # ------------------------------------------------------------------------------------------ bounded memory
-def _peak_rss(tmp_path: Path, blocks: int) -> float:
-    """Peak RSS (MiB) of ``rvqllm quantize`` on a TinyLlama-width synthetic model with ``blocks`` blocks."""
+def _peak_rss(tmp_path: Path, blocks: int) -> tuple[float, list[float]]:
+    """Peak RSS (MiB) of ``rvqllm quantize`` on a TinyLlama-width synthetic model with ``blocks`` blocks: the
+    whole run's and each block's, as ``--json`` reports them."""
     model = write_synthetic_llama(tmp_path / f"tiny-{blocks}", hidden=2048, intermediate=5632, heads=32,
                                   kv_heads=4, blocks=blocks)
     cfg = _config(tmp_path, {**CHEAP, "error_feedback": False, "calib_sequences": 2, "calib_seq_len": 16},
@@ -117,16 +118,33 @@ def _peak_rss(tmp_path: Path, blocks: int) -> float:
                               "--calib", "kjv", "--device", "cpu", "--json"),
                          env=_env(2), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
-    return json.loads(res.stdout)["peak_rss_mib"]
+    report = json.loads(res.stdout)
+    return report["peak_rss_mib"], [b["peak_rss_mib"] for b in report["blocks"]]
+
+
+def _slope(values: list[float]) -> float:
+    """Least-squares slope of ``values`` against their index."""
+    n = len(values)
+    mx, my = (n - 1) / 2, sum(values) / n
+    return sum((i - mx) * (v - my) for i, v in enumerate(values)) / sum((i - mx) ** 2 for i in range(n))
 
 
 @pytest.mark.integration
 def test_host_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
-    """Issue 11's bound: 2 vs 8 blocks of TinyLlama width (2048 / 5632, GQA 32/4) differ in peak RSS by
-    less than one block's float32 weights (44M weights, 176 MiB)."""
+    """Issue 11's bound on TinyLlama-width blocks (2048 / 5632, GQA 32/4; one block's float32 weights are 44M
+    weights, 176 MiB). A run that kept each coded block's weights would grow by at least their bf16 size,
+    88 MiB, per block: 528 MiB from 2 to 8 blocks, and a slope of 88 MiB per block across one run.
+
+    - the whole run's peak, 8 blocks against 2: less than two blocks' float32 weights apart (the peak moves
+      by up to ~180 MiB between identical runs on this 2-core machine, allocator arenas of two threads:
+      measured -82..+177 MiB over four pairs; one block's 176 MiB was too tight a bound and flaked);
+    - each block's own peak, blocks 1-7 of the 8-block run (block 0 also holds the load): a least-squares
+      slope under a sixth of a block's float32 weights per block (measured 11, 6 and -8 MiB per block)."""
     block_fp32_mib = (2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632) * 4 / 2**20
-    two, eight = _peak_rss(tmp_path, 2), _peak_rss(tmp_path, 8)
-    assert eight - two < block_fp32_mib, (two, eight)
+    (two, _), (eight, per_block) = _peak_rss(tmp_path, 2), _peak_rss(tmp_path, 8)
+    assert eight - two < 2 * block_fp32_mib, (two, eight)
+    assert len(per_block) == 8
+    assert _slope(per_block[1:]) < block_fp32_mib / 6, per_block
 
 
 # ------------------------------------------------------------------------------------------ ranks
