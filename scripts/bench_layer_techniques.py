@@ -6,6 +6,7 @@ settings and prints the relative output error ``tr(E H E^T) / tr(W H W^T)`` (E =
 time (process time, so other load on the machine does not count).
 
     python scripts/bench_layer_techniques.py [--blocks 3 7] [--threads 1] [--sharing [--big]]
+    python scripts/bench_layer_techniques.py --trellis [--trellis-bits 12 14 16]
 """
 
 from __future__ import annotations
@@ -151,6 +152,40 @@ def sharing(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], big: bool, poi
         print(f"| {name} | {mean:.5f} | {mean / base:.3f} | {mse} | {cpu} |")
 
 
+def trellis_rows(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], state_bits: list[int],
+                 gains: list[float]) -> None:
+    """The bitshift trellis as a layer coder (issue 13's technique 3; :mod:`rvqllm.rvq.trellis_layer`)
+    against the `2bit` preset's RVQ coding (:data:`SHARED_KW`), both on the same rotated weight with the
+    same damp and error feedback. bpw counts codes, fp16 row scales and codebooks (the trellis has none;
+    the rotation signs, the same for both, are left out)."""
+    from rvqllm.rvq.trellis_layer import quantize_weight_trellis
+
+    weights = sum(w.numel() for w, _ in layers.values())
+    rows = []
+    errs, bits, t0 = [], 0, time.process_time()
+    for w, h in layers.values():
+        q = quantize_weight(w, h, **SHARED_KW)
+        errs.append(_rel_error(w, h, q))
+        bits += q.codes.numel() * SHARED_KW["bits"] + q.codebooks.numel() * 16 + q.scales.numel() * 16
+    rows.append(("RVQ 2 x 256, d 8, beam 8 (the `2bit` preset's code)", errs, bits, time.process_time() - t0))
+    for sb in state_bits:
+        for g in gains:
+            errs, bits, t0 = [], 0, time.process_time()
+            for w, h in layers.values():
+                q = quantize_weight_trellis(w, h, state_bits=sb, step_bits=2, gain=g, damp=SHARED_KW["damp"])
+                errs.append(_rel_error(w, h, q))
+                bits += q.code_bits() + q.scales.numel() * 16
+            rows.append((f"trellis L={sb}, k=2, gain {g}", errs, bits, time.process_time() - t0))
+            print(f"  {rows[-1][0]}: {sum(errs) / len(errs):.5f}", flush=True)
+    print(f"{len(layers)} layers; mean relative output error; bpw = codes + scales + codebooks\n")
+    print("| code (rotation, error feedback, damp 0.1) | rel. output error | vs RVQ | bpw | coding CPU s |")
+    print("|---|---|---|---|---|")
+    base = sum(rows[0][1]) / len(rows[0][1])
+    for name, errs, bits, cpu in rows:
+        mean = sum(errs) / len(errs)
+        print(f"| {name} | {mean:.5f} | {mean / base:.3f} | {bits / weights:.3f} | {cpu:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, nargs="+", default=[3, 7])
@@ -162,11 +197,18 @@ def main() -> None:
     ap.add_argument("--big-points", type=int, default=4_000_000,
                     help="training vectors of the 65,536-entry Gaussian codebook")
     ap.add_argument("--big-iters", type=int, default=6, help="its Lloyd iterations")
+    ap.add_argument("--trellis", action="store_true",
+                    help="only the bitshift trellis coder against the 2bit preset's RVQ coder")
+    ap.add_argument("--trellis-bits", type=int, nargs="+", default=[12, 14, 16], help="trellis state bits L")
+    ap.add_argument("--trellis-gains", type=float, nargs="+", default=[1.0], help="factors on its codewords")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = capture(args.blocks)
     if args.sharing:
         sharing(layers, args.big, args.big_points, args.big_iters)
+        return
+    if args.trellis:
+        trellis_rows(layers, args.trellis_bits, args.trellis_gains)
         return
     print(f"{len(layers)} layers of blocks {args.blocks}; mean relative output error over them; CPU seconds in total\n")
     print("| code | technique | rel. output error | vs greedy | CPU s |")

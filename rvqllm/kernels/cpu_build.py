@@ -113,6 +113,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.rvq_reads_half8.restype = ctypes.c_int
     lib.rvq_abi_version.restype = ctypes.c_int
     lib.rvq_h2f.argtypes, lib.rvq_h2f.restype = [ctypes.c_uint16], ctypes.c_float
+    lib.rvq_trellis_viterbi.argtypes = [p, p, i64, i64, i32, i32, p, p, i32]
+    lib.rvq_trellis_viterbi.restype = ctypes.c_int
 
 
 def load_library() -> ctypes.CDLL | None:

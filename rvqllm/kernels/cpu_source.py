@@ -14,6 +14,9 @@ Kernels (``C`` is the code type: uint8 for bits <= 8, uint16 for the int16 bit p
   decoded in registers from the codebooks (which sit in L1) and multiplied with every token.
 * ``rvq_dequant_rows``: decodes a tile of rows ``[o0, o1)`` of the scaled weight into a float32 buffer,
   for the many-token path (decode a tile, then a BLAS matmul on it).
+* ``rvq_trellis_viterbi``: the encoder of the bitshift trellis code (:mod:`rvqllm.rvq.trellis`): the walk
+  of least weighted squared error through ``2**L`` states for each of ``B`` sequences, one OpenMP thread
+  per sequence.
 """
 
 SOURCE = r"""
@@ -608,6 +611,72 @@ int rvq_gemv_lut16(const float* x, int64_t T, const uint8_t* ct, int64_t Opad, c
 #else
   return -1;
 #endif
+}
+
+// Viterbi for the bitshift trellis: for each of B walks of T steps, the states s_t in [0, 2^L) with
+// s_t = ((s_{t-1} << k) | b_t) mod 2^L minimising sum_t wt_t (x_t - values[s_t])^2 (wt null: all 1).
+// The predecessors of s are (s >> k) + j * 2^(L-k), j < 2^k: the same 2^k for the 2^k states that share
+// s >> k, so each step takes one min over 2^k contiguous slices, then adds every state's own cost.
+// Ties go to the lowest predecessor and the lowest final state. x, wt: [B, T] float32; values: [2^L];
+// states: [B, T] int32 out. Returns 0, -1 on bad sizes, -2 if the back-pointers could not be allocated.
+int rvq_trellis_viterbi(const float* x, const float* wt, int64_t B, int64_t T, int L, int k,
+                        const float* values, int32_t* states, int nt) {
+  if (L < 2 || L > 24 || k < 1 || k > 8 || k >= L || T < 1 || B < 0) return -1;
+  const int64_t N = int64_t(1) << L, K = int64_t(1) << k, M = N >> k;
+  int bad = 0;
+#pragma omp parallel num_threads(nt > 0 ? nt : 1)
+  {
+    std::vector<float> cost, next, best;
+    std::vector<uint8_t> back;
+    try {
+      cost.resize(N); next.resize(N); best.resize(M); back.resize((size_t)T * M);
+    } catch (...) {
+#pragma omp atomic write
+      bad = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b) {
+      if (back.size() != (size_t)T * M) continue;
+      const float* xb = x + b * T;
+      const float* wb = wt ? wt + b * T : nullptr;
+      float x0 = xb[0], w0 = wb ? wb[0] : 1.0f;
+      for (int64_t s = 0; s < N; ++s) { float d = x0 - values[s]; cost[s] = w0 * d * d; }
+      for (int64_t t = 1; t < T; ++t) {
+        uint8_t* bk = back.data() + t * M;
+        float* bs = best.data();
+        const float* c0 = cost.data();
+        for (int64_t m = 0; m < M; ++m) { bs[m] = c0[m]; bk[m] = 0; }
+        for (int64_t j = 1; j < K; ++j) {
+          const float* cj = c0 + j * M;
+          const uint8_t jj = (uint8_t)j;
+          for (int64_t m = 0; m < M; ++m) {
+            bool lt = cj[m] < bs[m];
+            bs[m] = lt ? cj[m] : bs[m];
+            bk[m] = lt ? jj : bk[m];
+          }
+        }
+        const float xt = xb[t], wt_ = wb ? wb[t] : 1.0f;
+        float* nx = next.data();
+        for (int64_t m = 0; m < M; ++m) {
+          const float bm = bs[m];
+          const float* v = values + m * K;
+          float* o = nx + m * K;
+          for (int64_t q = 0; q < K; ++q) { float d = xt - v[q]; o[q] = bm + wt_ * d * d; }
+        }
+        cost.swap(next);
+      }
+      int64_t s = 0;
+      for (int64_t i = 1; i < N; ++i) if (cost[i] < cost[s]) s = i;
+      int32_t* out = states + b * T;
+      out[T - 1] = (int32_t)s;
+      for (int64_t t = T - 1; t > 0; --t) {
+        const int64_t m = s >> k;
+        s = m + (int64_t)back[t * M + m] * M;
+        out[t - 1] = (int32_t)s;
+      }
+    }
+  }
+  return bad ? -2 : 0;
 }
 
 }  // extern "C"

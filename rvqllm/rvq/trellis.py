@@ -9,8 +9,9 @@ programming over the states (Viterbi). Stored: the first state (``L`` bits) and 
 step, so the rate is ``(L + (T - 1) k) / T`` bits per scalar (exactly what :func:`rate` reports; no
 tail-biting trick hides the first state).
 
-Measured so far only on the unit Gaussian source (``scripts/bench_rd.py --trellis``); it is not a stage
-of the model quantizer yet.
+Measured on the unit Gaussian source (``scripts/bench_rd.py --trellis``) and, as a layer coder with error
+feedback (:mod:`.trellis_layer`), on the reference model's layers; not a stage of the model quantizer
+yet (no checkpoint format, no decode kernel).
 
 Shapes: sources ``x [B, T]`` float32; states ``[B, T]`` int64 in ``[0, 2**L)``.
 """
@@ -39,28 +40,67 @@ def rate(length: int, state_bits: int, step_bits: int) -> float:
     return (state_bits + (length - 1) * step_bits) / length
 
 
-def viterbi(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1.0) -> Tensor:
-    """States ``[B, T]`` of the walk minimising ``sum_t (x_t - gain * v(s_t))^2`` for each row of ``x``.
+def viterbi(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1.0,
+            weights: Tensor | None = None) -> Tensor:
+    """States ``[B, T]`` of the walk minimising ``sum_t w_t (x_t - gain * v(s_t))^2`` for each row of ``x``
+    (``weights [B, T]``, default all 1).
 
     Every ``s_t`` is reachable from exactly ``2**step_bits`` states ``s_{t-1}`` (the top bits that
-    shift out); the first state is free. Memory: ``B x T x 2**L`` back-pointers (uint8) plus a few
-    ``[B, 2**L]`` float32 rows; time ``O(B T 2**(L + k))``."""
+    shift out); the first state is free. On the CPU this runs the compiled kernel
+    (``rvq_trellis_viterbi``: ``T x 2**(L - k)`` bytes of back-pointers per thread, one thread per row,
+    time ``O(B T 2**L)``); elsewhere, or where the CPU kernels cannot be built (said once, loudly, by
+    :func:`rvqllm.kernels.cpu_build.load_library`), the torch path :func:`viterbi_torch`."""
+    _check(state_bits, step_bits)
+    if x.device.type == "cpu":
+        from ..kernels.cpu_build import load_library
+
+        lib = load_library()
+        if lib is not None:
+            return _viterbi_cpu(lib, x, state_bits, step_bits, gain, weights)
+    return viterbi_torch(x, state_bits, step_bits, gain, weights)
+
+
+def _check(state_bits: int, step_bits: int) -> None:
     if not (1 <= step_bits <= 8 and step_bits < state_bits <= 24):  # back-pointers are uint8
         raise ValueError(f"need 1 <= step_bits <= 8 and step_bits < state_bits <= 24, got k={step_bits}, "
                          f"L={state_bits}")
+
+
+def _viterbi_cpu(lib, x: Tensor, state_bits: int, step_bits: int, gain: float, weights: Tensor | None) -> Tensor:
+    x = x.detach().float().contiguous()
+    b, t = x.shape
+    values = decode(torch.arange(1 << state_bits), gain).contiguous()
+    w = None if weights is None else weights.detach().float().contiguous()
+    if w is not None and w.shape != x.shape:
+        raise ValueError(f"weights of shape {list(w.shape)} do not match x {list(x.shape)}")
+    states = torch.empty(b, t, dtype=torch.int32)
+    rc = lib.rvq_trellis_viterbi(x.data_ptr(), None if w is None else w.data_ptr(), b, t, state_bits, step_bits,
+                                 values.data_ptr(), states.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"trellis Viterbi: could not allocate {t} x {1 << (state_bits - step_bits)} back-pointers "
+                          "per thread") if rc == -2 else ValueError("trellis Viterbi: bad sizes")
+    return states.to(torch.int64)
+
+
+def viterbi_torch(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1.0,
+                  weights: Tensor | None = None) -> Tensor:
+    """:func:`viterbi` in torch on ``x``'s device (any device). Memory: ``B x T x 2**L`` back-pointers
+    (uint8) plus a few ``[B, 2**L]`` float32 rows; time ``O(B T 2**(L + k))``."""
+    _check(state_bits, step_bits)
     x = x.float()
     b, t = x.shape
+    w = torch.ones_like(x) if weights is None else weights.float()
     n, k = 1 << state_bits, 1 << step_bits
     values = decode(torch.arange(n, device=x.device), gain)  # [n]
     # predecessors of state s: (s >> step_bits) + j * 2**(L - step_bits), j < 2**step_bits
     pred = (torch.arange(n, device=x.device)[:, None] >> step_bits) + \
         torch.arange(k, device=x.device)[None, :] * (n >> step_bits)  # [n, k]
-    cost = (x[:, :1] - values[None, :]).pow(2)  # [B, n]
+    cost = w[:, :1] * (x[:, :1] - values[None, :]).pow(2)  # [B, n]
     back = torch.empty(t, b, n, dtype=torch.uint8, device=x.device)
     for i in range(1, t):
         best, arg = cost[:, pred].min(dim=2)  # [B, n]
         back[i] = arg.to(torch.uint8)
-        cost = best + (x[:, i : i + 1] - values[None, :]).pow(2)
+        cost = best + w[:, i : i + 1] * (x[:, i : i + 1] - values[None, :]).pow(2)
     states = torch.empty(b, t, dtype=torch.int64, device=x.device)
     states[:, -1] = cost.argmin(dim=1)
     rows = torch.arange(b, device=x.device)

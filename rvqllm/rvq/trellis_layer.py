@@ -1,0 +1,109 @@
+"""A linear layer's weight coded by the bitshift trellis (issue 13's technique 3), with error feedback.
+
+The weight ``W [out, in]`` is rotated as the RVQ path rotates it (:mod:`.rotation`: ``W R`` against
+``R^T H R``), each row is divided by an fp16 scale (the row's RMS, weighted by the Hessian diagonal as
+:func:`.residual.column_importance` weighs it), and then every input column ``j``, left to right, is
+coded as one trellis walk down the ``out`` rows (:func:`.trellis.viterbi`; each row's squared error
+weighted by its scale squared, so the walk minimises the column's error in the layer's own units). The
+column's error is then pushed onto the columns not yet coded through the upper Cholesky factor ``U`` of
+``H^-1`` (GPTQ's update; LDLQ in QuIP's terms), lazily in blocks of columns. Coding a column as a whole is
+what lets the feedback be exact column by column: the walk's cost is separable over the rows, and all rows
+of a column share the factor ``1 / U_jj^2``.
+
+Stored per column: the walk's first state (``L`` bits) and ``k`` bits per later row; per row an fp16
+scale; the rotation's signs. No codebook: every value is computed from its state.
+
+This module codes and reconstructs in memory (for the layer and model measurements of
+``scripts/bench_layer_techniques.py --trellis``); there is no checkpoint format and no decode kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import rotation, trellis
+from .residual import DAMP, column_importance, inverse_hessian_factor, to_fp16_exact
+
+
+@dataclass
+class TrellisWeight:
+    """A weight in trellis form (unpacked).
+
+    Attributes:
+        states: ``[n, out]`` int64: column ``j``'s walk down the rows, ``n`` the rotated (padded) width.
+        scales: ``[out]`` float32, exact in fp16.
+        in_features: the original input width (``<= n``).
+        signs: ``[n]`` int8 ±1 and ``rotation_block``: the rotation ``R`` of :mod:`.rotation`.
+        state_bits, step_bits, gain: the code (``L``, ``k``, and the factor on the computed codewords).
+    """
+
+    states: Tensor
+    scales: Tensor
+    in_features: int
+    signs: Tensor
+    rotation_block: int
+    state_bits: int
+    step_bits: int
+    gain: float
+
+    def dequantize(self) -> Tensor:
+        """``[out, in_features]`` float32 reconstruction in the original basis."""
+        w = trellis.decode(self.states, self.gain).T * self.scales[:, None]
+        return rotation.unrotate(w, self.signs, self.rotation_block)[:, : self.in_features]
+
+    def code_bits(self) -> int:
+        """Stored bits of the walks (first states whole, ``k`` per later step): codes only."""
+        n, out = self.states.shape
+        return n * (self.state_bits + (out - 1) * self.step_bits)
+
+    def bits(self) -> int:
+        """Everything stored: the walks, the fp16 scales and the int8 rotation signs."""
+        return self.code_bits() + 16 * self.scales.numel() + 8 * self.signs.numel()
+
+
+def quantize_weight_trellis(weight: Tensor, hessian: Tensor, *, state_bits: int = 12, step_bits: int = 2,
+                            gain: float = 1.0, seed: int = 0, damp: float = DAMP, pad_to: int = 8,
+                            block: int = 128) -> TrellisWeight:
+    """Code ``weight [out, in]`` against its input Hessian ``hessian [in, in]`` (module docstring).
+
+    The width is padded to a multiple of ``pad_to`` (the rotation's width; 8 matches the RVQ presets'
+    ``vector_dim``, so both codes see the same rotated weight). ``damp`` as in
+    :func:`.residual.quantize_weight`. Runs on the CPU (the compiled Viterbi; elsewhere the torch one).
+    """
+    w = weight.detach().float()
+    device = w.device
+    out, in_features = w.shape
+    n = -(-in_features // pad_to) * pad_to
+    rblock = rotation.block_size(n, rotation.MAX_BLOCK)
+    signs = rotation.random_signs(n, seed, device=device)
+    w = rotation.rotate(torch.nn.functional.pad(w, (0, n - in_features)), signs, rblock)
+    h = torch.zeros(n, n, dtype=torch.float64, device=device)
+    h[:in_features, :in_features] = hessian.detach().to(device=device, dtype=torch.float64)
+    h = rotation.rotate_hessian(h, signs, rblock)
+    h = (h + h.T) / 2
+
+    col = column_importance(h, n, n, True, device, damp=damp)
+    rms = (w.pow(2) * col).sum(1).div(col.sum()).sqrt()
+    scales = to_fp16_exact(torch.where(rms > 0, rms, torch.ones_like(rms)))
+    row_weight = scales.pow(2)[None, :]  # [1, out]
+
+    u, dead = inverse_hessian_factor(h, damp, overwrite=True)
+    del h
+    w.masked_fill_(dead, 0.0)
+    states = torch.empty(n, out, dtype=torch.int64, device=device)
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        wb = w[:, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        for j in range(b1 - b0):
+            target = (wb[:, j] / scales)[None, :]
+            s = trellis.viterbi(target, state_bits, step_bits, gain, row_weight)[0]
+            states[b0 + j] = s
+            e = (wb[:, j] - trellis.decode(s, gain) * scales) / u[b0 + j, b0 + j]
+            err[:, j] = e
+            wb[:, j + 1 :] -= e[:, None] * u[b0 + j, b0 + j + 1 : b1][None, :]
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return TrellisWeight(states, scales, in_features, signs, rblock, state_bits, step_bits, gain)

@@ -1,0 +1,129 @@
+"""Layer coders on the whole reference model, before any tuning, in memory (issue 13's technique 3).
+
+Every decoder block, in order: the input Hessians of its linear layers are collected on the calibration
+activations of the model as coded so far (as the pipeline collects them), each layer is coded, and its
+weight is overwritten with the coder's reconstruction; the block then runs to give the next block's
+inputs. No fine-tuning, no distillation. Then ppl-512x``windows`` on the protocol's texts
+(``bench_quality``'s evaluation). Rows:
+
+- ``rvq:NAME``: :func:`rvqllm.rvq.quantize_weight` with config NAME's code fields (``vector_dim``,
+  ``stages``, ``bits``, beam, damp, rotation, error feedback, k-means settings);
+- ``trellis:L``: :func:`rvqllm.rvq.trellis_layer.quantize_weight_trellis`, ``L`` state bits, 2 bits per
+  step, damp ``--damp``.
+
+The trellis has no checkpoint format and no decode kernel yet, so both rows are measured the same way:
+reconstructions in a float model (this harness), not through ``rvqllm.quantize``. Each finished row is
+appended to ``--results`` (JSON lines).
+
+    OMP_NUM_THREADS=1 python scripts/bench_coders.py --rows rvq:configs/experiments/2bit-notune.yaml \\
+        trellis:12 --calib-seqs 128 --windows 64 --results out/coders.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def code_model(model, calib: torch.Tensor, code_layer, batch: int = 8) -> dict:
+    """Replace every block linear's weight by ``code_layer(name, index, weight, hessian) -> (recon, bits)``,
+    block by block; returns ``{"bits", "weights", "seconds"}`` over the block linears."""
+    from rvqllm.arch import find_blocks, find_linears, linear_weight
+    from rvqllm.calibration import HessianCollector, capture_block_inputs, run_block
+
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], [calib[i : i + batch] for i in range(0, len(calib), batch)])
+    bits = weights = index = 0
+    t0 = time.process_time()
+    for i, block in enumerate(blocks):
+        layers = find_linears(block, f"{prefix}.{i}", [])
+        with HessianCollector(layers) as col, torch.no_grad():
+            for inp in inputs:
+                col.new_pass()
+                block(inp.hidden, **inp.kwargs)
+        hessians = col.hessians
+        for name, module in layers.items():
+            w = linear_weight(module)
+            recon, b = code_layer(name, index, w.detach().float(), hessians[name])
+            with torch.no_grad():
+                w.copy_(recon.to(w.dtype))
+            bits, weights, index = bits + b, weights + w.numel(), index + 1
+        del hessians, col
+        inputs = run_block(block, inputs)
+        print(f"block {i}: {time.process_time() - t0:.0f} CPU s", flush=True)
+    return {"bits": bits, "weights": weights, "seconds": time.process_time() - t0}
+
+
+def rvq_coder(cfg):
+    from rvqllm.rvq import quantize_weight
+
+    def code(name, index, w, h):
+        q = quantize_weight(w, h, vector_dim=cfg.vector_dim, stages=cfg.stages, bits=cfg.bits,
+                            kmeans_iters=cfg.kmeans_iters, kmeans_points=cfg.kmeans_points, beam=cfg.beam_width,
+                            hessian_weighted=cfg.hessian_weighted, error_feedback=cfg.error_feedback,
+                            refits=cfg.codebook_refits, seed=cfg.seed * 100_003 + index, rotate=cfg.rotate,
+                            damp=cfg.hessian_damp)
+        bits = q.codes.numel() * cfg.bits + q.codebooks.numel() * 16 + q.scales.numel() * 16
+        return q.dequantize(), bits
+    return code
+
+
+def trellis_coder(state_bits: int, damp: float, gain: float):
+    from rvqllm.rvq.trellis_layer import quantize_weight_trellis
+
+    def code(name, index, w, h):
+        q = quantize_weight_trellis(w, h, state_bits=state_bits, step_bits=2, gain=gain, seed=index, damp=damp)
+        return q.dequantize(), q.code_bits() + q.scales.numel() * 16
+    return code
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", required=True, help="rvq:CONFIG and/or trellis:L")
+    ap.add_argument("--calib-seqs", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--damp", type=float, default=0.1, help="Hessian damp of the trellis rows")
+    ap.add_argument("--gain", type=float, default=1.0, help="factor on the trellis codewords")
+    ap.add_argument("--results", type=Path, default=None)
+    args = ap.parse_args()
+
+    import bench_quality
+
+    from rvqllm.config import RVQConfig
+    from rvqllm.data import calibration_tokens, load_text
+    from rvqllm.models import load_model
+    from rvqllm.reference import CALIB_TEXTS
+
+    for row in args.rows:
+        kind, _, arg = row.partition(":")
+        model, tok = load_model("reference")
+        calib = calibration_tokens([load_text(t, "calib") for t in CALIB_TEXTS], tok, args.calib_seqs,
+                                   args.calib_len, 0)
+        if kind == "rvq":
+            coder = rvq_coder(RVQConfig.load(arg))
+        elif kind == "trellis":
+            coder = trellis_coder(int(arg), args.damp, args.gain)
+        else:
+            raise SystemExit(f"unknown row {row!r}: use rvq:CONFIG or trellis:L")
+        coded = code_model(model, calib, coder)
+        result = {"row": row, "damp": args.damp, "gain": args.gain, "calib": f"{args.calib_seqs}x{args.calib_len}",
+                  "windows": args.windows, "bpw": coded["bits"] / coded["weights"],
+                  "coding_cpu_seconds": coded["seconds"],
+                  "ppl": bench_quality._evaluate(model, tok, args.windows)}
+        print(json.dumps(result), flush=True)
+        if args.results is not None:
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            with args.results.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
