@@ -11,12 +11,22 @@ inputs. No fine-tuning, no distillation. Then ppl-512x``windows`` on the protoco
 - ``trellis:L``: :func:`rvqllm.rvq.trellis_layer.quantize_weight_trellis`, ``L`` state bits, 2 bits per
   step, damp ``--damp``.
 
-The trellis has no checkpoint format and no decode kernel yet, so both rows are measured the same way:
-reconstructions in a float model (this harness), not through ``rvqllm.quantize``. Each finished row is
-appended to ``--results`` (JSON lines).
+The trellis has no packed checkpoint format and no decode kernel of its own yet, so both rows are
+measured the same way: reconstructions in a float model (this harness). Each finished row is appended
+to ``--results`` (JSON lines).
+
+With ``--pipeline CONFIG`` a ``trellis:L`` row runs instead through ``rvqllm.quantize`` with CONFIG's
+calibration and tuning (e.g. the ``2bit`` preset's distillation), its coder swapped for the trellis one:
+each layer is stored as a one-stage, ``vector_dim 1`` RVQ layer whose int16 codes are the walk's states and
+whose codebook is the ``2**L`` computed codewords, shared by the model (``shared_codebook``: one fp16
+table, tuned by the distillation like any shared codebook). That checkpoint spends 16 bits per weight on
+the states, which a packed walk (``L`` bits per column, then 2 per weight) would store in 2.04: the row's
+``bpw`` is the packed one, computed (``packed_bpw``), not what this harness writes.
 
     OMP_NUM_THREADS=1 python scripts/bench_coders.py --rows rvq:configs/experiments/2bit-notune.yaml \\
         trellis:12 --calib-seqs 128 --windows 64 --results out/coders.jsonl
+    OMP_NUM_THREADS=1 python scripts/bench_coders.py --rows trellis:12 --pipeline configs/2bit.yaml \\
+        --results out/coders.jsonl
 """
 
 from __future__ import annotations
@@ -84,6 +94,63 @@ def trellis_coder(state_bits: int, damp: float, gain: float):
     return code
 
 
+def packed_bpw(specs: dict[str, dict], state_bits: int, step_bits: int) -> dict:
+    """Bits per weight of the trellis layers ``specs`` (one-stage, ``vector_dim`` 1 specs whose codes are
+    states) if each column's walk were packed: ``L`` bits, then ``step_bits`` per later row; fp16 row
+    scales, int8 rotation signs, and the shared ``2**L`` fp16 table once."""
+    bits = weights = 0
+    for spec in specs.values():
+        out, n = spec["out_features"], spec["in_features"]
+        bits += n * (state_bits + (out - 1) * step_bits) + 16 * out + (8 * n if spec.get("hadamard_block") else 0)
+        weights += out * n
+    return {"bpw": (bits + 16 * (1 << state_bits)) / weights, "weights": weights}
+
+
+def pipeline_row(state_bits: int, config: str, windows: int, table_dir: Path) -> dict:
+    """A ``trellis:L`` row through ``rvqllm.quantize`` with ``config``'s calibration and tuning (module doc)."""
+    import types
+
+    import bench_quality
+    from safetensors.torch import save_file
+
+    import rvqllm.pipeline as pipeline
+    from rvqllm.config import RVQConfig
+    from rvqllm.reference import CALIB_TEXTS
+    from rvqllm.rvq import trellis
+    from rvqllm.rvq.residual import RVQWeight
+    from rvqllm.rvq.trellis_layer import quantize_weight_trellis
+    from rvqllm.size import model_specs
+
+    table = trellis.codewords(torch.arange(1 << state_bits)).half().reshape(1, -1, 1).contiguous()
+    table_dir.mkdir(parents=True, exist_ok=True)
+    path = table_dir / f"trellis-L{state_bits}.safetensors"
+    save_file({"codebooks": table}, str(path))
+    cfg = RVQConfig.load(config).replace(vector_dim=1, stages=1, bits=state_bits, shared_codebook=str(path),
+                                         beam_width=1, codebook_refits=0)
+
+    def coder(weight, hessian, *, bits, seed, damp, codebooks, **_):
+        q = quantize_weight_trellis(weight, hessian, state_bits=bits, step_bits=2, seed=seed, damp=damp, pad_to=1,
+                                    values=codebooks.flatten())
+        return RVQWeight(q.states.T.unsqueeze(-1).contiguous(), codebooks, q.scales, q.in_features, q.signs,
+                         q.rotation_block)
+
+    pipeline.quantize_weight = coder
+    captured = {}
+    original = bench_quality._evaluate
+
+    def evaluate(model, tok, windows):  # the specs of the model as quantized, for the packed bpw
+        captured.update(model_specs(model))
+        return original(model, tok, windows)
+
+    bench_quality._evaluate = evaluate
+    args = types.SimpleNamespace(calib_seqs=None, calib_len=None, calib=list(CALIB_TEXTS), windows=windows,
+                                 save_dir=None)
+    row = bench_quality._quantized_row(cfg, args)
+    packed = packed_bpw(captured, state_bits, 2)
+    return {**row, "harness_bpw": row["bpw"], "bpw": packed["bpw"], "packed_bpw": packed["bpw"],
+            "config": config}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="+", required=True, help="rvq:CONFIG and/or trellis:L")
@@ -93,6 +160,10 @@ def main() -> None:
     ap.add_argument("--damp", type=float, default=0.1, help="Hessian damp of the trellis rows")
     ap.add_argument("--gain", type=float, default=1.0, help="factor on the trellis codewords")
     ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--pipeline", default=None, metavar="CONFIG",
+                    help="trellis rows through rvqllm.quantize with this config's calibration and tuning")
+    ap.add_argument("--table-dir", type=Path, default=Path("out/trellis-tables"),
+                    help="where --pipeline writes the trellis codeword table it shares")
     args = ap.parse_args()
 
     import bench_quality
@@ -104,6 +175,17 @@ def main() -> None:
 
     for row in args.rows:
         kind, _, arg = row.partition(":")
+        if args.pipeline is not None:
+            if kind != "trellis":
+                raise SystemExit("--pipeline runs trellis:L rows only (the presets themselves: bench_quality.py)")
+            result = {"row": row, "pipeline": True, "windows": args.windows,
+                      **pipeline_row(int(arg), args.pipeline, args.windows, args.table_dir)}
+            print(json.dumps(result), flush=True)
+            if args.results is not None:
+                args.results.parent.mkdir(parents=True, exist_ok=True)
+                with args.results.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
+            continue
         model, tok = load_model("reference")
         calib = calibration_tokens([load_text(t, "calib") for t in CALIB_TEXTS], tok, args.calib_seqs,
                                    args.calib_len, 0)

@@ -41,9 +41,10 @@ def rate(length: int, state_bits: int, step_bits: int) -> float:
 
 
 def viterbi(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1.0,
-            weights: Tensor | None = None) -> Tensor:
+            weights: Tensor | None = None, values: Tensor | None = None) -> Tensor:
     """States ``[B, T]`` of the walk minimising ``sum_t w_t (x_t - gain * v(s_t))^2`` for each row of ``x``
-    (``weights [B, T]``, default all 1).
+    (``weights [B, T]``, default all 1). ``values [2**L]``, when given, replaces ``gain * v`` (a table of
+    the codewords as stored, e.g. rounded to fp16, or tuned).
 
     Every ``s_t`` is reachable from exactly ``2**step_bits`` states ``s_{t-1}`` (the top bits that
     shift out); the first state is free. On the CPU this runs the compiled kernel
@@ -56,8 +57,8 @@ def viterbi(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1
 
         lib = load_library()
         if lib is not None:
-            return _viterbi_cpu(lib, x, state_bits, step_bits, gain, weights)
-    return viterbi_torch(x, state_bits, step_bits, gain, weights)
+            return _viterbi_cpu(lib, x, state_bits, step_bits, gain, weights, values)
+    return viterbi_torch(x, state_bits, step_bits, gain, weights, values)
 
 
 def _check(state_bits: int, step_bits: int) -> None:
@@ -66,10 +67,20 @@ def _check(state_bits: int, step_bits: int) -> None:
                          f"L={state_bits}")
 
 
-def _viterbi_cpu(lib, x: Tensor, state_bits: int, step_bits: int, gain: float, weights: Tensor | None) -> Tensor:
+def _table(state_bits: int, gain: float, values: Tensor | None, device: torch.device) -> Tensor:
+    """``[2**L]`` float32 codeword of every state on ``device``: ``values`` or ``gain * v``."""
+    if values is None:
+        return decode(torch.arange(1 << state_bits, device=device), gain)
+    if values.shape != (1 << state_bits,):
+        raise ValueError(f"values of shape {list(values.shape)} for {1 << state_bits} states")
+    return values.detach().to(device=device, dtype=torch.float32)
+
+
+def _viterbi_cpu(lib, x: Tensor, state_bits: int, step_bits: int, gain: float, weights: Tensor | None,
+                 values: Tensor | None) -> Tensor:
     x = x.detach().float().contiguous()
     b, t = x.shape
-    values = decode(torch.arange(1 << state_bits), gain).contiguous()
+    values = _table(state_bits, gain, values, x.device).contiguous()
     w = None if weights is None else weights.detach().float().contiguous()
     if w is not None and w.shape != x.shape:
         raise ValueError(f"weights of shape {list(w.shape)} do not match x {list(x.shape)}")
@@ -83,7 +94,7 @@ def _viterbi_cpu(lib, x: Tensor, state_bits: int, step_bits: int, gain: float, w
 
 
 def viterbi_torch(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1.0,
-                  weights: Tensor | None = None) -> Tensor:
+                  weights: Tensor | None = None, values: Tensor | None = None) -> Tensor:
     """:func:`viterbi` in torch on ``x``'s device (any device). Memory: ``B x T x 2**L`` back-pointers
     (uint8) plus a few ``[B, 2**L]`` float32 rows; time ``O(B T 2**(L + k))``."""
     _check(state_bits, step_bits)
@@ -91,7 +102,7 @@ def viterbi_torch(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: flo
     b, t = x.shape
     w = torch.ones_like(x) if weights is None else weights.float()
     n, k = 1 << state_bits, 1 << step_bits
-    values = decode(torch.arange(n, device=x.device), gain)  # [n]
+    values = _table(state_bits, gain, values, x.device)  # [n]
     # predecessors of state s: (s >> step_bits) + j * 2**(L - step_bits), j < 2**step_bits
     pred = (torch.arange(n, device=x.device)[:, None] >> step_bits) + \
         torch.arange(k, device=x.device)[None, :] * (n >> step_bits)  # [n, k]

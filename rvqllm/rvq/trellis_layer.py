@@ -38,6 +38,8 @@ class TrellisWeight:
         in_features: the original input width (``<= n``).
         signs: ``[n]`` int8 ±1 and ``rotation_block``: the rotation ``R`` of :mod:`.rotation`.
         state_bits, step_bits, gain: the code (``L``, ``k``, and the factor on the computed codewords).
+        values: ``[2**L]`` float32 codeword table the walks were chosen against, or ``None``: ``gain``
+            times the computed codewords.
     """
 
     states: Tensor
@@ -48,10 +50,15 @@ class TrellisWeight:
     state_bits: int
     step_bits: int
     gain: float
+    values: Tensor | None = None
+
+    def table(self) -> Tensor:
+        """``[2**L]`` float32: the codeword of every state."""
+        return trellis._table(self.state_bits, self.gain, self.values, self.states.device)
 
     def dequantize(self) -> Tensor:
         """``[out, in_features]`` float32 reconstruction in the original basis."""
-        w = trellis.decode(self.states, self.gain).T * self.scales[:, None]
+        w = self.table()[self.states].T * self.scales[:, None]
         return rotation.unrotate(w, self.signs, self.rotation_block)[:, : self.in_features]
 
     def code_bits(self) -> int:
@@ -66,8 +73,11 @@ class TrellisWeight:
 
 def quantize_weight_trellis(weight: Tensor, hessian: Tensor, *, state_bits: int = 12, step_bits: int = 2,
                             gain: float = 1.0, seed: int = 0, damp: float = DAMP, pad_to: int = 8,
-                            block: int = 128) -> TrellisWeight:
+                            block: int = 128, values: Tensor | None = None) -> TrellisWeight:
     """Code ``weight [out, in]`` against its input Hessian ``hessian [in, in]`` (module docstring).
+
+    ``values [2**L]``: the codeword table to code with (default ``gain`` times the computed codewords;
+    e.g. their fp16 rounding, as a checkpoint stores them); the result's ``table()`` returns it.
 
     The width is padded to a multiple of ``pad_to`` (the rotation's width; 8 matches the RVQ presets'
     ``vector_dim``, so both codes see the same rotated weight). ``damp`` as in
@@ -94,16 +104,18 @@ def quantize_weight_trellis(weight: Tensor, hessian: Tensor, *, state_bits: int 
     del h
     w.masked_fill_(dead, 0.0)
     states = torch.empty(n, out, dtype=torch.int64, device=device)
+    table = trellis._table(state_bits, gain, values, device)
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         wb = w[:, b0:b1].clone()
         err = torch.zeros_like(wb)
         for j in range(b1 - b0):
             target = (wb[:, j] / scales)[None, :]
-            s = trellis.viterbi(target, state_bits, step_bits, gain, row_weight)[0]
+            s = trellis.viterbi(target, state_bits, step_bits, gain, row_weight, table)[0]
             states[b0 + j] = s
-            e = (wb[:, j] - trellis.decode(s, gain) * scales) / u[b0 + j, b0 + j]
+            e = (wb[:, j] - table[s] * scales) / u[b0 + j, b0 + j]
             err[:, j] = e
             wb[:, j + 1 :] -= e[:, None] * u[b0 + j, b0 + j + 1 : b1][None, :]
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    return TrellisWeight(states, scales, in_features, signs, rblock, state_bits, step_bits, gain)
+    return TrellisWeight(states, scales, in_features, signs, rblock, state_bits, step_bits, gain,
+                         None if values is None else table)
