@@ -207,8 +207,7 @@ def _quantize_plain(
         w = torch.nn.functional.pad(w, (0, in_pad - in_features))
     col = column_importance(hessian, in_features, in_pad, hessian_weighted, device, damp=damp)
 
-    rms = (w.pow(2) * col).sum(1).div(col.sum()).sqrt()
-    scales = to_fp16_exact(torch.where(rms > 0, rms, torch.ones_like(rms)))
+    scales = row_scales(w, col)
     x = (w / scales[:, None]).reshape(out * groups, d)
     # weight of each coordinate of each vector in the layer's (diagonal) output error
     wt = (col.reshape(1, groups, d) * scales.pow(2).reshape(out, 1, 1)).reshape(out * groups, d)
@@ -247,29 +246,37 @@ def _quantize_plain(
     return RVQWeight(codes.reshape(out, groups, stages), codebooks, scales, in_features)
 
 
-def _quantize_rotated(weight: Tensor, hessian: Tensor | None, *, vector_dim: int, seed: int, max_block: int,
-                      **kw) -> RVQWeight:
-    """:func:`quantize_weight` of ``W R`` against ``R^T H R`` over the padded width, on ``weight``'s device.
+def row_scales(w: Tensor, col: Tensor) -> Tensor:
+    """``[out]`` fp16-exact float32: each row's RMS of ``w [out, n]`` weighted by the column importance
+    ``col [n]`` (:func:`column_importance`); 1 for an all-zero row."""
+    rms = (w.pow(2) * col).sum(1).div(col.sum()).sqrt()
+    return to_fp16_exact(torch.where(rms > 0, rms, torch.ones_like(rms)))
 
-    Besides the caller's Hessian, at most three ``[n, n]`` float64 matrices are alive at once (inside
-    :func:`rotation.rotate_hessian`); the rotated Hessian is then handed on, and the error feedback damps
-    and factors it in place."""
+
+def rotated_problem(weight: Tensor, hessian: Tensor | None, width: int, seed: int,
+                    max_block: int) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    """``(W R, R^T H R, signs, block)``: ``weight [out, in]`` zero-padded to ``width`` columns and rotated
+    (:mod:`.rotation`, signs from ``seed``, Hadamard blocks of at most ``max_block``), and its Hessian the
+    same way (``[in, in]`` → a symmetric float64 ``[width, width]``; a diagonal ``[in]`` → the rotated
+    matrix's diagonal; ``None`` → ``None``), all on ``weight``'s device.
+
+    Besides the caller's Hessian, at most three ``[width, width]`` float64 matrices are alive at once
+    (inside :func:`rotation.rotate_hessian`); the caller's is never modified."""
     w = weight.detach().float()
     device = w.device
-    out, in_features = w.shape
-    n = -(-in_features // vector_dim) * vector_dim
-    block = rotation.block_size(n, max_block)
-    signs = rotation.random_signs(n, seed, device=device)
-    w = rotation.rotate(torch.nn.functional.pad(w, (0, n - in_features)), signs, block)
+    in_features = w.shape[1]
+    block = rotation.block_size(width, max_block)
+    signs = rotation.random_signs(width, seed, device=device)
+    w = rotation.rotate(torch.nn.functional.pad(w, (0, width - in_features)), signs, block)
     h = None
     if hessian is not None:
         full = hessian.detach().to(device=device, dtype=torch.float64)
         if full.dim() == 1:
             full = torch.diag(full)
-        if n == in_features:  # rotate_hessian does not modify its input: no padded copy needed
+        if width == in_features:  # rotate_hessian does not modify its input: no padded copy needed
             h = full
         else:
-            h = torch.zeros(n, n, dtype=torch.float64, device=device)
+            h = torch.zeros(width, width, dtype=torch.float64, device=device)
             h[:in_features, :in_features] = full
         del full
         h = rotation.rotate_hessian(h, signs, block)
@@ -277,6 +284,17 @@ def _quantize_rotated(weight: Tensor, hessian: Tensor | None, *, vector_dim: int
         h /= 2
         if hessian.dim() == 1:  # a diagonal in, a diagonal out (no error feedback without the full matrix)
             h = h.diagonal().clone()
+    return w, h, signs, block
+
+
+def _quantize_rotated(weight: Tensor, hessian: Tensor | None, *, vector_dim: int, seed: int, max_block: int,
+                      **kw) -> RVQWeight:
+    """:func:`quantize_weight` of ``W R`` against ``R^T H R`` over the padded width, on ``weight``'s device
+    (:func:`rotated_problem`); the rotated Hessian is handed on, and the error feedback damps and factors
+    it in place."""
+    in_features = weight.shape[1]
+    n = -(-in_features // vector_dim) * vector_dim
+    w, h, signs, block = rotated_problem(weight, hessian, n, seed, max_block)
     q = _quantize_plain(w, h, own_hessian=h is not None, vector_dim=vector_dim, seed=seed, **kw)
     return RVQWeight(q.codes, q.codebooks, q.scales, in_features, signs, block)
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import rotation, trellis
-from .residual import DAMP, column_importance, inverse_hessian_factor, to_fp16_exact
+from .residual import DAMP, column_importance, inverse_hessian_factor, rotated_problem, row_scales
 
 
 @dataclass
@@ -83,21 +83,14 @@ def quantize_weight_trellis(weight: Tensor, hessian: Tensor, *, state_bits: int 
     ``vector_dim``, so both codes see the same rotated weight). ``damp`` as in
     :func:`.residual.quantize_weight`. Runs on the CPU (the compiled Viterbi; elsewhere the torch one).
     """
-    w = weight.detach().float()
-    device = w.device
-    out, in_features = w.shape
+    out, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"the trellis coder needs the full [{in_features}, {in_features}] input Hessian, "
+                         f"got {list(hessian.shape)}")
     n = -(-in_features // pad_to) * pad_to
-    rblock = rotation.block_size(n, rotation.MAX_BLOCK)
-    signs = rotation.random_signs(n, seed, device=device)
-    w = rotation.rotate(torch.nn.functional.pad(w, (0, n - in_features)), signs, rblock)
-    h = torch.zeros(n, n, dtype=torch.float64, device=device)
-    h[:in_features, :in_features] = hessian.detach().to(device=device, dtype=torch.float64)
-    h = rotation.rotate_hessian(h, signs, rblock)
-    h = (h + h.T) / 2
-
-    col = column_importance(h, n, n, True, device, damp=damp)
-    rms = (w.pow(2) * col).sum(1).div(col.sum()).sqrt()
-    scales = to_fp16_exact(torch.where(rms > 0, rms, torch.ones_like(rms)))
+    w, h, signs, rblock = rotated_problem(weight, hessian, n, seed, rotation.MAX_BLOCK)
+    device = w.device
+    scales = row_scales(w, column_importance(h, n, n, True, device, damp=damp))
     row_weight = scales.pow(2)[None, :]  # [1, out]
 
     u, dead = inverse_hessian_factor(h, damp, overwrite=True)
