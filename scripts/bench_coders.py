@@ -9,7 +9,9 @@ inputs. No fine-tuning, no distillation. Then ppl-512x``windows`` on the protoco
 - ``rvq:NAME``: :func:`rvqllm.rvq.quantize_weight` with config NAME's code fields (``vector_dim``,
   ``stages``, ``bits``, beam, damp, rotation, error feedback, k-means settings);
 - ``trellis:L``: :func:`rvqllm.rvq.trellis_layer.quantize_weight_trellis`, ``L`` state bits, 2 bits per
-  step, damp ``--damp``.
+  step, damp ``--damp``, the computed codewords; ``trellis:L:lutQ``: the same with each state's codeword
+  taken from a ``2**Q``-entry table by its hash (:func:`rvqllm.rvq.trellis.lut_index`), the table the
+  Gaussian's equiprobable quantiles (:func:`rvqllm.rvq.trellis.gaussian_lut`).
 
 The trellis has no packed checkpoint format and no decode kernel of its own yet, so both rows are
 measured the same way: reconstructions in a float model (this harness). Each finished row is appended
@@ -21,7 +23,9 @@ each layer is stored as a one-stage, ``vector_dim 1`` RVQ layer whose int16 code
 whose codebook is the ``2**L`` computed codewords, shared by the model (``shared_codebook``: one fp16
 table, tuned by the distillation like any shared codebook). That checkpoint spends 16 bits per weight on
 the states, which a packed walk (``L`` bits per column, then 2 per weight) would store in 2.04: the row's
-``bpw`` is the packed one, computed (``packed_bpw``), not what this harness writes.
+``bpw`` is the packed one, computed (``packed_bpw``), not what this harness writes. A ``trellis:L:lutQ``
+row stores instead each weight's table index as its code (``bits`` Q) and the ``2**Q``-entry table as the
+layer's own codebook, which the tuning then adjusts per layer while the walks stay as coded.
 
     OMP_NUM_THREADS=1 python scripts/bench_coders.py --rows rvq:configs/experiments/2bit-notune.yaml \\
         trellis:12 --calib-seqs 128 --windows 64 --results out/coders.jsonl
@@ -85,29 +89,55 @@ def rvq_coder(cfg):
     return code
 
 
-def trellis_coder(state_bits: int, damp: float, gain: float):
+def lut_table(state_bits: int, lut_bits: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(values [2**L], lut [2**Q])`` fp16-exact for a ``lutQ`` row, ``(None, None)`` otherwise."""
+    from rvqllm.rvq import trellis
+    from rvqllm.rvq.residual import to_fp16_exact
+
+    if lut_bits is None:
+        return None, None
+    lut = to_fp16_exact(trellis.gaussian_lut(lut_bits))
+    return lut[trellis.lut_index(torch.arange(1 << state_bits), lut_bits)], lut
+
+
+def trellis_coder(state_bits: int, damp: float, gain: float, lut_bits: int | None):
     from rvqllm.rvq.trellis_layer import quantize_weight_trellis
 
+    values, lut = lut_table(state_bits, lut_bits)
+    table_bits = 0 if lut is None else 16 * lut.numel()  # a per-layer table; the computed codewords cost none
+
     def code(name, index, w, h):
-        q = quantize_weight_trellis(w, h, state_bits=state_bits, step_bits=2, gain=gain, seed=index, damp=damp)
-        return q.dequantize(), q.code_bits() + q.scales.numel() * 16
+        q = quantize_weight_trellis(w, h, state_bits=state_bits, step_bits=2, gain=gain, seed=index, damp=damp,
+                                    values=values)
+        return q.dequantize(), q.code_bits() + q.scales.numel() * 16 + table_bits
     return code
 
 
-def packed_bpw(specs: dict[str, dict], state_bits: int, step_bits: int) -> dict:
+def parse_trellis(arg: str) -> tuple[int, int | None]:
+    """``"12"`` → ``(12, None)``; ``"12:lut5"`` → ``(12, 5)``."""
+    bits, _, lut = arg.partition(":")
+    if lut and not lut.startswith("lut"):
+        raise SystemExit(f"trellis:{arg}: use trellis:L or trellis:L:lutQ")
+    return int(bits), int(lut[3:]) if lut else None
+
+
+def packed_bpw(specs: dict[str, dict], state_bits: int, step_bits: int, lut_bits: int | None) -> dict:
     """Bits per weight of the trellis layers ``specs`` (one-stage, ``vector_dim`` 1 specs whose codes are
-    states) if each column's walk were packed: ``L`` bits, then ``step_bits`` per later row; fp16 row
-    scales, int8 rotation signs, and the shared ``2**L`` fp16 table once."""
+    states or table indices) if each column's walk were packed: ``L`` bits, then ``step_bits`` per later
+    row; fp16 row scales, int8 rotation signs, and the fp16 tables: each layer's ``2**Q`` entries, or the
+    shared ``2**L`` once."""
     bits = weights = 0
     for spec in specs.values():
         out, n = spec["out_features"], spec["in_features"]
         bits += n * (state_bits + (out - 1) * step_bits) + 16 * out + (8 * n if spec.get("hadamard_block") else 0)
+        bits += 0 if lut_bits is None else 16 << lut_bits
         weights += out * n
-    return {"bpw": (bits + 16 * (1 << state_bits)) / weights, "weights": weights}
+    return {"bpw": (bits + (16 << state_bits if lut_bits is None else 0)) / weights, "weights": weights}
 
 
-def pipeline_row(state_bits: int, config: str, windows: int, table_dir: Path) -> dict:
-    """A ``trellis:L`` row through ``rvqllm.quantize`` with ``config``'s calibration and tuning (module doc)."""
+def pipeline_row(state_bits: int, lut_bits: int | None, config: str, windows: int, table_dir: Path) -> dict:
+    """A ``trellis:L`` or ``trellis:L:lutQ`` row through ``rvqllm.quantize`` with ``config``'s calibration
+    and tuning (module doc)."""
     import types
 
     import bench_quality
@@ -121,18 +151,27 @@ def pipeline_row(state_bits: int, config: str, windows: int, table_dir: Path) ->
     from rvqllm.rvq.trellis_layer import quantize_weight_trellis
     from rvqllm.size import model_specs
 
-    table = trellis.codewords(torch.arange(1 << state_bits)).half().reshape(1, -1, 1).contiguous()
-    table_dir.mkdir(parents=True, exist_ok=True)
-    path = table_dir / f"trellis-L{state_bits}.safetensors"
-    save_file({"codebooks": table}, str(path))
-    cfg = RVQConfig.load(config).replace(vector_dim=1, stages=1, bits=state_bits, shared_codebook=str(path),
-                                         beam_width=1, codebook_refits=0)
+    cfg = RVQConfig.load(config).replace(vector_dim=1, stages=1, beam_width=1, codebook_refits=0)
+    if lut_bits is None:
+        table = trellis.codewords(torch.arange(1 << state_bits)).half().reshape(1, -1, 1).contiguous()
+        table_dir.mkdir(parents=True, exist_ok=True)
+        path = table_dir / f"trellis-L{state_bits}.safetensors"
+        save_file({"codebooks": table}, str(path))
+        cfg = cfg.replace(bits=state_bits, shared_codebook=str(path))
+    else:
+        cfg = cfg.replace(bits=lut_bits, shared_codebook=None)
+        values, lut = lut_table(state_bits, lut_bits)
+        index = trellis.lut_index(torch.arange(1 << state_bits), lut_bits)
 
-    def coder(weight, hessian, *, bits, seed, damp, codebooks, **_):
-        q = quantize_weight_trellis(weight, hessian, state_bits=bits, step_bits=2, seed=seed, damp=damp, pad_to=1,
-                                    values=codebooks.flatten())
-        return RVQWeight(q.states.T.unsqueeze(-1).contiguous(), codebooks, q.scales, q.in_features, q.signs,
-                         q.rotation_block)
+    def coder(weight, hessian, *, seed, damp, codebooks, **_):
+        table = values if lut_bits is not None else codebooks.flatten()
+        q = quantize_weight_trellis(weight, hessian, state_bits=state_bits, step_bits=2, seed=seed, damp=damp,
+                                    pad_to=1, values=table)
+        if lut_bits is None:
+            return RVQWeight(q.states.T.unsqueeze(-1).contiguous(), codebooks, q.scales, q.in_features, q.signs,
+                             q.rotation_block)
+        return RVQWeight(index[q.states].T.unsqueeze(-1).contiguous(), lut.reshape(1, -1, 1), q.scales,
+                         q.in_features, q.signs, q.rotation_block)
 
     pipeline.quantize_weight = coder
     captured = {}
@@ -146,7 +185,7 @@ def pipeline_row(state_bits: int, config: str, windows: int, table_dir: Path) ->
     args = types.SimpleNamespace(calib_seqs=None, calib_len=None, calib=list(CALIB_TEXTS), windows=windows,
                                  save_dir=None)
     row = bench_quality._quantized_row(cfg, args)
-    packed = packed_bpw(captured, state_bits, 2)
+    packed = packed_bpw(captured, state_bits, 2, lut_bits)
     return {**row, "harness_bpw": row["bpw"], "bpw": packed["bpw"], "packed_bpw": packed["bpw"],
             "config": config}
 
@@ -179,7 +218,7 @@ def main() -> None:
             if kind != "trellis":
                 raise SystemExit("--pipeline runs trellis:L rows only (the presets themselves: bench_quality.py)")
             result = {"row": row, "pipeline": True, "windows": args.windows,
-                      **pipeline_row(int(arg), args.pipeline, args.windows, args.table_dir)}
+                      **pipeline_row(*parse_trellis(arg), args.pipeline, args.windows, args.table_dir)}
             print(json.dumps(result), flush=True)
             if args.results is not None:
                 args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +231,8 @@ def main() -> None:
         if kind == "rvq":
             coder = rvq_coder(RVQConfig.load(arg))
         elif kind == "trellis":
-            coder = trellis_coder(int(arg), args.damp, args.gain)
+            state_bits, lut_bits = parse_trellis(arg)
+            coder = trellis_coder(state_bits, args.damp, args.gain, lut_bits)
         else:
             raise SystemExit(f"unknown row {row!r}: use rvq:CONFIG or trellis:L")
         coded = code_model(model, calib, coder)

@@ -6,7 +6,7 @@ settings and prints the relative output error ``tr(E H E^T) / tr(W H W^T)`` (E =
 time (process time, so other load on the machine does not count).
 
     python scripts/bench_layer_techniques.py [--blocks 3 7] [--threads 1] [--sharing [--big]]
-    python scripts/bench_layer_techniques.py --trellis [--trellis-bits 12 14 16]
+    python scripts/bench_layer_techniques.py --trellis [--trellis-bits 12 14 16] [--trellis-luts 5 8]
 """
 
 from __future__ import annotations
@@ -153,11 +153,14 @@ def sharing(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], big: bool, poi
 
 
 def trellis_rows(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], state_bits: list[int],
-                 gains: list[float]) -> None:
+                 gains: list[float], luts: list[int]) -> None:
     """The bitshift trellis as a layer coder (issue 13's technique 3; :mod:`rvqllm.rvq.trellis_layer`)
     against the `2bit` preset's RVQ coding (:data:`SHARED_KW`), both on the same rotated weight with the
-    same damp and error feedback. bpw counts codes, fp16 row scales and codebooks (the trellis has none;
-    the rotation signs, the same for both, are left out)."""
+    same damp and error feedback: for each ``L``, the computed codewords at each gain, then each state's
+    codeword from a ``2**Q``-entry table of Gaussian quantiles by its hash, for each ``Q`` in ``luts``
+    (:func:`rvqllm.rvq.trellis.lut_index`). bpw counts codes, fp16 row scales and codebooks or tables
+    (the computed codewords need none; the rotation signs, the same for both, are left out)."""
+    from rvqllm.rvq import trellis
     from rvqllm.rvq.trellis_layer import quantize_weight_trellis
 
     weights = sum(w.numel() for w, _ in layers.values())
@@ -169,14 +172,19 @@ def trellis_rows(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], state_bit
         bits += q.codes.numel() * SHARED_KW["bits"] + q.codebooks.numel() * 16 + q.scales.numel() * 16
     rows.append(("RVQ 2 x 256, d 8, beam 8 (the `2bit` preset's code)", errs, bits, time.process_time() - t0))
     for sb in state_bits:
-        for g in gains:
+        variants = [(f"trellis L={sb}, k=2, computed codewords, gain {g}", g, None, 0) for g in gains]
+        for lb in luts:
+            values = trellis.gaussian_lut(lb)[trellis.lut_index(torch.arange(1 << sb), lb)]
+            variants.append((f"trellis L={sb}, k=2, {1 << lb}-entry table by hash", 1.0, values, 16 << lb))
+        for name, g, values, table_bits in variants:
             errs, bits, t0 = [], 0, time.process_time()
             for w, h in layers.values():
-                q = quantize_weight_trellis(w, h, state_bits=sb, step_bits=2, gain=g, damp=SHARED_KW["damp"])
+                q = quantize_weight_trellis(w, h, state_bits=sb, step_bits=2, gain=g, damp=SHARED_KW["damp"],
+                                            values=values)
                 errs.append(_rel_error(w, h, q))
-                bits += q.code_bits() + q.scales.numel() * 16
-            rows.append((f"trellis L={sb}, k=2, gain {g}", errs, bits, time.process_time() - t0))
-            print(f"  {rows[-1][0]}: {sum(errs) / len(errs):.5f}", flush=True)
+                bits += q.code_bits() + q.scales.numel() * 16 + table_bits
+            rows.append((name, errs, bits, time.process_time() - t0))
+            print(f"  {name}: {sum(errs) / len(errs):.5f}", flush=True)
     print(f"{len(layers)} layers; mean relative output error; bpw = codes + scales + codebooks\n")
     print("| code (rotation, error feedback, damp 0.1) | rel. output error | vs RVQ | bpw | coding CPU s |")
     print("|---|---|---|---|---|")
@@ -201,6 +209,8 @@ def main() -> None:
                     help="only the bitshift trellis coder against the 2bit preset's RVQ coder")
     ap.add_argument("--trellis-bits", type=int, nargs="+", default=[12, 14, 16], help="trellis state bits L")
     ap.add_argument("--trellis-gains", type=float, nargs="+", default=[1.0], help="factors on its codewords")
+    ap.add_argument("--trellis-luts", type=int, nargs="*", default=[],
+                    help="also codewords from 2**Q-entry tables of Gaussian quantiles, for each Q given")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = capture(args.blocks)
@@ -208,7 +218,7 @@ def main() -> None:
         sharing(layers, args.big, args.big_points, args.big_iters)
         return
     if args.trellis:
-        trellis_rows(layers, args.trellis_bits, args.trellis_gains)
+        trellis_rows(layers, args.trellis_bits, args.trellis_gains, args.trellis_luts)
         return
     print(f"{len(layers)} layers of blocks {args.blocks}; mean relative output error over them; CPU seconds in total\n")
     print("| code | technique | rel. output error | vs greedy | CPU s |")

@@ -37,6 +37,20 @@ def _brute_force(x: torch.Tensor, wt: torch.Tensor, bits: int, step: int) -> lis
     return best
 
 
+def test_table_codewords_index_by_hash_and_follow_the_gaussian():
+    lut = trellis.gaussian_lut(5)
+    assert lut.shape == (32,) and torch.all(lut[1:] > lut[:-1])  # sorted quantiles
+    assert abs(float(lut.pow(2).mean()) - 1.0) < 1e-6 and abs(float(lut.mean())) < 1e-6
+    idx = trellis.lut_index(torch.arange(1 << 12), 5)
+    assert int(idx.min()) == 0 and int(idx.max()) == 31
+    counts = torch.bincount(idx, minlength=32)  # the hash spreads the states over the table
+    assert int(counts.min()) > 64 and int(counts.max()) < 192  # 128 each on average
+    h = (torch.arange(1 << 12) * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF
+    assert torch.equal(idx, h >> 27)
+    with pytest.raises(ValueError, match="lut_bits"):
+        trellis.lut_index(idx, 0)
+
+
 @pytest.mark.parametrize("path", ["compiled", "torch"])
 def test_viterbi_walk_obeys_the_shift_rule_and_is_optimal(path):
     from rvqllm.kernels.cpu_build import load_library

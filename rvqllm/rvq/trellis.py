@@ -35,6 +35,23 @@ def codewords(states: Tensor) -> Tensor:
     return (total.to(torch.float32) - _BYTE_SUM_MEAN) / _BYTE_SUM_STD
 
 
+def lut_index(states: Tensor, lut_bits: int) -> Tensor:
+    """The top ``lut_bits`` bits of each state's multiplicative hash: an index into a ``2**lut_bits``-entry
+    table of codewords (a table a CPU keeps in registers at 32 entries), int64, same shape."""
+    if not 1 <= lut_bits <= 16:
+        raise ValueError(f"need 1 <= lut_bits <= 16, got {lut_bits}")
+    h = (states.to(torch.int64) * _MUL + _ADD) & 0xFFFFFFFF
+    return h >> (32 - lut_bits)
+
+
+def gaussian_lut(lut_bits: int) -> Tensor:
+    """``[2**lut_bits]`` float32: the unit Gaussian's equiprobable quantiles (the midpoints of ``2**Q``
+    equal-probability cells), scaled to unit mean square: the codewords :func:`lut_index` picks from."""
+    p = (torch.arange(1 << lut_bits, dtype=torch.float64) + 0.5) / (1 << lut_bits)
+    q = torch.special.ndtri(p)
+    return (q / q.pow(2).mean().sqrt()).float()
+
+
 def rate(length: int, state_bits: int, step_bits: int) -> float:
     """Stored bits per scalar of a ``length``-step walk."""
     return (state_bits + (length - 1) * step_bits) / length
