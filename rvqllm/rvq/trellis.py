@@ -69,6 +69,8 @@ def viterbi(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 1
     time ``O(B T 2**L)``); elsewhere, or where the CPU kernels cannot be built (said once, loudly, by
     :func:`rvqllm.kernels.cpu_build.load_library`), the torch path :func:`viterbi_torch`."""
     _check(state_bits, step_bits)
+    if weights is not None and weights.shape != x.shape:
+        raise ValueError(f"weights of shape {list(weights.shape)} do not match x {list(x.shape)}")
     if x.device.type == "cpu":
         from ..kernels.cpu_build import load_library
 
@@ -84,7 +86,7 @@ def _check(state_bits: int, step_bits: int) -> None:
                          f"L={state_bits}")
 
 
-def _table(state_bits: int, gain: float, values: Tensor | None, device: torch.device) -> Tensor:
+def codeword_table(state_bits: int, gain: float, values: Tensor | None, device: torch.device) -> Tensor:
     """``[2**L]`` float32 codeword of every state on ``device``: ``values`` or ``gain * v``."""
     if values is None:
         return decode(torch.arange(1 << state_bits, device=device), gain)
@@ -97,10 +99,8 @@ def _viterbi_cpu(lib, x: Tensor, state_bits: int, step_bits: int, gain: float, w
                  values: Tensor | None) -> Tensor:
     x = x.detach().float().contiguous()
     b, t = x.shape
-    values = _table(state_bits, gain, values, x.device).contiguous()
+    values = codeword_table(state_bits, gain, values, x.device).contiguous()
     w = None if weights is None else weights.detach().float().contiguous()
-    if w is not None and w.shape != x.shape:
-        raise ValueError(f"weights of shape {list(w.shape)} do not match x {list(x.shape)}")
     states = torch.empty(b, t, dtype=torch.int32)
     rc = lib.rvq_trellis_viterbi(x.data_ptr(), None if w is None else w.data_ptr(), b, t, state_bits, step_bits,
                                  values.data_ptr(), states.data_ptr(), torch.get_num_threads())
@@ -119,7 +119,7 @@ def viterbi_torch(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: flo
     b, t = x.shape
     w = torch.ones_like(x) if weights is None else weights.float()
     n, k = 1 << state_bits, 1 << step_bits
-    values = _table(state_bits, gain, values, x.device)  # [n]
+    values = codeword_table(state_bits, gain, values, x.device)  # [n]
     # predecessors of state s: (s >> step_bits) + j * 2**(L - step_bits), j < 2**step_bits
     pred = (torch.arange(n, device=x.device)[:, None] >> step_bits) + \
         torch.arange(k, device=x.device)[None, :] * (n >> step_bits)  # [n, k]

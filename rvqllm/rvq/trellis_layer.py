@@ -54,7 +54,7 @@ class TrellisWeight:
 
     def table(self) -> Tensor:
         """``[2**L]`` float32: the codeword of every state."""
-        return trellis._table(self.state_bits, self.gain, self.values, self.states.device)
+        return trellis.codeword_table(self.state_bits, self.gain, self.values, self.states.device)
 
     def dequantize(self) -> Tensor:
         """``[out, in_features]`` float32 reconstruction in the original basis."""
@@ -97,7 +97,7 @@ def quantize_weight_trellis(weight: Tensor, hessian: Tensor, *, state_bits: int 
     del h
     w.masked_fill_(dead, 0.0)
     states = torch.empty(n, out, dtype=torch.int64, device=device)
-    table = trellis._table(state_bits, gain, values, device)
+    table = trellis.codeword_table(state_bits, gain, values, device)
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         wb = w[:, b0:b1].clone()
