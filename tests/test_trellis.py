@@ -128,3 +128,24 @@ def test_gaussian_distortion_and_rate():
     assert trellis.rate(256, 12, 2) == (12 + 255 * 2) / 256
     with pytest.raises(ValueError, match="step_bits"):
         trellis.viterbi(x, state_bits=2, step_bits=2)
+
+
+def test_bench_coders_packed_bpw_on_hand_made_specs():
+    """scripts/bench_coders.py's packed-walk bit count (what docs/RESULTS.md "Session 20" reports as bpw)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_coders.py"
+    spec = importlib.util.spec_from_file_location("bench_coders", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    specs = {"a": {"out_features": 4, "in_features": 8, "hadamard_block": 8},
+             "b": {"out_features": 2, "in_features": 4}}
+    # per column L bits then 2 per later row; 16 per row scale; 8 per rotation sign (rotated layers only)
+    walks = 8 * (12 + 3 * 2) + 4 * (12 + 1 * 2)
+    rest = 16 * (4 + 2) + 8 * 8
+    shared = bench.packed_bpw(specs, 12, 2, None)  # the 4,096-entry table stored once
+    assert shared["weights"] == 40 and shared["bpw"] == (walks + rest + 16 * 4096) / 40
+    per_layer = bench.packed_bpw(specs, 12, 2, 5)  # a 32-entry table in every layer
+    assert per_layer["bpw"] == (walks + rest + 2 * 16 * 32) / 40
+    assert bench.parse_trellis("12:lut5") == (12, 5) and bench.parse_trellis("14") == (14, None)
