@@ -49,37 +49,6 @@ extern "C" void trellis_gemv(const float* x, const uint8_t* walks, int64_t bpc, 
   }
   for (int64_t o = 0; o < out; ++o) y[o] *= scale[o];
 }
-// Codewords from a 32-entry table by hash (rvqllm.rvq.trellis.lut_index with lut_bits 5): the table sits
-// in two registers and one vpermt2ps looks 16 codewords up. Returns -1 where AVX-512 is not compiled in.
-extern "C" int trellis_gemv_lut32(const float* x, const uint8_t* walks, int64_t bpc, const float* lut, int L,
-                                  const float* scale, int64_t out, int64_t n, float* y) {
-#if defined(__AVX512F__)
-  const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
-  const __m512i mask = _mm512_set1_epi32((1u << L) - 1);
-  const __m512i mul = _mm512_set1_epi32((int)0x9E3779B1u), add = _mm512_set1_epi32(0x7F4A7C15);
-  const __m512 lo = _mm512_loadu_ps(lut), hi = _mm512_loadu_ps(lut + 16);
-  for (int64_t o = 0; o < out; ++o) y[o] = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    const uint8_t* w = walks + j * bpc;
-    const __m512 xj = _mm512_set1_ps(x[j]);
-    for (int64_t o = 0; o < out; o += 16) {
-      uint32_t a, b;
-      std::memcpy(&a, w + o / 4, 4);
-      std::memcpy(&b, w + o / 4 + 2, 4);
-      __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)a)),
-                                         _mm256_set1_epi32((int)b), 1);
-      __m512i s = _mm512_and_si512(_mm512_srlv_epi32(words, shift), mask);
-      __m512i idx = _mm512_srli_epi32(_mm512_add_epi32(_mm512_mullo_epi32(s, mul), add), 27);
-      __m512 v = _mm512_permutex2var_ps(lo, idx, hi);
-      _mm512_storeu_ps(y + o, _mm512_fmadd_ps(xj, v, _mm512_loadu_ps(y + o)));
-    }
-  }
-  for (int64_t o = 0; o < out; ++o) y[o] *= scale[o];
-  return 0;
-#else
-  return -1;
-#endif
-}
 #if defined(__AVX512F__)
 static inline __m512 lut32_codewords(const uint8_t* w, int64_t o, __m512i shift, __m512i mask, __m512i mul,
                                      __m512i add, __m512 lo, __m512 hi) {
@@ -92,26 +61,26 @@ static inline __m512 lut32_codewords(const uint8_t* w, int64_t o, __m512i shift,
   return _mm512_permutex2var_ps(lo, idx, hi);
 }
 #endif
-// The same as trellis_gemv_lut32, 4 columns per pass over a 16-row slice: the slice's outputs stay in a
-// register for the 4 columns (n must be a multiple of 4).
-extern "C" int trellis_gemv_lut32x4(const float* x, const uint8_t* walks, int64_t bpc, const float* lut, int L,
-                                    const float* scale, int64_t out, int64_t n, float* y) {
+// Codewords from a 32-entry table by hash (rvqllm.rvq.trellis.lut_index with lut_bits 5): the table sits
+// in two registers and one vpermt2ps looks 16 codewords up; one column per pass over the outputs, or (four != 0)
+// four columns per pass over each 16-row slice, the slice's outputs kept in a register meanwhile (n a multiple
+// of 4). Returns -1 where AVX-512 is not compiled in.
+extern "C" int trellis_gemv_lut32(const float* x, const uint8_t* walks, int64_t bpc, const float* lut, int L,
+                                  const float* scale, int64_t out, int64_t n, float* y, int four) {
 #if defined(__AVX512F__)
   const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
   const __m512i mask = _mm512_set1_epi32((1u << L) - 1);
   const __m512i mul = _mm512_set1_epi32((int)0x9E3779B1u), add = _mm512_set1_epi32(0x7F4A7C15);
   const __m512 lo = _mm512_loadu_ps(lut), hi = _mm512_loadu_ps(lut + 16);
   for (int64_t o = 0; o < out; ++o) y[o] = 0.f;
-  for (int64_t j = 0; j < n; j += 4) {
-    const uint8_t* w0 = walks + j * bpc;
-    const __m512 x0 = _mm512_set1_ps(x[j]), x1 = _mm512_set1_ps(x[j + 1]);
-    const __m512 x2 = _mm512_set1_ps(x[j + 2]), x3 = _mm512_set1_ps(x[j + 3]);
+  const int64_t step = four ? 4 : 1;
+  for (int64_t j = 0; j < n; j += step) {
+    const uint8_t* w = walks + j * bpc;
     for (int64_t o = 0; o < out; o += 16) {
       __m512 acc = _mm512_loadu_ps(y + o);
-      acc = _mm512_fmadd_ps(x0, lut32_codewords(w0, o, shift, mask, mul, add, lo, hi), acc);
-      acc = _mm512_fmadd_ps(x1, lut32_codewords(w0 + bpc, o, shift, mask, mul, add, lo, hi), acc);
-      acc = _mm512_fmadd_ps(x2, lut32_codewords(w0 + 2 * bpc, o, shift, mask, mul, add, lo, hi), acc);
-      acc = _mm512_fmadd_ps(x3, lut32_codewords(w0 + 3 * bpc, o, shift, mask, mul, add, lo, hi), acc);
+      for (int64_t c = 0; c < step; ++c)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(x[j + c]), lut32_codewords(w + c * bpc, o, shift, mask, mul, add, lo, hi),
+                              acc);
       _mm512_storeu_ps(y + o, acc);
     }
   }
@@ -138,10 +107,8 @@ def build(folder: Path) -> ctypes.CDLL:
     dll = ctypes.CDLL(str(lib))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     dll.trellis_gemv.argtypes = [p, p, i64, p, ctypes.c_int, p, i64, i64, p]
-    dll.trellis_gemv_lut32.argtypes = [p, p, i64, p, ctypes.c_int, p, i64, i64, p]
+    dll.trellis_gemv_lut32.argtypes = [p, p, i64, p, ctypes.c_int, p, i64, i64, p, ctypes.c_int]
     dll.trellis_gemv_lut32.restype = ctypes.c_int
-    dll.trellis_gemv_lut32x4.argtypes = [p, p, i64, p, ctypes.c_int, p, i64, i64, p]
-    dll.trellis_gemv_lut32x4.restype = ctypes.c_int
     return dll
 
 
@@ -173,11 +140,11 @@ def time_shape(lib: ctypes.CDLL, out: int, n: int, bits: int, reps: int) -> str:
 
     def lut32_call() -> int:
         return lib.trellis_gemv_lut32(x.data_ptr(), walks.data_ptr(), bpc, lut.data_ptr(), bits, scale.data_ptr(),
-                                      out, n, y.data_ptr())
+                                      out, n, y.data_ptr(), 0)
 
     def lut32x4_call() -> int:
-        return lib.trellis_gemv_lut32x4(x.data_ptr(), walks.data_ptr(), bpc, lut.data_ptr(), bits,
-                                        scale.data_ptr(), out, n, y.data_ptr())
+        return lib.trellis_gemv_lut32(x.data_ptr(), walks.data_ptr(), bpc, lut.data_ptr(), bits, scale.data_ptr(),
+                                      out, n, y.data_ptr(), 1)
 
     stream = ((walks[:, :, None].to(torch.int64) >> torch.arange(8)) & 1).reshape(n, -1)  # [n, 8 bpc]
     pos = (2 * torch.arange(out))[:, None] + torch.arange(bits)[None, :]  # [out, L]
