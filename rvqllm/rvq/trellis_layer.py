@@ -11,10 +11,11 @@ what lets the feedback be exact column by column: the walk's cost is separable o
 of a column share the factor ``1 / U_jj^2``.
 
 Stored per column: the walk's first state (``L`` bits) and ``k`` bits per later row; per row an fp16
-scale; the rotation's signs. No codebook: every value is computed from its state.
+scale; the rotation's signs. No codebook: a state's value is computed from it (:func:`.trellis.codewords`)
+or read from a small table by its hash (``values``; :func:`.trellis.lut_index`).
 
-This module codes and reconstructs in memory (for the layer and model measurements of
-``scripts/bench_layer_techniques.py --trellis``); there is no checkpoint format and no decode kernel.
+This module codes and reconstructs in memory (for the measurements of ``scripts/bench_layer_techniques.py
+--trellis`` and ``scripts/bench_coders.py``); there is no checkpoint format and no decode kernel yet.
 """
 
 from __future__ import annotations
