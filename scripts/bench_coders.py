@@ -36,7 +36,6 @@ layer's own codebook, which the tuning then adjusts per layer while the walks st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -217,13 +216,9 @@ def main() -> None:
         if args.pipeline is not None:
             if kind != "trellis":
                 raise SystemExit("--pipeline runs trellis:L rows only (the presets themselves: bench_quality.py)")
-            result = {"row": row, "pipeline": True, "windows": args.windows,
-                      **pipeline_row(*parse_trellis(arg), args.pipeline, args.windows, args.table_dir)}
-            print(json.dumps(result), flush=True)
-            if args.results is not None:
-                args.results.parent.mkdir(parents=True, exist_ok=True)
-                with args.results.open("a") as f:
-                    f.write(json.dumps(result) + "\n")
+            bench_quality._append(args.results, {"row": row, "pipeline": True, "windows": args.windows,
+                                                 **pipeline_row(*parse_trellis(arg), args.pipeline, args.windows,
+                                                                args.table_dir)})
             continue
         model, tok = load_model("reference")
         calib = calibration_tokens([load_text(t, "calib") for t in CALIB_TEXTS], tok, args.calib_seqs,
@@ -236,15 +231,10 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown row {row!r}: use rvq:CONFIG or trellis:L")
         coded = code_model(model, calib, coder)
-        result = {"row": row, "damp": args.damp, "gain": args.gain, "calib": f"{args.calib_seqs}x{args.calib_len}",
-                  "windows": args.windows, "bpw": coded["bits"] / coded["weights"],
-                  "coding_cpu_seconds": coded["seconds"],
-                  "ppl": bench_quality._evaluate(model, tok, args.windows)}
-        print(json.dumps(result), flush=True)
-        if args.results is not None:
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            with args.results.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+        bench_quality._append(args.results, {
+            "row": row, "damp": args.damp, "gain": args.gain, "calib": f"{args.calib_seqs}x{args.calib_len}",
+            "windows": args.windows, "bpw": coded["bits"] / coded["weights"], "coding_cpu_seconds": coded["seconds"],
+            "ppl": bench_quality._evaluate(model, tok, args.windows)})
 
 
 if __name__ == "__main__":
