@@ -150,3 +150,86 @@ def quantize(x: Tensor, state_bits: int = 12, step_bits: int = 2, gain: float = 
     states = torch.cat([viterbi(x[i : i + rows_per_chunk], state_bits, step_bits, gain)
                         for i in range(0, x.shape[0], rows_per_chunk)])
     return states, decode(states, gain)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed walks: the checkpoint's and the kernels' layout.
+#
+# A walk of ``T`` states is stored as a little-endian bit string of ``L + k (T - 1)`` bits (bit ``b`` is bit
+# ``b % 8`` of byte ``b // 8``) in which the state of step ``t`` is the ``L`` bits from bit ``k t`` on, read
+# least significant first. Successive windows overlap in ``L - k`` bits, so each step adds its ``k`` new bits
+# at the *top* of the window: ``p_t = (p_{t-1} >> k) | (b_t << (L - k))``. The coder above shifts new bits in
+# at the bottom; the two are the same code under the relabelling :func:`digit_reverse` (reverse the order of
+# the ``L / k`` digits of ``k`` bits), which :func:`pack_walks` applies, so ``L`` must be a multiple of ``k``.
+# A packed state's codeword index is ``lut_index(p, Q)`` of the *packed* state, which is what the kernels
+# compute; the coder is given the table ``packed_values`` so it chooses walks against exactly that.
+
+
+def walk_bytes(length: int, state_bits: int, step_bits: int) -> int:
+    """Bytes of one packed walk of ``length`` states: ``ceil((L + k (length - 1)) / 8)``."""
+    return -(-(state_bits + step_bits * (length - 1)) // 8)
+
+
+def digit_reverse(states: Tensor, state_bits: int, step_bits: int) -> Tensor:
+    """``states`` (any shape, int64) with the order of their ``L / k`` digits of ``k`` bits reversed: the
+    bijection between the coder's states and the packed ones (its own inverse)."""
+    if state_bits % step_bits:
+        raise ValueError(f"packed walks need state_bits a multiple of step_bits, got L={state_bits}, k={step_bits}")
+    digits = state_bits // step_bits
+    mask = (1 << step_bits) - 1
+    out = torch.zeros_like(states)
+    for i in range(digits):
+        out |= ((states >> (step_bits * i)) & mask) << (step_bits * (digits - 1 - i))
+    return out
+
+
+def packed_values(table: Tensor, state_bits: int, step_bits: int, lut_bits: int) -> Tensor:
+    """``[2**L]`` float32: the codeword of each *coder* state ``s`` when stored packed: ``table[lut_index(
+    digit_reverse(s), Q)]`` for a ``[2**Q]`` table. Give it to :func:`viterbi` as ``values``."""
+    s = torch.arange(1 << state_bits, device=table.device)
+    return table.float()[lut_index(digit_reverse(s, state_bits, step_bits), lut_bits)]
+
+
+def pack_walks(states: Tensor, state_bits: int, step_bits: int) -> Tensor:
+    """``states [B, T]`` (the coder's, from :func:`viterbi`) → packed walks ``[B, walk_bytes(T)]`` uint8.
+
+    Raises :class:`ValueError` when the states are not a walk (a step that does not shift the previous
+    state's bits)."""
+    p = digit_reverse(states.to(torch.int64), state_bits, step_bits)  # [B, T] packed windows
+    b, t = p.shape
+    keep = state_bits - step_bits
+    if t > 1 and not torch.equal(p[:, 1:] & ((1 << keep) - 1), p[:, :-1] >> step_bits):
+        raise ValueError(f"pack_walks: these states are not a walk of the trellis (L={state_bits}, k={step_bits})")
+    nbits = state_bits + step_bits * (t - 1)
+    bits = torch.empty(b, walk_bytes(t, state_bits, step_bits) * 8, dtype=torch.uint8, device=p.device)
+    bits.zero_()
+    bits[:, :state_bits] = ((p[:, :1] >> torch.arange(state_bits, device=p.device)) & 1).to(torch.uint8)
+    if t > 1:
+        new = p[:, 1:] >> keep  # [B, T-1] the k new (top) bits of each later window
+        bits[:, state_bits:nbits] = ((new[:, :, None] >> torch.arange(step_bits, device=p.device)) & 1) \
+            .reshape(b, -1).to(torch.uint8)
+    weights = (1 << torch.arange(8, device=p.device, dtype=torch.int32))
+    return (bits.reshape(b, -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_windows(walks: Tensor, length: int, state_bits: int, step_bits: int) -> Tensor:
+    """Packed walks ``[B, bytes]`` uint8 → the packed states ``p [B, length]`` int64 (the windows the kernels
+    read; :func:`lut_index` of them indexes the layer's table)."""
+    b = walks.shape[0]
+    need = walk_bytes(length, state_bits, step_bits)
+    if walks.shape[1] < need:
+        raise ValueError(f"packed walks of {walks.shape[1]} bytes for {length} states need {need}")
+    bits = ((walks[:, :need, None].to(torch.int64) >> torch.arange(8, device=walks.device)) & 1).reshape(b, -1)
+    pos = step_bits * torch.arange(length, device=walks.device)[:, None] + \
+        torch.arange(state_bits, device=walks.device)[None, :]  # [length, L]
+    return (bits[:, pos] << torch.arange(state_bits, device=walks.device)).sum(-1)
+
+
+def walk_dequantize(walks: Tensor, table: Tensor, scales: Tensor, state_bits: int, step_bits: int,
+                    lut_bits: int) -> Tensor:
+    """The reference decoder of a trellis-coded layer: ``walks [n, bytes]`` (column ``j``'s walk down the
+    ``out`` rows), ``table [2**Q]``, ``scales [out]`` → ``W [out, n]`` float32 with
+    ``W[o, j] = table[lut_index(p(j, o), Q)] * scales[o]``."""
+    out = scales.shape[0]
+    idx = lut_index(unpack_windows(walks, out, state_bits, step_bits), lut_bits)  # [n, out]
+    return table.float()[idx].T * scales.float()[:, None]
