@@ -57,7 +57,6 @@ from .nn import SHARED_KEY, QuantizedLinear, bind_shared, mark_quantized
 from .size import model_specs
 from .validate import (
     CONFIG_SUM_KEY,
-    FORMAT_VERSION,
     INDEX_NAME,
     QUANT_METHOD,
     SHARD_HEADERS_KEY,
@@ -66,6 +65,7 @@ from .validate import (
     TENSOR_SUMS_KEY,
     WEIGHTS_NAME,
     config_digest,
+    format_version,
     read_checksummed,
     read_header_only,
     shard_specs,
@@ -84,11 +84,12 @@ _SHARD_FIX = "the shard is corrupt or tampered; re-create it"
 def quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` dict describing ``model``'s quantized layers."""
     cfg = getattr(model, "rvq_config", None)
+    layers = model_specs(model)
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(layers),
         "rvq_config": cfg.to_dict() if isinstance(cfg, RVQConfig) else {},
-        "layers": model_specs(model),
+        "layers": layers,
     }
 
 
@@ -283,7 +284,8 @@ def write_index(folder: str | Path, config: dict) -> Path:
             weight_map[name] = found[k].name
             total += e.end - e.begin
     index = {"metadata": {"total_size": total, CONFIG_SUM_KEY: config_digest(config),
-                          SHARD_HEADERS_KEY: headers, "format_version": str(FORMAT_VERSION),
+                          SHARD_HEADERS_KEY: headers,
+                          "format_version": str(config.get("quantization_config", {}).get("format_version")),
                           "quant_method": QUANT_METHOD},
              "weight_map": dict(sorted(weight_map.items()))}
     path = folder / INDEX_NAME

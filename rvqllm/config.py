@@ -41,6 +41,11 @@ class RVQConfig:
     codebook_refits: int = 0  #: rounds of joint least-squares codebook re-fit to beam-searched codes (0 = off)
     rotate: bool = False  #: code W R, R a random sign flip + block Hadamard, applied to x at run time (docs/ROTATION.md)
     shared_codebook: str | None = None  #: one codebook for every layer, stored once: a built-in name ("gaussian-65536") or a .safetensors file (rvqllm.rvq.universal); no k-means then
+    # --- the trellis coder (rvqllm.rvq.trellis_layer) -----------------------------------------------------
+    coder: str = "rvq"  #: "rvq": vectors coded by the codebooks above; "trellis": each input column of the rotated weight one bitshift-trellis walk down its rows, its codewords a small per-layer table (vector_dim, stages, bits, beam, k-means and codebook fields unused)
+    trellis_state_bits: int = 12  #: trellis states 2**L (Viterbi time grows as 2**L; L <= 18 has the fast CPU kernel)
+    trellis_step_bits: int = 2  #: bits per weight of a walk (each row shifts this many new bits into the state)
+    trellis_lut_bits: int = 5  #: the per-layer codeword table has 2**this entries (5: 32, kept in registers by the CPU kernel)
     # --- block fine-tuning (rvqllm.finetune) -----------------------------------------------------------
     finetune_epochs: int = 0  #: Adam passes over the calibration batches per block (0 = off)
     finetune_lr: float = 1e-3  #: Adam learning rate for codebooks, scale gains, biases and norms
@@ -164,12 +169,33 @@ class RVQConfig:
             need(self.finetune_epochs == 0, "shared_codebook cannot be combined with block fine-tuning (each block "
                  "would move the codebook the earlier blocks were tuned against): set finetune_epochs: 0 and "
                  "use distill_epochs, which tunes the shared codebook with the whole model")
+        need(self.coder in ("rvq", "trellis"), f"coder={self.coder!r} is unknown: use 'rvq' or 'trellis'")
+        need(isinstance(self.trellis_step_bits, int) and not isinstance(self.trellis_step_bits, bool)
+             and 1 <= self.trellis_step_bits <= 8,
+             f"trellis_step_bits={self.trellis_step_bits!r} is out of range: use an integer from 1 to 8 (2 is typical)")
+        need(isinstance(self.trellis_state_bits, int) and not isinstance(self.trellis_state_bits, bool)
+             and self.trellis_step_bits < self.trellis_state_bits <= 24
+             and self.trellis_state_bits % self.trellis_step_bits == 0,
+             f"trellis_state_bits={self.trellis_state_bits!r} is out of range: use a multiple of trellis_step_bits "
+             f"({self.trellis_step_bits}) above it and at most 24 (12 is typical)")
+        need(isinstance(self.trellis_lut_bits, int) and not isinstance(self.trellis_lut_bits, bool)
+             and 1 <= self.trellis_lut_bits <= 8,
+             f"trellis_lut_bits={self.trellis_lut_bits!r} is out of range: use an integer from 1 to 8 (5 is typical)")
+        if self.coder == "trellis":
+            need(self.rotate is True, "coder: trellis codes the rotated weight: set rotate: true")
+            need(self.shared_codebook is None, "coder: trellis has a table per layer, not a shared codebook: drop "
+                 "shared_codebook")
+            need(self.bpw_budget is None, "coder: trellis cannot be combined with bpw_budget (mixed precision picks "
+                 "among RVQ code shapes): drop one of the two")
+            need(self.distill_code_fraction == 0, "coder: trellis keeps its walks as coded: set distill_code_fraction: 0")
         need(isinstance(self.skip, list) and all(isinstance(s, str) for s in self.skip),
              "skip must be a list of module-name substrings, e.g. [lm_head]")
 
     @property
     def code_bits_per_weight(self) -> float:
-        """Bits per weight spent on codes alone (no codebooks, no scales)."""
+        """Bits per weight spent on codes alone (no codebooks, no scales): a trellis walk's step bits."""
+        if self.coder == "trellis":
+            return float(self.trellis_step_bits)
         return self.stages * self.bits / self.vector_dim
 
     def to_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import RVQConfig
 from .errors import RVQError
 from .kernels.cpu_build import warn_once
-from .nn import QuantizedLinear
+from .nn import TRELLIS_KEY, QuantizedLinear, TrellisLinear
 from .placement import Placement
 from .rvq import pack, rotation, unpack
 from .rvq.residual import encode_rvq_chunked
@@ -56,9 +56,13 @@ class _TrainableRVQ(nn.Module):
         self.log_gain = nn.Parameter(torch.zeros(layer.out_features, device=layer.scales.device))
         self.bias = nn.Parameter(layer.bias.detach().float().clone()) if layer.bias is not None else None
         self.register_buffer("base_scales", layer.scales.detach().float().clone(), persistent=False)
-        stages, k = layer.codes.shape[2], layer.codebooks.shape[1]
+        stages, k = layer.codebooks.shape[0], layer.codebooks.shape[1]
         # stage s's codes index codebooks.reshape(S*K, d) from s*K on
         self.register_buffer("offsets", torch.arange(stages, device=layer.codes.device) * k, persistent=False)
+        # a trellis layer: its table index per weight [out * in, 1], decoded from the walks once (uint8: the
+        # walks never change during tuning, and 1 byte a weight for one layer's wrapper at a time)
+        self.indices = (layer.table_indices().to(torch.uint8).reshape(-1, 1)
+                        if isinstance(layer, TrellisLinear) else None)
         # codes that move (distill_code_fraction): a float shadow of every coded vector [out*G, d], in the
         # codebooks' units; it takes the decoded weight's gradient (straight through) and leads re-encoding
         self.shadow = nn.Parameter(self.vectors().detach().clone()) if shadow else None
@@ -68,6 +72,8 @@ class _TrainableRVQ(nn.Module):
 
     def vectors(self) -> Tensor:
         """``[out*G, d]`` float32: every group's decoded vector (before its row's scale)."""
+        if self.indices is not None:
+            return self._decode(self.indices.long())
         # int64 codes [out*G, S] made here, not kept: 8x the stored codes' bytes, for one layer at a time
         return self._decode(unpack(self._layer[0].codes).reshape(-1, self.codebooks.shape[0]))
 
@@ -718,10 +724,14 @@ def distill_rate(code_bpw: float) -> float:
 
 def code_bits_per_weight(specs: dict[str, dict]) -> float:
     """Bits per weight the codes carry over quantized layers' specs (:meth:`QuantizedLinear.spec`), weighted
-    by each layer's weight count: ``stages * bits / vector_dim`` for a uniform preset. Information, not
-    storage (:func:`rvqllm.size.summarize`'s ``codes_bpw`` counts a 3-bit code as its uint8)."""
+    by each layer's weight count: ``stages * bits / vector_dim`` for a uniform preset, a trellis layer's
+    ``trellis_step_bits``. Information, not storage (:func:`rvqllm.size.summarize`'s ``codes_bpw`` counts a
+    3-bit code as its uint8)."""
+    def per_weight(s: dict) -> float:
+        return s["trellis_step_bits"] if TRELLIS_KEY in s else s["stages"] * s["bits"] / s["vector_dim"]
+
     weights = sum(s["in_features"] * s["out_features"] for s in specs.values())
-    bits = sum(s["in_features"] * s["out_features"] * s["stages"] * s["bits"] / s["vector_dim"] for s in specs.values())
+    bits = sum(s["in_features"] * s["out_features"] * per_weight(s) for s in specs.values())
     return bits / max(weights, 1)
 
 

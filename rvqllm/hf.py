@@ -36,16 +36,18 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .arch import prepare_for_layers, set_module
-from .checkpoint import FORMAT_VERSION, QUANT_METHOD
+from .checkpoint import QUANT_METHOD
 from .errors import RVQError
 from .nn import QuantizedLinear, attach_shared, bind_shared
+from .validate import FORMAT_VERSION, READABLE_VERSIONS
 
 #: Per-layer keys every entry of ``quantization_config.layers`` must have.
 LAYER_KEYS = ("in_features", "out_features", "vector_dim", "stages", "bits", "bias")
 
 #: Older format versions we can read, mapped to a function upgrading their ``quantization_config``
-#: dict to the current version. Version 1 is the first, so none yet; an upgrade lands here.
-UPGRADES: dict[int, Any] = {}
+#: dict to the current version. Version 2 only added trellis layers, so a version-1 config is read as
+#: it is (and RVQ-only checkpoints are still written as version 1).
+UPGRADES: dict[int, Any] = {v: (lambda raw: raw) for v in READABLE_VERSIONS if v != FORMAT_VERSION}
 
 
 def check_format(format_version: Any, layers: Any) -> None:

@@ -7,12 +7,15 @@ from torch import Tensor, nn
 
 from .kernels import dequantize, rvq_linear
 from .kernels.cpu_build import warn_once
-from .rvq import RVQWeight, code_dtype, pack, rotation
+from .kernels.trellis_op import trellis_linear
+from .rvq import RVQWeight, code_dtype, pack, rotation, trellis
 
 #: attribute of the model that holds the shared codebook (:class:`SharedCodebooks`); its tensor is stored
 #: once in a checkpoint, as ``SHARED_KEY``
 SHARED_NAME = "rvq_shared"
 SHARED_KEY = f"{SHARED_NAME}.codebooks"
+#: the spec field that marks a trellis-coded layer (:class:`TrellisLinear`): its state bits ``L``
+TRELLIS_KEY = "trellis_state_bits"
 
 
 class SharedCodebooks(nn.Module):
@@ -89,6 +92,7 @@ class QuantizedLinear(nn.Module):
         device: torch.device | str | None = None,
         hadamard_block: int = 0,
         shared: bool = False,
+        codes_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.shared = shared
@@ -101,7 +105,8 @@ class QuantizedLinear(nn.Module):
         self.hadamard_block = hadamard_block
         self.compute_dtype = bias_dtype
         groups = -(-in_features // vector_dim)
-        self.register_buffer("codes", torch.zeros(out_features, groups, stages, dtype=code_dtype(bits), device=device))
+        self.register_buffer("codes", torch.zeros(codes_shape or (out_features, groups, stages), dtype=code_dtype(bits),
+                                                  device=device))
         if not shared:
             self.register_buffer(
                 "codebooks", torch.zeros(stages, 1 << bits, vector_dim, dtype=torch.float16, device=device)
@@ -119,7 +124,10 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict, *, bias_dtype: torch.dtype = torch.float16,
                   device: torch.device | str | None = None) -> QuantizedLinear:
-        """An empty layer (buffers to be loaded) from a checkpoint's per-layer spec (see :meth:`spec`)."""
+        """An empty layer (buffers to be loaded) from a checkpoint's per-layer spec (see :meth:`spec`): a
+        :class:`TrellisLinear` where the spec names a trellis code (``trellis_state_bits``)."""
+        if TRELLIS_KEY in spec and cls is QuantizedLinear:
+            return TrellisLinear.from_spec(spec, bias_dtype=bias_dtype, device=device)
         return cls(spec["in_features"], spec["out_features"], vector_dim=spec["vector_dim"], stages=spec["stages"],
                    bits=spec["bits"], bias=spec["bias"], bias_dtype=bias_dtype, device=device,
                    hadamard_block=spec.get("hadamard_block", 0), shared=bool(spec.get("shared_codebooks")))
@@ -211,7 +219,7 @@ class QuantizedLinear(nn.Module):
         returned in ``x.dtype``."""
         if self.signs is None:
             return x
-        pad = self.codes.shape[1] * self.vector_dim - x.shape[-1]
+        pad = self.op_in_features - x.shape[-1]
         xf = x.float() if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else x
         if pad:
             xf = torch.nn.functional.pad(xf, (0, pad))
@@ -254,6 +262,92 @@ class QuantizedLinear(nn.Module):
             + (f", hadamard_block={self.hadamard_block}" if self.signs is not None else "")
             + (", shared_codebooks=True" if self.shared else "")
         )
+
+
+class TrellisLinear(QuantizedLinear):
+    """A linear layer coded by the bitshift trellis (config ``coder: trellis``), decoded on the fly.
+
+    The weight (rotated, as every trellis layer is: ``W R``) is coded column by column, each input column
+    ``j`` one walk of ``L``-bit states down the ``out`` rows, ``k`` new bits per row
+    (:mod:`rvqllm.rvq.trellis_layer`); a state's codeword is entry ``lut_index(state, Q)`` of the layer's
+    ``2**Q``-entry table, times the row's scale. Buffers, under the names every quantized layer stores:
+
+        codes: ``[in_features, walk_bytes]`` uint8: the packed walks (:mod:`rvqllm.rvq.trellis`, "Packed
+            walks"), ``walk_bytes = ceil((L + k (out - 1)) / 8)``.
+        codebooks: ``[1, 2**Q, 1]`` fp16: the codeword table (the shape of a one-stage, ``vector_dim`` 1
+            codebook, so the tuning treats it as one).
+        scales: ``[out_features]`` fp16; bias as in :class:`QuantizedLinear`; signs ``[in_features]`` int8.
+
+    The spec is a one-stage, ``vector_dim`` 1, ``bits`` Q layer's plus ``trellis_state_bits`` (``L``) and
+    ``trellis_step_bits`` (``k``). Forward: ``x R``, then :func:`rvqllm.kernels.trellis_op.trellis_linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, state_bits: int, step_bits: int, lut_bits: int,
+                 bias: bool, bias_dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
+                 hadamard_block: int = 0) -> None:
+        if not 1 <= lut_bits <= 8:
+            raise ValueError(f"a trellis layer's table has 2**lut_bits <= 256 entries, got lut_bits={lut_bits}")
+        super().__init__(in_features, out_features, vector_dim=1, stages=1, bits=lut_bits, bias=bias,
+                         bias_dtype=bias_dtype, device=device, hadamard_block=hadamard_block,
+                         codes_shape=(in_features, trellis.walk_bytes(out_features, state_bits, step_bits)))
+        self.state_bits = state_bits
+        self.step_bits = step_bits
+
+    @classmethod
+    def from_spec(cls, spec: dict, *, bias_dtype: torch.dtype = torch.float16,
+                  device: torch.device | str | None = None) -> TrellisLinear:
+        return cls(spec["in_features"], spec["out_features"], state_bits=spec[TRELLIS_KEY],
+                   step_bits=spec["trellis_step_bits"], lut_bits=spec["bits"], bias=spec["bias"],
+                   bias_dtype=bias_dtype, device=device, hadamard_block=spec.get("hadamard_block", 0))
+
+    @classmethod
+    def from_trellis(cls, q, table: Tensor, lut_bits: int, bias: Tensor | None,
+                     dtype: torch.dtype | None = None) -> TrellisLinear:
+        """Build from a :class:`rvqllm.rvq.trellis_layer.TrellisWeight` coded against
+        :func:`rvqllm.rvq.trellis.packed_values` of ``table [2**lut_bits]`` (its walks are packed here)."""
+        n, out = q.states.shape
+        if n != q.in_features:
+            raise ValueError(f"a trellis layer stores unpadded columns: coded width {n} != in_features {q.in_features}")
+        layer = cls(q.in_features, out, state_bits=q.state_bits, step_bits=q.step_bits, lut_bits=lut_bits,
+                    bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float16,
+                    hadamard_block=q.rotation_block if q.signs is not None else 0)
+        if q.signs is not None:
+            layer.signs.copy_(q.signs)
+        layer.codes.copy_(trellis.pack_walks(q.states.cpu(), q.state_bits, q.step_bits))
+        layer.codebooks.copy_(table.reshape(1, -1, 1).half())
+        layer.scales.copy_(q.scales.half())
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        if dtype is not None:
+            layer.compute_dtype = dtype
+        return layer
+
+    @property
+    def op_in_features(self) -> int:
+        return self.in_features
+
+    def table_indices(self) -> Tensor:
+        """``[out_features, in_features]`` int64: the table entry of every weight (decoded from the walks)."""
+        p = trellis.unpack_windows(self.codes, self.out_features, self.state_bits, self.step_bits)
+        return trellis.lut_index(p, self.bits).T
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.rotate_input(x)
+        return trellis_linear(x, self.codes, self.codebooks, self.scales, self.bias, self.state_bits,
+                              self.step_bits, self.bits)
+
+    def dequantized_weight(self) -> Tensor:
+        w = trellis.walk_dequantize(self.codes, self.codebooks.reshape(-1), self.scales, self.state_bits,
+                                    self.step_bits, self.bits)
+        return w if self.signs is None else rotation.unrotate(w, self.signs, self.hadamard_block)
+
+    def spec(self) -> dict[str, int]:
+        return {**super().spec(), TRELLIS_KEY: self.state_bits, "trellis_step_bits": self.step_bits}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, state_bits={self.state_bits}, "
+                f"step_bits={self.step_bits}, lut_bits={self.bits}, bias={self.bias is not None}"
+                + (f", hadamard_block={self.hadamard_block}" if self.signs is not None else ""))
 
 
 def bind_shared(model: nn.Module) -> None:

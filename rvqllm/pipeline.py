@@ -60,10 +60,12 @@ from .finetune import (
 from .kernels.cpu_build import warn_once
 from .meter import Meter, trim_host_memory
 from .mixed import allocate, fisher_sensitivity
-from .nn import QuantizedLinear, SharedCodebooks, attach_shared, mark_quantized
+from .nn import QuantizedLinear, SharedCodebooks, TrellisLinear, attach_shared, mark_quantized
 from .placement import Placement, oom_errors
 from .resume import MemoryActivations, RunDir, run_fingerprint
-from .rvq import quantize_weight
+from .rvq import quantize_weight, trellis
+from .rvq.residual import to_fp16_exact
+from .rvq.trellis_layer import quantize_weight_trellis
 from .source import MemorySource, ShardSource
 from .validate import (
     check_causal_behaviour,
@@ -445,6 +447,11 @@ class _Walk:
                 if owners[name] != place.rank:
                     continue
                 t0 = time.perf_counter()
+                bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+                if cfg.coder == "trellis":
+                    qlayer = self._trellis_layer(module, hessians.get(name), bias, cfg.seed * 100_003 + self.offsets[i] + k)
+                    coded[name] = (qlayer, time.perf_counter() - t0)
+                    continue
                 shape = self.plan.get(name, {"vector_dim": cfg.vector_dim, "stages": cfg.stages, "bits": cfg.bits})
                 q = quantize_weight(
                     linear_weight(module).detach(), hessians.get(name), vector_dim=shape["vector_dim"],
@@ -454,7 +461,6 @@ class _Walk:
                     seed=cfg.seed * 100_003 + self.offsets[i] + k, rotate=cfg.rotate, damp=cfg.hessian_damp,
                     codebooks=self.shared_float,
                 )
-                bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
                 qlayer = QuantizedLinear.from_rvq(q, shape["bits"], bias, linear_weight(module).dtype).to(self.device)
                 if self.shared is not None:
                     qlayer.share(self.shared)
@@ -496,6 +502,20 @@ class _Walk:
                 place.barrier()
                 self.run.commit_block(i, self.model, self._storage_dtype(), write=place.is_main)
             source.release_block(i)
+
+    def _trellis_layer(self, module: nn.Module, hessian: Tensor | None, bias: Tensor | None,
+                       seed: int) -> TrellisLinear:
+        """``module`` coded by the trellis (config ``coder: trellis``) against its input Hessian (the identity
+        for a layer no calibration token reached), as a :class:`TrellisLinear` on the run's device."""
+        cfg = self.config
+        w = linear_weight(module).detach()
+        if hessian is None:
+            hessian = torch.eye(w.shape[1], device=w.device)
+        table = to_fp16_exact(trellis.gaussian_lut(cfg.trellis_lut_bits)).to(w.device)
+        values = trellis.packed_values(table, cfg.trellis_state_bits, cfg.trellis_step_bits, cfg.trellis_lut_bits)
+        q = quantize_weight_trellis(w, hessian, state_bits=cfg.trellis_state_bits, step_bits=cfg.trellis_step_bits,
+                                    seed=seed, damp=cfg.hessian_damp, pad_to=1, values=values)
+        return TrellisLinear.from_trellis(q, table, cfg.trellis_lut_bits, bias, w.dtype).to(self.device)
 
     def _restore(self, i: int) -> None:
         """A block an interrupted run already committed: into the model (in memory), or nothing (streamed)."""

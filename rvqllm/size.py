@@ -12,18 +12,24 @@ from pathlib import Path
 
 from torch import nn
 
-from .nn import QuantizedLinear
+from .nn import TRELLIS_KEY, QuantizedLinear
 from .rvq import code_dtype
+from .rvq.trellis import walk_bytes
 from .validate import shared_shape
 
 
 def layer_bits(spec: dict) -> dict[str, int]:
-    """Bits of each stored part of one quantized layer, from its spec (see :meth:`QuantizedLinear.spec`)."""
+    """Bits of each stored part of one quantized layer, from its spec (see :meth:`QuantizedLinear.spec`); a
+    trellis layer's codes are its packed walks, ``in_features`` of ``walk_bytes`` each."""
     out, inp, d, s, b = (spec[k] for k in ("out_features", "in_features", "vector_dim", "stages", "bits"))
     groups = -(-inp // d)
     code_bits = code_dtype(b).itemsize * 8
+    if TRELLIS_KEY in spec:
+        codes = inp * 8 * walk_bytes(out, spec[TRELLIS_KEY], spec["trellis_step_bits"])
+    else:
+        codes = out * groups * s * code_bits
     return {
-        "codes": out * groups * s * code_bits,
+        "codes": codes,
         "codebooks": 0 if spec.get("shared_codebooks") else s * (1 << b) * d * 16,
         "scales": out * 16,
         "signs": groups * d * 8 if spec.get("hadamard_block") else 0,
@@ -85,6 +91,9 @@ def estimate_run_bytes(layers: dict[str, tuple[int, int]], other_bytes: int, con
     """
     shape = {"vector_dim": config.vector_dim, "stages": config.stages, "bits": config.bits,
              "bias": False, "hadamard_block": 1 if config.rotate else 0}
+    if config.coder == "trellis":
+        shape.update(vector_dim=1, stages=1, bits=config.trellis_lut_bits, trellis_step_bits=config.trellis_step_bits,
+                     **{TRELLIS_KEY: config.trellis_state_bits})
     if config.bpw_budget is not None and config.mixed_candidates:  # the widest candidate bounds the size
         widest = max(config.mixed_candidates, key=lambda c: c["stages"] * c["bits"] / c["vector_dim"])
         shape.update(widest)

@@ -48,7 +48,15 @@ from torch import nn
 
 from .errors import RVQError
 
-FORMAT_VERSION = 1
+#: the newest checkpoint format this rvqllm reads and writes. A checkpoint says the lowest version that
+#: describes it (:func:`format_version`): 1 when every layer is RVQ-coded (readable by every rvqllm),
+#: 2 when some layer is trellis-coded (an older rvqllm then says "upgrade" instead of misreading it)
+FORMAT_VERSION = 2
+#: the versions this rvqllm reads
+READABLE_VERSIONS = (1, 2)
+#: the spec field of a trellis-coded layer (``rvqllm.nn.TRELLIS_KEY``) and the version that introduced it
+TRELLIS_KEY = "trellis_state_bits"
+TRELLIS_VERSION = 2
 QUANT_METHOD = "rvq"
 WEIGHTS_NAME = "model.safetensors"
 #: the sharded layout: this index plus the shards it names (see :mod:`rvqllm.checkpoint`)
@@ -194,6 +202,13 @@ def check_layer_spec(name: str, spec: Any, where: str = "config.json") -> dict:
     if "shared_codebooks" in spec and spec["shared_codebooks"] is not True:  # optional: decodes with rvq_shared
         raise RVQError(f"{where}: quantized layer {name!r} has shared_codebooks={spec['shared_codebooks']!r}, "
                        f"which is true when present: {_FIX}")
+    if TRELLIS_KEY in spec:  # optional: a trellis-coded layer (rvqllm.nn.TrellisLinear)
+        L, k = spec[TRELLIS_KEY], spec.get("trellis_step_bits")
+        if (type(L) is not int or type(k) is not int or not 1 <= k <= 8 or not k < L <= 24 or L % k
+                or spec["vector_dim"] != 1 or spec["stages"] != 1 or spec["bits"] > 8 or spec.get("shared_codebooks")):
+            raise RVQError(f"{where}: trellis layer {name!r} has trellis_state_bits={L!r}, trellis_step_bits={k!r}, "
+                           f"vector_dim={spec['vector_dim']}, stages={spec['stages']}, bits={spec['bits']}: not a "
+                           f"trellis code rvqllm writes; {_FIX}")
     if "hadamard_block" in spec:  # optional: the layer is rotated (rvqllm.rvq.rotation)
         b = spec["hadamard_block"]
         width = -(-spec["in_features"] // spec["vector_dim"]) * spec["vector_dim"]
@@ -213,22 +228,30 @@ def shared_shape(layers: dict[str, dict], where: str) -> tuple[int, int, int] | 
     return next(iter(shapes), None)
 
 
+def format_version(layers: dict[str, dict]) -> int:
+    """The format version a checkpoint of these layer specs is written as: the lowest that describes it."""
+    return TRELLIS_VERSION if any(TRELLIS_KEY in s for s in layers.values()) else 1
+
+
 def check_quantization_config(config: dict, folder: str | Path) -> dict:
     """The validated ``quantization_config`` of a parsed ``config.json``."""
     q = config.get("quantization_config")
     if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
         raise RVQError(f"{folder} is not an rvqllm checkpoint (no quantization_config with quant_method 'rvq')")
     version = q.get("format_version")
-    if version != FORMAT_VERSION or type(version) is not int:
+    if version not in READABLE_VERSIONS or type(version) is not int:
         raise RVQError(
-            f"{folder} has checkpoint format version {version!r}; this rvqllm reads version {FORMAT_VERSION}: "
-            "upgrade rvqllm or re-quantize the model"
+            f"{folder} has checkpoint format version {version!r}; this rvqllm reads versions "
+            f"{list(READABLE_VERSIONS)}: upgrade rvqllm or re-quantize the model"
         )
     layers = q.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise RVQError(f"{folder}/config.json: quantization_config lists no quantized layers: {_FIX}")
     for name, spec in layers.items():
         check_layer_spec(name, spec)
+    if version != format_version(layers):
+        raise RVQError(f"{folder}/config.json: format version {version} does not match its layers (version "
+                       f"{format_version(layers)} describes them): {_FIX}")
     shared_shape(layers, f"{folder}/config.json")
     if not isinstance(q.get("rvq_config", {}), dict):
         raise RVQError(f"{folder}/config.json: quantization_config.rvq_config is not an object: {_FIX}")
@@ -497,9 +520,10 @@ def read_layout(folder: Path, config: dict, quantized: dict[str, dict]) -> Layou
         return Layout(entries, dict.fromkeys(entries, single), {single: header_sum}, single.stat().st_size, False)
     index = folder / INDEX_NAME
     weight_map, meta = read_index(folder)
-    if meta.get("quant_method") != QUANT_METHOD or meta.get("format_version") != str(FORMAT_VERSION):
+    version = str(config.get("quantization_config", {}).get("format_version"))
+    if meta.get("quant_method") != QUANT_METHOD or meta.get("format_version") != version:
         raise RVQError(f"{index}: its metadata does not say quant_method {QUANT_METHOD!r}, format_version "
-                       f"'{FORMAT_VERSION}': {_FIX}")
+                       f"'{version}' (the config's): {_FIX}")
     if not isinstance(meta.get(CONFIG_SUM_KEY), str) or not isinstance(meta.get(SHARD_HEADERS_KEY), dict):
         raise RVQError(f"{index} carries no config or shard checksums (not written by this rvqllm, or tampered): {_FIX}")
     _check_config_sum(meta[CONFIG_SUM_KEY], config, folder, INDEX_NAME)
@@ -620,7 +644,7 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[s
 
     for name, s in quantized.items():
         codes = tensors[f"{name}.codes"]
-        if s["bits"] < 16 and codes.numel():
+        if s["bits"] < 16 and codes.numel() and TRELLIS_KEY not in s:  # every byte string is a valid walk
             idx = codes.long() & 0xFFFF if codes.dtype == torch.int16 else codes.long()
             k = 1 << s["bits"]
             bad = (idx >= k).nonzero()

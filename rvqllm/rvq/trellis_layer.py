@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.cpu_build import load_library
 from . import rotation, trellis
 from .residual import DAMP, column_importance, inverse_hessian_factor, rotated_problem, row_scales
 
@@ -82,7 +83,9 @@ def quantize_weight_trellis(weight: Tensor, hessian: Tensor, *, state_bits: int 
 
     The width is padded to a multiple of ``pad_to`` (the rotation's width; 8 matches the RVQ presets'
     ``vector_dim``, so both codes see the same rotated weight). ``damp`` as in
-    :func:`.residual.quantize_weight`. Runs on the CPU (the compiled Viterbi; elsewhere the torch one).
+    :func:`.residual.quantize_weight`. The Viterbi runs on the CPU (the compiled one, each column moved
+    there and back when the weight is on a GPU); the feedback on the weight's device. Without the compiled
+    kernels (said once, loudly), the torch Viterbi on the weight's device.
     """
     out, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
@@ -99,13 +102,18 @@ def quantize_weight_trellis(weight: Tensor, hessian: Tensor, *, state_bits: int 
     w.masked_fill_(dead, 0.0)
     states = torch.empty(n, out, dtype=torch.int64, device=device)
     table = trellis.codeword_table(state_bits, gain, values, device)
+    viterbi_on_host = device.type != "cpu" and load_library() is not None
+    row_cpu, table_cpu = row_weight.cpu(), table.cpu()
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         wb = w[:, b0:b1].clone()
         err = torch.zeros_like(wb)
         for j in range(b1 - b0):
             target = (wb[:, j] / scales)[None, :]
-            s = trellis.viterbi(target, state_bits, step_bits, gain, row_weight, table)[0]
+            if viterbi_on_host:  # the compiled Viterbi: one walk is a chain of small steps, slow as GPU kernels
+                s = trellis.viterbi(target.cpu(), state_bits, step_bits, gain, row_cpu, table_cpu)[0].to(device)
+            else:
+                s = trellis.viterbi(target, state_bits, step_bits, gain, row_weight, table)[0]
             states[b0 + j] = s
             e = (wb[:, j] - table[s] * scales) / u[b0 + j, b0 + j]
             err[:, j] = e
