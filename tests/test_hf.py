@@ -91,7 +91,7 @@ def test_device_map_with_offloading(checkpoint, tmp_path):
     torch.testing.assert_close(_logits(model), logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("version,match", [(2, "newer than this rvqllm"), (0, "never written by a released rvqllm"),
+@pytest.mark.parametrize("version,match", [(3, "newer than this rvqllm"), (0, "never written by a released rvqllm"),
                                            ("1", "not an integer")])
 def test_other_format_versions_say_why(checkpoint, tmp_path, version, match):
     import shutil

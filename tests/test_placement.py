@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from rvqllm.errors import RVQError
-from rvqllm.nn import QuantizedLinear
+from rvqllm.nn import QuantizedLinear, TrellisLinear
 from rvqllm.placement import (
     Placement,
     oom_errors,
@@ -116,6 +116,17 @@ def _layer(seed: int, *, bias_dtype: torch.dtype | None, rotate: bool = False) -
     bias = torch.randn(12, generator=g).to(bias_dtype) if bias_dtype is not None else None
     q = quantize_weight(w, None, vector_dim=4, stages=2, bits=4, kmeans_iters=3, rotate=rotate, seed=seed)
     return QuantizedLinear.from_rvq(q, 4, bias)
+
+
+def _trellis_layer(seed: int) -> TrellisLinear:
+    from rvqllm.rvq import trellis
+    from rvqllm.rvq.trellis_layer import quantize_weight_trellis
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, 10, generator=g)
+    table = trellis.gaussian_lut(5).half().float()
+    q = quantize_weight_trellis(w, torch.eye(10), state_bits=8, pad_to=1, values=trellis.packed_values(table, 8, 2, 5))
+    return TrellisLinear.from_trellis(q, table, 5, torch.randn(12, generator=g))
 
 
 @pytest.mark.unit
@@ -334,8 +345,9 @@ def _scenarios(p: Placement) -> dict:
     plain = p.broadcast_layer(_layer(1, bias_dtype=None) if p.rank == 0 else None, None, src=0)
     rotated = p.broadcast_layer(_layer(2, bias_dtype=torch.bfloat16, rotate=True) if p.rank == 1 else None,
                                 None, src=1)
+    trellis = p.broadcast_layer(_trellis_layer(3) if p.rank == 1 else None, None, src=1)
     x = torch.randn(3, 10, generator=torch.Generator().manual_seed(5))
-    for key, layer in (("plain", plain), ("rotated", rotated)):
+    for key, layer in (("plain", plain), ("rotated", rotated), ("trellis", trellis)):
         out[key] = {"spec": layer.spec(), "buffers": {n: b.clone() for n, b in layer.named_buffers()},
                     "forward": layer(x)}
 
@@ -399,7 +411,7 @@ def test_reduce_hessians_sums_onto_the_owner_once(two_ranks):
 @pytest.mark.integration
 def test_broadcast_layer_is_byte_identical(two_ranks):
     (r0, r1), _ = two_ranks
-    for key, src in (("plain", 0), ("rotated", 1)):
+    for key, src in (("plain", 0), ("rotated", 1), ("trellis", 1)):
         sent, received = (r0, r1)[src][key], (r1, r0)[src][key]
         assert sent["spec"] == received["spec"]
         assert sent["buffers"].keys() == received["buffers"].keys()
@@ -411,6 +423,7 @@ def test_broadcast_layer_is_byte_identical(two_ranks):
     assert r0["rotated"]["buffers"]["bias"].dtype == torch.bfloat16
     assert "signs" in r0["rotated"]["buffers"] and "bias" not in r0["plain"]["buffers"]
     assert r1["plain"]["buffers"]["codes"].dtype == torch.uint8
+    assert r0["trellis"]["spec"]["trellis_state_bits"] == 8  # rebuilt as a TrellisLinear on the receiving rank
 
 
 @pytest.mark.integration
