@@ -478,8 +478,10 @@ def cmd_info(args: argparse.Namespace) -> dict:
         print("config: " + ", ".join(f"{k}={v}" for k, v in q.get("rvq_config", {}).items() if k != "description"))
         if args.layers:
             for name, spec in q["layers"].items():
-                print(f"  {name}: {spec['out_features']}x{spec['in_features']} d={spec['vector_dim']} "
-                      f"S={spec['stages']} b={spec['bits']} bpw={layer_bpw(spec):.3f}"
+                code = (f"trellis L={spec['trellis_state_bits']} k={spec['trellis_step_bits']} table=2^{spec['bits']}"
+                        if "trellis_state_bits" in spec else
+                        f"d={spec['vector_dim']} S={spec['stages']} b={spec['bits']}")
+                print(f"  {name}: {spec['out_features']}x{spec['in_features']} {code} bpw={layer_bpw(spec):.3f}"
                       + (" (shared codebook not counted)" if spec.get("shared_codebooks") else ""))
     return info
 

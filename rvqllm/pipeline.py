@@ -343,7 +343,7 @@ class _Walk:
     def prepare(self, run_dir, resume: bool) -> None:
         cfg, source = self.config, self.source
         widths = {n: s[1] for shapes in self.shapes for n, s in shapes.items()}
-        for c in cfg.mixed_candidates if cfg.bpw_budget is not None else [cfg.to_dict()]:
+        for c in cfg.mixed_candidates if cfg.bpw_budget is not None else [cfg.to_dict()] * (cfg.coder == "rvq"):
             check_vector_dim_fits(c["vector_dim"], widths)
         if not source.streaming:  # an in-memory model: check all of it up front (cheap at that size)
             for i in range(len(source)):

@@ -9,9 +9,9 @@ programming over the states (Viterbi). Stored: the first state (``L`` bits) and 
 step, so the rate is ``(L + (T - 1) k) / T`` bits per scalar (exactly what :func:`rate` reports; no
 tail-biting trick hides the first state).
 
-Measured on the unit Gaussian source (``scripts/bench_rd.py --trellis``) and, as a layer coder with error
-feedback (:mod:`.trellis_layer`), on the reference model's layers; not a stage of the model quantizer
-yet (no checkpoint format, no decode kernel).
+Measured on the unit Gaussian source (``scripts/bench_rd.py --trellis``); the model quantizer's
+``coder: trellis`` codes each layer with it (:mod:`.trellis_layer`), stores the walks packed (the layout at
+the bottom of this file) and decodes them with :mod:`rvqllm.kernels.trellis_op`.
 
 Shapes: sources ``x [B, T]`` float32; states ``[B, T]`` int64 in ``[0, 2**L)``.
 """

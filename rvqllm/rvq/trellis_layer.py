@@ -14,8 +14,10 @@ Stored per column: the walk's first state (``L`` bits) and ``k`` bits per later 
 scale; the rotation's signs. No codebook: a state's value is computed from it (:func:`.trellis.codewords`)
 or read from a small table by its hash (``values``; :func:`.trellis.lut_index`).
 
-This module codes and reconstructs in memory (for the measurements of ``scripts/bench_layer_techniques.py
---trellis`` and ``scripts/bench_coders.py``); there is no checkpoint format and no decode kernel yet.
+The pipeline (config ``coder: trellis``) codes against the table of :func:`.trellis.packed_values` with
+``pad_to=1`` and stores the result as a :class:`rvqllm.nn.TrellisLinear` (packed walks, the fp16 table,
+scales, signs); ``scripts/bench_layer_techniques.py --trellis`` and ``scripts/bench_coders.py`` measure
+the coder in memory.
 """
 
 from __future__ import annotations
