@@ -238,3 +238,40 @@ def test_size_counts_the_packed_walks():
     parts = layer_bits(layer.spec())
     assert parts["codes"] == 20 * 8 * trellis.walk_bytes(24, 8, 2) == layer.codes.numel() * 8
     assert parts["codebooks"] == 32 * 16 and parts["scales"] == 24 * 16 and parts["signs"] == 20 * 8
+
+
+class _OneAtATime:
+    """A stand-in for ThreadPoolExecutor that codes the layers one after the other, in order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def map(self, fn, items):
+        return [fn(item) for item in items]
+
+
+@pytest.mark.integration
+def test_layers_coded_side_by_side_give_the_same_bytes_as_one_at_a_time(monkeypatch):
+    import rvqllm.pipeline as pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        side_by_side = tiny_llama()
+        rvqllm.quantize(side_by_side, CFG, CALIB)
+        monkeypatch.setattr(pipeline, "ThreadPoolExecutor", _OneAtATime)
+        in_order = tiny_llama()
+        rvqllm.quantize(in_order, CFG, CALIB)
+    finally:
+        torch.set_num_threads(threads)
+    a = dict(side_by_side.named_buffers())
+    b = dict(in_order.named_buffers())
+    assert a.keys() == b.keys() and any(k.endswith(".codes") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
