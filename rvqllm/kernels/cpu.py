@@ -222,3 +222,134 @@ def lut16_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias
                             out.data_ptr(), torch.get_num_threads())
     assert rc == 0, "lut16 kernel not compiled in (no AVX-512BW); dispatch should not have chosen it"
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trellis-coded layers (:mod:`rvqllm.rvq.trellis`, packed walks): ``walks [n, bpc]`` uint8 (column ``j``'s
+# walk down the ``out`` rows, ``bpc = walk_bytes(out, L, k)``), ``table [2**Q]`` and ``scales [out]`` fp16 or
+# fp32, ``bias [out]`` or None; the weight is ``W[o, j] = table[lut_index(p(j, o), Q)] * scales[o]``
+# (:func:`rvqllm.rvq.trellis.walk_dequantize`). Activations ``x [T, n]`` (any float dtype), results
+# ``[T, out]`` float32.
+
+
+def has_trellis_avx512() -> bool:
+    """True when the library was compiled with the AVX-512 trellis path (16 rows of a column per vector; where
+    the CPU also has AVX-512VBMI, checked at run time, the kernels extract the states with ``vpmultishiftqb``)."""
+    lib = load_library()
+    return lib is not None and bool(lib.rvq_trellis_has_avx512())
+
+
+def trellis_fast_path(state_bits: int, step_bits: int, lut_bits: int) -> bool:
+    """True when :func:`trellis_gemv` and :func:`trellis_tiled` take the AVX-512 path for these parameters
+    (compiled in, ``k <= 6``, ``Q <= 5``); False when they take the portable one."""
+    lib = load_library()
+    return lib is not None and bool(lib.rvq_trellis_fast_path(state_bits, step_bits, lut_bits))
+
+
+def _f32(t: Tensor) -> Tensor:
+    """``t`` as a contiguous float32 tensor: itself when it is one, else a converted copy cached on the tensor
+    (weakly; made again if it is modified in place), so that an fp16 table or scales are converted once, not on
+    every call (inference-mode tensors keep no version counter: converted every call)."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    try:
+        return _cached(t, lambda s: s.detach().float().contiguous())
+    except RuntimeError:
+        return t.detach().float().contiguous()
+
+
+def _trellis_operands(x: Tensor, walks: Tensor, table: Tensor, scales: Tensor, bias: Tensor | None,
+                      state_bits: int, step_bits: int, lut_bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Check the shapes (``ValueError`` naming the mismatch) and return ``x`` float32 ``[T, n]``, ``walks``,
+    ``table`` and ``scales`` (float32), all contiguous."""
+    if not (2 <= state_bits <= 24 and 1 <= step_bits <= 8 and 1 <= lut_bits <= 8):
+        raise ValueError(f"trellis kernels need 2 <= state_bits <= 24, 1 <= step_bits <= 8 and 1 <= lut_bits <= 8, "
+                         f"got L={state_bits}, k={step_bits}, Q={lut_bits}")
+    if walks.dtype != torch.uint8 or walks.dim() != 2:
+        raise ValueError(f"walks must be a 2-D uint8 tensor [n, bpc], got {walks.dtype} {list(walks.shape)}")
+    if scales.dim() != 1 or scales.shape[0] < 1:
+        raise ValueError(f"scales must be [out] with out >= 1, got {list(scales.shape)}")
+    n, bpc = walks.shape
+    o = scales.shape[0]
+    want = (state_bits + step_bits * (o - 1) + 7) // 8
+    if bpc != want:
+        raise ValueError(f"walks have {bpc} bytes per column; {o} rows at L={state_bits}, k={step_bits} need "
+                         f"exactly {want}")
+    if table.shape != (1 << lut_bits,):
+        raise ValueError(f"table of shape {list(table.shape)} for lut_bits={lut_bits} (need [{1 << lut_bits}])")
+    if x.dim() != 2 or x.shape[1] != n:
+        raise ValueError(f"x of shape {list(x.shape)} for a layer of {n} inputs (need [T, {n}])")
+    if bias is not None and bias.shape != (o,):
+        raise ValueError(f"bias of shape {list(bias.shape)} for {o} outputs")
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    if not walks.is_contiguous():
+        walks = walks.contiguous()
+    return x, walks, _f32(table), _f32(scales)
+
+
+def trellis_gemv(x: Tensor, walks: Tensor, table: Tensor, scales: Tensor, bias: Tensor | None, state_bits: int,
+                 step_bits: int, lut_bits: int, out: Tensor | None = None) -> Tensor:
+    """Few-token path of a trellis-coded layer: ``x [T, n] → [T, out]`` float32 (+ bias), each weight decoded
+    from its walk once per call and multiplied with every token, never stored. Shapes: see the section's
+    comment; ``out`` (optional) is a contiguous float32 ``[T, out]`` buffer to write into."""
+    lib = load_library()
+    assert lib is not None, "CPU kernels unavailable; dispatch should not have chosen this path"
+    x, walks, tab, sc = _trellis_operands(x, walks, table, scales, bias, state_bits, step_bits, lut_bits)
+    t, n = x.shape
+    o = sc.shape[0]
+    if out is None:
+        out = torch.empty(t, o, dtype=torch.float32)
+    assert out.shape == (t, o) and out.dtype == torch.float32 and out.is_contiguous()
+    rc = lib.rvq_trellis_gemv(x.data_ptr(), t, walks.data_ptr(), walks.shape[1], n, o, state_bits, step_bits,
+                              lut_bits, tab.data_ptr(), sc.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError("rvq_trellis_gemv rejected the sizes")
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def trellis_decode_rows(walks: Tensor, table: Tensor, scales: Tensor, state_bits: int, step_bits: int,
+                        lut_bits: int, o0: int, o1: int, out: Tensor) -> Tensor:
+    """Decode rows ``[o0, o1)`` of a trellis-coded layer's scaled weight into ``out[:o1-o0]`` (float32
+    ``[>= o1-o0, n]``, contiguous); returns ``out``. ``walks`` contiguous; ``table`` and ``scales`` as for
+    :func:`trellis_gemv` (shapes checked by the kernel: ``ValueError`` if it rejects them)."""
+    lib = load_library()
+    assert lib is not None
+    if walks.dtype != torch.uint8 or walks.dim() != 2 or not walks.is_contiguous():
+        raise ValueError("walks must be a contiguous 2-D uint8 tensor [n, bpc]")
+    if table.shape != (1 << lut_bits,) or scales.dim() != 1:
+        raise ValueError(f"table of shape {list(table.shape)} for lut_bits={lut_bits}, or scales not 1-D")
+    table, scales = _f32(table), _f32(scales)
+    n, bpc = walks.shape
+    assert out.is_contiguous() and out.dtype == torch.float32 and out.shape[1] == n and out.shape[0] >= o1 - o0
+    rc = lib.rvq_trellis_decode_rows(walks.data_ptr(), bpc, n, scales.shape[0], state_bits, step_bits, lut_bits,
+                                     table.data_ptr(), scales.data_ptr(), o0, o1, out.data_ptr(),
+                                     torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"rvq_trellis_decode_rows rejected rows [{o0}, {o1}) or the sizes")
+    return out
+
+
+def trellis_tiled(x: Tensor, walks: Tensor, table: Tensor, scales: Tensor, bias: Tensor | None, state_bits: int,
+                  step_bits: int, lut_bits: int, out: Tensor | None = None) -> Tensor:
+    """Many-token path of a trellis-coded layer: decode row tiles of the weight (``TILE_FLOATS`` at a time,
+    a multiple of 16 rows, into the reused :func:`_tile_buffer`) and multiply each with BLAS; the whole
+    weight is never materialised. Shapes as :func:`trellis_gemv`."""
+    x, walks, tab, sc = _trellis_operands(x, walks, table, scales, bias, state_bits, step_bits, lut_bits)
+    t, n = x.shape
+    o = sc.shape[0]
+    rows = min(o, max(16, TILE_FLOATS // max(1, n) // 16 * 16))
+    buf = _tile_buffer(rows, n)
+    yt = torch.empty(o, t, dtype=torch.float32)  # y transposed: each tile's rows are contiguous
+    for o0 in range(0, o, rows):
+        o1 = min(o, o0 + rows)
+        trellis_decode_rows(walks, tab, sc, state_bits, step_bits, lut_bits, o0, o1, buf)
+        torch.mm(buf[: o1 - o0], x.T, out=yt[o0:o1])
+    if out is None:
+        out = torch.empty(t, o, dtype=torch.float32)
+    out.copy_(yt.T)
+    if bias is not None:
+        out.add_(bias.float())
+    return out

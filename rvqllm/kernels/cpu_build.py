@@ -115,6 +115,13 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.rvq_h2f.argtypes, lib.rvq_h2f.restype = [ctypes.c_uint16], ctypes.c_float
     lib.rvq_trellis_viterbi.argtypes = [p, p, i64, i64, i32, i32, p, p, i32]
     lib.rvq_trellis_viterbi.restype = ctypes.c_int
+    lib.rvq_trellis_gemv.argtypes = [p, i64, p, i64, i64, i64, i32, i32, i32, p, p, p, i32]
+    lib.rvq_trellis_gemv.restype = ctypes.c_int
+    lib.rvq_trellis_decode_rows.argtypes = [p, i64, i64, i64, i32, i32, i32, p, p, i64, i64, p, i32]
+    lib.rvq_trellis_decode_rows.restype = ctypes.c_int
+    lib.rvq_trellis_has_avx512.restype = ctypes.c_int
+    lib.rvq_trellis_fast_path.argtypes = [i32, i32, i32]
+    lib.rvq_trellis_fast_path.restype = ctypes.c_int
 
 
 def load_library() -> ctypes.CDLL | None:

@@ -17,6 +17,14 @@ Kernels (``C`` is the code type: uint8 for bits <= 8, uint16 for the int16 bit p
 * ``rvq_trellis_viterbi``: the encoder of the bitshift trellis code (:mod:`rvqllm.rvq.trellis`): the walk
   of least weighted squared error through ``2**L`` states for each of ``B`` sequences, one OpenMP thread
   per sequence.
+* ``rvq_trellis_gemv``: a trellis-coded layer (:func:`rvqllm.rvq.trellis.walk_dequantize`: packed walks
+  ``[n, bpc]`` uint8, a ``[2**Q]`` table, ``[out]`` scales) times a few tokens ``x [T, n]``: each weight is
+  decoded from its walk once per call and multiplied with every token; AVX-512 decodes 16 rows of a column
+  per vector (``k <= 6``, ``Q <= 5``), a portable path takes every other case.
+* ``rvq_trellis_decode_rows``: rows ``[o0, o1)`` of a trellis-coded layer's scaled weight into a float32
+  buffer ``[o1 - o0, n]``, for the many-token path (decode a tile, then a BLAS matmul on it).
+* ``rvq_trellis_has_avx512`` / ``rvq_trellis_fast_path``: whether the AVX-512 trellis path is compiled in,
+  and whether it serves given ``(L, k, Q)``.
 """
 
 SOURCE = r"""
@@ -512,6 +520,372 @@ static void prep(Prep& p, const float* x, int64_t T, const void* cb, int cb_half
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Trellis-coded layers (rvqllm.rvq.trellis, packed walks). Column j of the layer is a little-endian bit
+// string walks[j, 0:bpc); the state of row o is the L bits from bit k*o on, least significant first; its
+// weight is table[(state * MUL + ADD) >> (32 - Q)] * scale[o] (32-bit wraparound). No read ever leaves a
+// column's bpc bytes (columns are not padded): the portable path assembles a column's last words from the
+// bytes that exist, the AVX-512 path reads its last windows so that they end with the column (and columns
+// shorter than one window from a zero-padded copy).
+
+static const uint32_t TRELLIS_MUL = 0x9E3779B1u, TRELLIS_ADD = 0x7F4A7C15u;
+
+static inline int64_t trellis_bytes(int64_t out, int L, int k) { return (L + (int64_t)k * (out - 1) + 7) / 8; }
+
+static inline bool trellis_bad(int64_t bpc, int64_t n, int64_t out, int L, int k, int Q) {
+  if (L < 2 || L > 24 || k < 1 || k > 8 || Q < 1 || Q > 8 || n < 0 || out < 0) return true;
+  return out > 0 && bpc != trellis_bytes(out, L, k);
+}
+
+// The 32 bits of a column starting at byte b (bytes at or past bpc read as zero). The byte-wise form is
+// endian-neutral; compilers turn the unguarded branch into one load on little-endian machines.
+static inline uint32_t trellis_word(const uint8_t* col, int64_t b, int64_t bpc) {
+  if (b + 4 <= bpc)
+    return (uint32_t)col[b] | ((uint32_t)col[b + 1] << 8) | ((uint32_t)col[b + 2] << 16) | ((uint32_t)col[b + 3] << 24);
+  uint32_t w = 0;
+  for (int64_t i = 0; b + i < bpc && i < 4; ++i) w |= (uint32_t)col[b + i] << (8 * i);
+  return w;
+}
+
+// Row o of the weight times `mul` for all n columns into wr[n] (portable: any L, k, Q). Every column reads
+// the same byte offset and shift for a given row, so whether the 4-byte load needs the guard is per row.
+static void trellis_row(const uint8_t* walks, int64_t bpc, int64_t n, int64_t o, int L, int k, int Q,
+                        const float* table, float mul, float* wr) {
+  const int64_t bit = (int64_t)k * o, b = bit >> 3;
+  const int sh = (int)(bit & 7), qs = 32 - Q;
+  const uint32_t mask = (1u << L) - 1u;
+  if (b + 4 <= bpc) {
+    const uint8_t* c = walks + b;
+    for (int64_t j = 0; j < n; ++j, c += bpc) {
+      const uint32_t w = (uint32_t)c[0] | ((uint32_t)c[1] << 8) | ((uint32_t)c[2] << 16) | ((uint32_t)c[3] << 24);
+      const uint32_t p = (w >> sh) & mask;
+      wr[j] = table[(p * TRELLIS_MUL + TRELLIS_ADD) >> qs] * mul;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t p = (trellis_word(walks + j * bpc, b, bpc) >> sh) & mask;
+      wr[j] = table[(p * TRELLIS_MUL + TRELLIS_ADD) >> qs] * mul;
+    }
+  }
+}
+
+// Threads for a job of `work` multiply-adds over `units` independent pieces: one below ~64K (a fork/join
+// would cost more than it saves), never more than there are pieces.
+static inline int trellis_threads(int threads, int64_t work, int64_t units) {
+  int64_t nt = threads > 0 ? threads : 1;
+  if (work < (int64_t)1 << 16) nt = 1;
+  return (int)std::max<int64_t>(1, std::min<int64_t>(nt, units));
+}
+
+// Portable gemv: each thread takes a range of rows (a multiple of 16 but for the last), decodes one row at
+// a time into a buffer of n weights and dots it with every token.
+static void trellis_gemv_portable(const float* x, int64_t T, const uint8_t* walks, int64_t bpc, int64_t n,
+                                  int64_t out, int L, int k, int Q, const float* table, const float* scale,
+                                  float* y, int nt) {
+  const int64_t nv = (out + 15) / 16;
+  #pragma omp parallel num_threads(nt)
+  {
+    int tid = 0, nthr = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    nthr = omp_get_num_threads();
+#endif
+    const int64_t r0 = 16 * (nv * tid / nthr), r1 = std::min(out, 16 * (nv * (tid + 1) / nthr));
+    std::vector<float> wr(n);
+    for (int64_t o = r0; o < r1; ++o) {
+      trellis_row(walks, bpc, n, o, L, k, Q, table, 1.f, wr.data());
+      for (int64_t t = 0; t < T; ++t) {
+        const float* xr = x + t * n;
+        float part[16] = {0.f};  // 16 independent partial sums: the loop vectorises without -ffast-math
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16)
+          for (int i = 0; i < 16; ++i) part[i] += wr[j + i] * xr[j + i];
+        float s = 0.f;
+        for (; j < n; ++j) s += wr[j] * xr[j];
+        for (int i = 0; i < 16; ++i) s += part[i];
+        y[t * out + o] = s * scale[o];
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define RVQ_TRELLIS_AVX512 1
+#if defined(__GNUC__)
+#define RVQ_TRELLIS_VBMI 1  // the multishift decoder: compiled with a target attribute, run where cpuid allows
+#endif
+// AVX-512 decoding of 16 consecutive rows of one column at a time. 16 rows take 16 k bits, a whole number
+// (2 k) of bytes, so every 16-row slice of a column starts at the same bit (`phase`, 0..7) of its first
+// byte and all slices share one set of constants. A slice's 16 states come out of one broadcast load of a
+// window of the walk, by one of two decoders:
+//  * shuffle (AVX-512BW, k <= 6): a 16-byte window in each 128-bit lane; a byte shuffle gives every 32-bit
+//    lane the four bytes that hold its row's state and a per-lane shift aligns it;
+//  * multishift (AVX-512VBMI, checked at run time; used when 15 k + L <= 64): an 8-byte window in each
+//    64-bit lane; one vpmultishiftqb gives every 32-bit lane the 32 bits from its state's first bit on.
+// Then a mask leaves the L-bit state, a multiply-add and a shift its table index, and one two-register
+// permute its codeword from the table padded to 32 entries (Q <= 5). A window that would run past the end
+// of its column is read `lead` bytes earlier instead, with constants to match: it then ends with the
+// column, and every state it holds is still inside it.
+struct TrellisAvx {
+  __m512i ctl, shift, mask, mul, add, qshift;
+  __m512 lo, hi;
+};
+
+static inline bool trellis_avx_ok(int k, int Q) { return k <= 6 && Q <= 5; }
+
+static bool trellis_has_vbmi() {
+#if defined(RVQ_TRELLIS_VBMI)
+  static const bool yes = __builtin_cpu_supports("avx512vbmi");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Constants for slices whose first state starts at bit `phase` of the byte `lead` bytes into the window.
+static TrellisAvx trellis_avx_setup(int L, int k, int Q, const float* table, int phase, int lead, bool multishift) {
+  alignas(64) uint8_t cb[64];
+  alignas(64) int32_t sv[16];
+  alignas(64) float tab[32];
+  for (int i = 0; i < 16; ++i) {
+    const int pos = 8 * lead + phase + k * i;  // the first bit of row i's state within the window
+    for (int q = 0; q < 4; ++q) cb[4 * i + q] = (uint8_t)(multishift ? (pos + 8 * q) & 63 : ((pos >> 3) + q) & 15);
+    sv[i] = multishift ? 0 : pos & 7;
+  }
+  for (int i = 0; i < 32; ++i) tab[i] = i < (1 << Q) ? table[i] : 0.f;
+  TrellisAvx c;
+  c.ctl = _mm512_load_si512(cb);
+  c.shift = _mm512_load_si512(sv);
+  c.mask = _mm512_set1_epi32((int)((1u << L) - 1u));
+  c.mul = _mm512_set1_epi32((int)TRELLIS_MUL);
+  c.add = _mm512_set1_epi32((int)TRELLIS_ADD);
+  c.qshift = _mm512_set1_epi32(32 - Q);
+  c.lo = _mm512_load_ps(tab);
+  c.hi = _mm512_load_ps(tab + 16);
+  return c;
+}
+
+// The 16 states of a slice from its 16-byte window at p (shuffle decoder).
+static inline __m512i trellis_avx_states(const TrellisAvx& c, const uint8_t* p) {
+  const __m512i w = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p)), c.ctl);
+  return _mm512_and_si512(_mm512_srlv_epi32(w, c.shift), c.mask);
+}
+
+#if defined(RVQ_TRELLIS_VBMI)
+// The 16 states of a slice from its 8-byte window at p (multishift decoder).
+__attribute__((target("avx512vbmi"))) static inline __m512i trellis_avx_states_ms(const TrellisAvx& c,
+                                                                                 const uint8_t* p) {
+  long long q;
+  std::memcpy(&q, p, 8);
+  return _mm512_and_si512(_mm512_multishift_epi64_epi8(c.ctl, _mm512_set1_epi64(q)), c.mask);
+}
+#endif
+
+// Codewords (unscaled weights) of 16 states.
+static inline __m512 trellis_avx_values(const TrellisAvx& c, __m512i s) {
+  const __m512i idx = _mm512_srlv_epi32(_mm512_add_epi32(_mm512_mullo_epi32(s, c.mul), c.add), c.qshift);
+  return _mm512_permutex2var_ps(c.lo, idx, c.hi);
+}
+
+// y[t, 16 v : 16 (v + R)) for TT tokens: R slices of 16 rows decoded once per column and multiplied with
+// every token, the TT x R accumulators in registers across all n columns; xt is [n, TT] (token-minor) and
+// slice v + r's window sits at byte at + k2 r of every column. Out of line (inlined into the dispatch,
+// compilers have been seen to spill the accumulators on every column), and written once as a macro to be
+// instantiated per decoder: the multishift one needs its target attribute on the whole loop.
+#define RVQ_TRELLIS_BLOCK(NAME, ATTR, STATES)                                                                \
+  template <int TT, int R>                                                                                   \
+  ATTR __attribute__((noinline)) static void NAME(const TrellisAvx& c, const float* xt, const uint8_t* walks, \
+                                                  int64_t bpc, int64_t n, int64_t k2, int64_t at, int64_t v,  \
+                                                  const float* scale, int64_t out, float* y) {                \
+    __m512 acc[TT][R];                                                                                       \
+    _Pragma("GCC unroll 8") for (int t = 0; t < TT; ++t)                                                     \
+      _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();                   \
+    const uint8_t* col = walks + at;                                                                         \
+    for (int64_t j = 0; j < n; ++j, col += bpc) {                                                            \
+      const float* xj = xt + j * TT;                                                                         \
+      _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                                                  \
+        const __m512 w = trellis_avx_values(c, STATES(c, col + k2 * r));                                     \
+        _Pragma("GCC unroll 8") for (int t = 0; t < TT; ++t)                                                 \
+          acc[t][r] = _mm512_fmadd_ps(w, _mm512_set1_ps(xj[t]), acc[t][r]);                                  \
+      }                                                                                                      \
+    }                                                                                                        \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                                                    \
+      const int64_t o = 16 * (v + r);                                                                        \
+      if (o >= out) break;                                                                                   \
+      const __mmask16 m = out - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - o)) - 1u);           \
+      const __m512 sc = _mm512_maskz_loadu_ps(m, scale + o);                                                 \
+      _Pragma("GCC unroll 8") for (int t = 0; t < TT; ++t)                                                   \
+        _mm512_mask_storeu_ps(y + t * out + o, m, _mm512_mul_ps(acc[t][r], sc));                             \
+    }                                                                                                        \
+  }
+
+RVQ_TRELLIS_BLOCK(trellis_avx_block, , trellis_avx_states)
+#if defined(RVQ_TRELLIS_VBMI)
+RVQ_TRELLIS_BLOCK(trellis_avx_block_ms, __attribute__((target("avx512vbmi"))), trellis_avx_states_ms)
+#endif
+
+struct TrellisCode {
+  int L, k, Q;
+  const float* table;
+};
+
+template <int TT, int R, bool MS>
+static inline void trellis_avx_call(const TrellisAvx& c, const float* xt, const uint8_t* walks, int64_t bpc,
+                                    int64_t n, int64_t k2, int64_t at, int64_t v, const float* scale, int64_t out,
+                                    float* y) {
+#if defined(RVQ_TRELLIS_VBMI)
+  if constexpr (MS) {
+    trellis_avx_block_ms<TT, R>(c, xt, walks, bpc, n, k2, at, v, scale, out, y);
+    return;
+  }
+#endif
+  trellis_avx_block<TT, R>(c, xt, walks, bpc, n, k2, at, v, scale, out, y);
+}
+
+// Slices [vb, ve) of 16 rows for TT tokens: blocks of R slices (R chosen so that the accumulators fit the
+// 32 vector registers beside the constants), then single slices; a slice whose window would run past the
+// column's end gets its own constants (there are at most 8 such).
+template <int TT, bool MS>
+static void trellis_avx_range(const TrellisAvx& c, const TrellisCode& code, const float* xt, const uint8_t* walks,
+                              int64_t bpc, int64_t n, int64_t vb, int64_t ve, const float* scale, int64_t out,
+                              float* y) {
+  constexpr int R = TT == 1 ? 8 : TT == 2 ? 6 : TT <= 4 ? 4 : TT <= 6 ? 3 : 2;
+  constexpr int64_t W = MS ? 8 : 16;  // window bytes
+  const int64_t k2 = 2 * (int64_t)code.k;
+  int64_t v = vb;
+  for (; v + R <= ve && k2 * (v + R - 1) + W <= bpc; v += R)
+    trellis_avx_call<TT, R, MS>(c, xt, walks, bpc, n, k2, k2 * v, v, scale, out, y);
+  for (; v < ve; ++v) {
+    if (k2 * v + W <= bpc) {
+      trellis_avx_call<TT, 1, MS>(c, xt, walks, bpc, n, k2, k2 * v, v, scale, out, y);
+    } else {
+      const TrellisAvx ct = trellis_avx_setup(code.L, code.k, code.Q, code.table, 0, (int)(k2 * v - (bpc - W)), MS);
+      trellis_avx_call<TT, 1, MS>(ct, xt, walks, bpc, n, k2, bpc - W, v, scale, out, y);
+    }
+  }
+}
+
+template <bool MS>
+static void trellis_avx_tokens(int tc, const TrellisAvx& c, const TrellisCode& code, const float* xt,
+                               const uint8_t* walks, int64_t bpc, int64_t n, int64_t vb, int64_t ve,
+                               const float* scale, int64_t out, float* y) {
+  switch (tc) {
+    case 1: trellis_avx_range<1, MS>(c, code, xt, walks, bpc, n, vb, ve, scale, out, y); break;
+    case 2: trellis_avx_range<2, MS>(c, code, xt, walks, bpc, n, vb, ve, scale, out, y); break;
+    case 3: trellis_avx_range<3, MS>(c, code, xt, walks, bpc, n, vb, ve, scale, out, y); break;
+    case 4: trellis_avx_range<4, MS>(c, code, xt, walks, bpc, n, vb, ve, scale, out, y); break;
+    case 5: trellis_avx_range<5, MS>(c, code, xt, walks, bpc, n, vb, ve, scale, out, y); break;
+    case 6: trellis_avx_range<6, MS>(c, code, xt, walks, bpc, n, vb, ve, scale, out, y); break;
+    case 7: trellis_avx_range<7, MS>(c, code, xt, walks, bpc, n, vb, ve, scale, out, y); break;
+    default: trellis_avx_range<8, MS>(c, code, xt, walks, bpc, n, vb, ve, scale, out, y); break;
+  }
+}
+
+// Walks whose columns are shorter than a window, copied into zero-padded columns of `width` bytes.
+static const uint8_t* trellis_pad(const uint8_t* walks, int64_t& bpc, int64_t n, int64_t width,
+                                  std::vector<uint8_t>& buf) {
+  if (bpc >= width) return walks;
+  buf.assign((size_t)(n * width), 0);
+  for (int64_t j = 0; j < n; ++j) std::memcpy(buf.data() + j * width, walks + j * bpc, (size_t)bpc);
+  bpc = width;
+  return buf.data();
+}
+
+static void trellis_gemv_avx(const float* x, int64_t T, const uint8_t* walks, int64_t bpc, int64_t n,
+                             int64_t out, int L, int k, int Q, const float* table, const float* scale, float* y,
+                             int nt) {
+  const bool ms = 15 * k + L <= 64 && trellis_has_vbmi();
+  std::vector<uint8_t> padded;
+  walks = trellis_pad(walks, bpc, n, ms ? 8 : 16, padded);
+  const TrellisAvx c = trellis_avx_setup(L, k, Q, table, 0, 0, ms);
+  const TrellisCode code{L, k, Q, table};
+  const int64_t nv = (out + 15) / 16;
+  std::vector<float> xt(n * std::min<int64_t>(T, 8));
+  for (int64_t t0 = 0; t0 < T; t0 += 8) {
+    const int tc = (int)std::min<int64_t>(8, T - t0);
+    for (int64_t j = 0; j < n; ++j)
+      for (int t = 0; t < tc; ++t) xt[j * tc + t] = x[(t0 + t) * n + j];
+    const float* xp = xt.data();
+    float* yt = y + t0 * out;
+    #pragma omp parallel num_threads(nt)
+    {
+      int tid = 0, nthr = 1;
+#ifdef _OPENMP
+      tid = omp_get_thread_num();
+      nthr = omp_get_num_threads();
+#endif
+      const TrellisAvx cl = c;
+      const int64_t vb = nv * tid / nthr, ve = nv * (tid + 1) / nthr;
+      if (ms) trellis_avx_tokens<true>(tc, cl, code, xp, walks, bpc, n, vb, ve, scale, out, yt);
+      else trellis_avx_tokens<false>(tc, cl, code, xp, walks, bpc, n, vb, ve, scale, out, yt);
+    }
+  }
+}
+
+// Transpose of a 16 x 16 block held as 16 vectors: afterwards r[i][j] is what r[j][i] was. Two rounds of
+// in-lane unpacks turn each group of four vectors into 4 x 4 blocks, two rounds of 128-bit lane shuffles
+// move the blocks into place.
+static inline void trellis_transpose16(__m512 r[16]) {
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {
+    const __m512 a0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), a1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+    const __m512 b0 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]), b1 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+    // u[4 g + q], lane l: rows 4g..4g+3 of column 4 l + q
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a0), _mm512_castps_pd(b0)));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a0), _mm512_castps_pd(b0)));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a1), _mm512_castps_pd(b1)));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a1), _mm512_castps_pd(b1)));
+  }
+  for (int q = 0; q < 4; ++q) {
+    // column 4 l + q gathers lane l of u[q], u[4 + q], u[8 + q], u[12 + q]
+    const __m512 p0 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x44), p1 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xEE);
+    const __m512 p2 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x44), p3 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xEE);
+    r[q] = _mm512_shuffle_f32x4(p0, p2, 0x88);
+    r[4 + q] = _mm512_shuffle_f32x4(p0, p2, 0xDD);
+    r[8 + q] = _mm512_shuffle_f32x4(p1, p3, 0x88);
+    r[12 + q] = _mm512_shuffle_f32x4(p1, p3, 0xDD);
+  }
+}
+
+// Rows [o0, o1) of the scaled weight into w [(o1 - o0), n]: blocks of 16 rows x 16 columns, each column's
+// 16 rows decoded as one vector (shuffle decoder) and scaled, the block transposed and stored as 16 row
+// pieces. Strips of 16 rows whose window would run past the column's end get their own constants.
+static void trellis_rows_avx(const uint8_t* walks, int64_t bpc, int64_t n, int L, int k, int Q, const float* table,
+                             const float* scale, int64_t o0, int64_t o1, float* w, int nt) {
+  std::vector<uint8_t> padded;
+  walks = trellis_pad(walks, bpc, n, 16, padded);
+  const int64_t bit0 = (int64_t)k * o0, k2 = 2 * (int64_t)k;
+  const int phase = (int)(bit0 & 7);
+  const int64_t rows = o1 - o0, S = (rows + 15) / 16, CB = (n + 15) / 16;
+  // strips [0, s_safe) read their window in place; later ones (at most 8) from the column's last 16 bytes
+  const int64_t room = bpc - 16 - (bit0 >> 3);
+  const int64_t s_safe = room < 0 ? 0 : std::min<int64_t>(S, room / k2 + 1);
+  std::vector<TrellisAvx> cs((size_t)(S - s_safe + 1));
+  cs[0] = trellis_avx_setup(L, k, Q, table, phase, 0, false);
+  for (int64_t s = s_safe; s < S; ++s)
+    cs[(size_t)(s - s_safe + 1)] = trellis_avx_setup(L, k, Q, table, phase, (int)((bit0 >> 3) + k2 * s - (bpc - 16)), false);
+  const TrellisAvx* csp = cs.data();
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t task = 0; task < S * CB; ++task) {
+    const int64_t s = task / CB, cb = task % CB;
+    const bool tail = s >= s_safe;
+    const TrellisAvx& c = csp[tail ? s - s_safe + 1 : 0];
+    const int64_t at = tail ? bpc - 16 : (bit0 >> 3) + k2 * s;  // the strip's window in each column
+    const int nr = (int)std::min<int64_t>(16, rows - 16 * s), nc = (int)std::min<int64_t>(16, n - 16 * cb);
+    const __mmask16 mr = nr == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1u);
+    const __mmask16 mc = nc == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1u);
+    const __m512 sc = _mm512_maskz_loadu_ps(mr, scale + o0 + 16 * s);
+    __m512 r[16];
+    const uint8_t* col = walks + 16 * cb * bpc + at;
+    for (int q = 0; q < 16; ++q, col += bpc)
+      r[q] = q < nc ? _mm512_mul_ps(trellis_avx_values(c, trellis_avx_states(c, col)), sc) : _mm512_setzero_ps();
+    trellis_transpose16(r);
+    float* dst = w + 16 * s * n + 16 * cb;
+    for (int q = 0; q < nr; ++q) _mm512_mask_storeu_ps(dst + q * n, mc, r[q]);
+  }
+}
+#endif
+
 #define DISPATCH_D(FN, C, ...)                                    \
   do {                                                            \
     if (D == 8) FN<C, 8>(__VA_ARGS__);                            \
@@ -677,6 +1051,71 @@ int rvq_trellis_viterbi(const float* x, const float* wt, int64_t B, int64_t T, i
     }
   }
   return bad ? -2 : 0;
+}
+
+// 1 when the trellis kernels have their AVX-512 path compiled in.
+int rvq_trellis_has_avx512() {
+#if defined(RVQ_TRELLIS_AVX512)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// 1 when rvq_trellis_gemv / rvq_trellis_decode_rows take the AVX-512 path for these parameters (compiled
+// in, k <= 6, Q <= 5), 0 when they take the portable one.
+int rvq_trellis_fast_path(int L, int k, int Q) {
+#if defined(RVQ_TRELLIS_AVX512)
+  return L >= 2 && L <= 24 && k >= 1 && trellis_avx_ok(k, Q) && Q >= 1 ? 1 : 0;
+#else
+  (void)L; (void)k; (void)Q;
+  return 0;
+#endif
+}
+
+// y [T, out] = x [T, n] @ W.T for a trellis-coded layer (walks [n, bpc], bpc = ceil((L + k (out - 1)) / 8);
+// table [2^Q]; scale [out]; all float32 but walks), for a few tokens: the weight is decoded once per call and
+// multiplied with every token (AVX-512: up to 8 tokens per decode, then again for the next 8). Threads take
+// ranges of rows. Every element of y is written. Returns 0, or -1 on bad sizes.
+int rvq_trellis_gemv(const float* x, int64_t T, const uint8_t* walks, int64_t bpc, int64_t n, int64_t out, int L,
+                     int k, int Q, const float* table, const float* scale, float* y, int threads) {
+  if (trellis_bad(bpc, n, out, L, k, Q) || T < 0) return -1;
+  if (T == 0 || out == 0) return 0;
+  if (n == 0) {
+    std::fill(y, y + T * out, 0.f);
+    return 0;
+  }
+  const int nt = trellis_threads(threads, out * n * T, (out + 15) / 16);
+#if defined(RVQ_TRELLIS_AVX512)
+  if (trellis_avx_ok(k, Q)) {
+    trellis_gemv_avx(x, T, walks, bpc, n, out, L, k, Q, table, scale, y, nt);
+    return 0;
+  }
+#endif
+  trellis_gemv_portable(x, T, walks, bpc, n, out, L, k, Q, table, scale, y, nt);
+  return 0;
+}
+
+// w [(o1 - o0), n] (row-major float32) = rows [o0, o1) of the scaled weight of a trellis-coded layer (sizes
+// as in rvq_trellis_gemv), for the many-token path: decode a tile of rows, then a BLAS matmul on it.
+// Returns 0, or -1 on bad sizes.
+int rvq_trellis_decode_rows(const uint8_t* walks, int64_t bpc, int64_t n, int64_t out, int L, int k, int Q,
+                            const float* table, const float* scale, int64_t o0, int64_t o1, float* w,
+                            int threads) {
+  if (trellis_bad(bpc, n, out, L, k, Q) || o0 < 0 || o1 < o0 || o1 > out) return -1;
+  if (o1 == o0 || n == 0) return 0;
+  const int64_t rows = o1 - o0;
+#if defined(RVQ_TRELLIS_AVX512)
+  if (trellis_avx_ok(k, Q)) {
+    trellis_rows_avx(walks, bpc, n, L, k, Q, table, scale, o0, o1, w,
+                     trellis_threads(threads, rows * n, ((rows + 15) / 16) * ((n + 15) / 16)));
+    return 0;
+  }
+#endif
+  const int nt = trellis_threads(threads, rows * n, rows);
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t o = o0; o < o1; ++o) trellis_row(walks, bpc, n, o, L, k, Q, table, scale[o], w + (o - o0) * n);
+  return 0;
 }
 
 }  // extern "C"
