@@ -8,7 +8,7 @@ Folder layout (``N`` = number of decoder blocks + 1)::
     ...                                one shard per block, in block order
     model-0000N-of-0000N.safetensors   everything else (embeddings, final norm, lm_head unless tied)
     model.safetensors.index.json       {"metadata": {total_size, rvq_config_sha256, rvq_shard_header_sha256,
-                                       format_version: "1", quant_method: "rvq"}, "weight_map": {tensor: shard}}
+                                       format_version: "1" or "2", quant_method: "rvq"}, "weight_map": {tensor: shard}}
     config.json                        the model's transformers config plus
                                        quantization_config = {quant_method: "rvq", format_version, rvq_config, layers}
                                        where layers maps NAME -> {in_features, out_features, vector_dim, stages,
@@ -20,7 +20,12 @@ NAME.codebooks [stages, 2**bits, vector_dim] fp16, NAME.scales [out] fp16, NAME.
 NAME.signs [in_groups * vector_dim] int8 ±1 (rotated layers only). A layer whose spec says
 ``shared_codebooks: true`` stores no codebooks of its own: it decodes with the model's one shared codebook,
 ``rvq_shared.codebooks [stages, 2**bits, vector_dim]`` fp16, stored once in the last shard (config
-``shared_codebook``; every sharing layer has that code shape). Unquantized float tensors are stored
+``shared_codebook``; every sharing layer has that code shape). A trellis-coded layer (config ``coder:
+trellis``; spec ``vector_dim 1, stages 1, bits Q`` plus ``trellis_state_bits`` L and ``trellis_step_bits`` k)
+stores under the same names its packed walks ``NAME.codes [in, ceil((L + k (out - 1)) / 8)]`` uint8
+(:mod:`rvqllm.rvq.trellis`), its codeword table ``NAME.codebooks [1, 2**Q, 1]`` fp16, scales and signs.
+``format_version`` is the lowest that describes the layers (:func:`rvqllm.validate.format_version`): 1
+when every layer is RVQ-coded (what every rvqllm reads), 2 with a trellis layer. Unquantized float tensors are stored
 in the model's 16-bit dtype; tied duplicates (lm_head <- embed_tokens) are stored once.
 
 Each shard's safetensors metadata holds the sha256 of every tensor it holds (``rvq_tensor_sha256``) and

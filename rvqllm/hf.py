@@ -74,7 +74,8 @@ class RVQQuantizationConfig(QuantizationConfigMixin):
 
     Fields: ``format_version`` (int), ``rvq_config`` (the :class:`~rvqllm.RVQConfig` as a dict),
     ``layers`` (``{qualified name: {in_features, out_features, vector_dim, stages, bits, bias}}``, plus
-    ``hadamard_block`` for a rotated layer).
+    ``hadamard_block`` for a rotated layer and ``trellis_state_bits`` / ``trellis_step_bits`` for a
+    trellis-coded one).
     """
 
     def __init__(self, format_version: int = FORMAT_VERSION, rvq_config: dict | None = None,

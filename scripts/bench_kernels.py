@@ -3,8 +3,9 @@
 
 Kernel table: for the reference model's shapes (576x576, 1536x576, 576x1536, out x in) and 7B-class
 ones (4096x4096, 11008x4096, 4096x11008), at 1, 4, 16 and 128 tokens, for each preset in configs/
-(2bit, 3bit, 4bit as the YAMLs define them), time ``rvqllm.kernels.rvq_linear`` (whatever the dispatch
-table picks, shown in the table) and ``F.linear`` on the same shape (fp32 on CPU, fp16 on CUDA),
+(2bit, 3bit, 4bit as the YAMLs define them; any config path, e.g. ``configs/experiments/2bit-trellis.yaml``,
+whose trellis layers run ``rvqllm.kernels.trellis_op.trellis_linear``), time ``rvqllm.kernels.rvq_linear``
+(whatever the dispatch table picks, shown in the table) and ``F.linear`` on the same shape (fp32 on CPU, fp16 on CUDA),
 interleaved in the same run, medians after warm-up; print ``speedup = t(F.linear) / t(rvq)`` (> 1 means
 the quantized layer is faster). Codes and codebooks are random: speed does not depend on their values.
 
@@ -42,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rvqllm.config import RVQConfig  # noqa: E402
-from rvqllm.kernels import dispatch, rvq_linear  # noqa: E402
+from rvqllm.kernels import dispatch, rvq_linear, trellis_op  # noqa: E402
+from rvqllm.kernels.trellis_op import trellis_linear  # noqa: E402
+from rvqllm.rvq.trellis import walk_bytes  # noqa: E402
 
 MODEL_SHAPES = [(576, 576), (1536, 576), (576, 1536)]
 BIG_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -86,8 +89,9 @@ def bench_pair(fa, fb, device: str, reps: int, warmup: int) -> tuple[float, floa
     return statistics.median(ta), statistics.median(tb)
 
 
-def make_calls(x, weights, layers, inf):
-    """Two closures: F.linear and rvq_linear, each stepping through its copies of the weight."""
+def make_calls(x, weights, layers, inf, cfg):
+    """Two closures: F.linear and the quantized layer's op (``rvq_linear``, or ``trellis_linear`` for a
+    ``coder: trellis`` config), each stepping through its copies of the weight."""
     it = {"a": 0, "b": 0}
     n = len(weights)
 
@@ -99,9 +103,34 @@ def make_calls(x, weights, layers, inf):
     def fb():
         c, cb, sc = layers[it["b"] % n]
         it["b"] += 1
+        if cfg.coder == "trellis":
+            return trellis_linear(x, c, cb, sc, None, cfg.trellis_state_bits, cfg.trellis_step_bits,
+                                  cfg.trellis_lut_bits)
         return rvq_linear(x, c, cb, sc, None, inf)
 
     return fa, fb
+
+
+def random_layer(cfg, out: int, inf: int, gen: torch.Generator) -> tuple:
+    """``(codes, codebooks, scales)`` of a random layer of ``cfg``'s code shape (speed does not depend on
+    the values): RVQ codes and codebooks, or a trellis layer's packed walks (every bit string is a walk)
+    and its table."""
+    scl = (torch.rand(out, generator=gen) * 0.1).half()
+    if cfg.coder == "trellis":
+        bpc = walk_bytes(out, cfg.trellis_state_bits, cfg.trellis_step_bits)
+        walks = torch.randint(0, 256, (inf, bpc), generator=gen, dtype=torch.uint8)
+        return walks, torch.randn(1 << cfg.trellis_lut_bits, generator=gen).half(), scl
+    d, s, k = cfg.vector_dim, cfg.stages, 1 << cfg.bits
+    cdt = torch.uint8 if cfg.bits <= 8 else torch.int16
+    codes = torch.randint(0, k, (out, -(-inf // d), s), generator=gen).to(torch.int32).to(cdt)
+    return codes, (torch.randn(s, k, d, generator=gen) * 0.1).half(), scl
+
+
+def impl_name(cfg, device: str, tokens: int, out: int) -> str:
+    """What the dispatch picks for this call."""
+    if cfg.coder == "trellis":
+        return trellis_op.choose(device, tokens)
+    return dispatch.choose(device, tokens, cfg.stages, 1 << cfg.bits, cfg.vector_dim, out)
 
 
 def kernel_table(args) -> None:
@@ -125,23 +154,15 @@ def kernel_table(args) -> None:
             weights = [torch.randn(out, inf, generator=gen).to(device=device, dtype=base_dtype)
                        for _ in range(n_copies)]
             for pname, cfg in presets:
-                d, s, k = cfg.vector_dim, cfg.stages, 1 << cfg.bits
-                groups = -(-inf // d)
-                cdt = torch.uint8 if cfg.bits <= 8 else torch.int16
-                layers = []
-                for _ in range(n_copies):
-                    codes = torch.randint(0, k, (out, groups, s), generator=gen).to(torch.int32).to(cdt)
-                    cbs = (torch.randn(s, k, d, generator=gen) * 0.1).half()
-                    scl = (torch.rand(out, generator=gen) * 0.1).half()
-                    layers.append(tuple(t.to(device) for t in (codes, cbs, scl)))
+                layers = [tuple(t.to(device) for t in random_layer(cfg, out, inf, gen)) for _ in range(n_copies)]
                 cells, impls = [], []
                 for t in args.tokens:
                     x = torch.randn(t, inf, generator=gen).to(device=device, dtype=base_dtype)
-                    fa, fb = make_calls(x, weights, layers, inf)
+                    fa, fb = make_calls(x, weights, layers, inf, cfg)
                     with torch.inference_mode():  # warm-up touches every copy (one-time repacking)
                         ta, tb = bench_pair(fa, fb, device, args.reps, max(args.warmup, n_copies))
                     cells.append(f"{ta / tb:.2f}" + (f" ({ta * 1e6:.0f} / {tb * 1e6:.0f} us)" if args.times else ""))
-                    impls.append(dispatch.choose(device, t, s, k, d, out))
+                    impls.append(impl_name(cfg, device, t, out))
                 print(f"| {out}x{inf} | {pname} | {' | '.join(cells)} | {','.join(dict.fromkeys(impls))} |",
                       flush=True)
             del weights, layers
