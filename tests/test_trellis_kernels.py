@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -217,3 +219,52 @@ def test_bad_shapes_raise():
             cpu.trellis_decode_rows(walks, table, scales, L, k, Q, o0, o1, buf)
     with pytest.raises(ValueError):
         cpu.trellis_decode_rows(walks, table[:16], scales, L, k, Q, 0, out, buf)
+
+
+TRITON_SCRIPT = r"""
+import torch
+from rvqllm.kernels import triton_kernels as tk
+from rvqllm.kernels.trellis_op import reference
+from rvqllm.rvq.trellis import walk_bytes
+g = torch.Generator().manual_seed(0)
+for (o, n, L, k, Q) in [(37, 45, 12, 2, 5), (70, 100, 24, 3, 8), (5, 64, 6, 1, 3), (130, 20, 16, 2, 5)]:
+    walks = torch.randint(0, 256, (n, walk_bytes(o, L, k)), generator=g, dtype=torch.uint8)
+    table = torch.randn(1 << Q, generator=g).half()
+    sc = (torch.rand(o, generator=g) + 0.5).half()
+    b = torch.randn(o, generator=g)
+    for t in (1, 5, 17):
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 5e-3)):
+            x = torch.randn(t, n, generator=g).to(dtype)
+            ref = reference(x.float(), walks, table, sc, b, L, k, Q)
+            for fn in (tk.trellis_fused_linear, tk.trellis_dequant_linear):
+                out = torch.full((t, o), float("nan"), dtype=dtype)
+                y = fn(x, walks, table, sc, b, L, k, Q, out=out)
+                assert not torch.isnan(out).any(), fn.__name__
+                torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+print("TRITON-TRELLIS-OK")
+"""
+
+
+def test_triton_trellis_kernels_under_interpreter():
+    """The GPU kernels (rvqllm.kernels.triton_kernels.trellis_*) against the torch oracle, run by Triton's
+    interpreter on CPU tensors (no GPU here): odd shapes, L up to 24, k 1-3, Q 3-8, fp32 and fp16."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "TRITON-TRELLIS-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_dispatch_names_a_kernel_for_every_device(monkeypatch):
+    from rvqllm.kernels import trellis_op
+
+    monkeypatch.delenv("RVQLLM_TRELLIS_KERNEL", raising=False)
+    if cpu.available():
+        assert trellis_op.choose("cpu", 1) == "cpu_trellis_gemv"
+        assert trellis_op.choose("cpu", trellis_op.GEMV_MAX_TOKENS + 1) == "cpu_trellis_tiled"
+    if trellis_op.triton_available():
+        assert trellis_op.choose("cuda", 1) == "triton_trellis_fused"
+        assert trellis_op.choose("cuda", 512) == "triton_trellis_dequant"
+    monkeypatch.setenv("RVQLLM_TRELLIS_KERNEL", "nope")
+    with pytest.raises(ValueError, match="RVQLLM_TRELLIS_KERNEL"):
+        trellis_op.choose("cpu", 1)

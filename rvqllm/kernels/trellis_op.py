@@ -11,8 +11,10 @@ cpu           C++ kernels unavailable                     ``reference`` (after o
 cpu           T <= GEMV_MAX_TOKENS                        ``cpu_trellis_gemv``: decode each 16-row slice
                                                           of a column once, FMA into every token
 cpu           otherwise (prefill)                         ``cpu_trellis_tiled``: decode row tiles + BLAS
-other         always                                      ``reference`` (after one loud warning: no GPU
-                                                          kernel for trellis layers yet)
+cuda          Triton missing                              ``reference`` (after one loud warning)
+cuda          T <= TRITON_FUSED_MAX_TOKENS                ``triton_trellis_fused``: decode + tl.dot
+cuda          otherwise                                   ``triton_trellis_dequant``: decode, cuBLAS
+other         always                                      ``reference`` (after one loud warning)
 ============  ==========================================  ===========================================
 
 ``RVQLLM_TRELLIS_KERNEL=<name>`` forces one implementation (benchmarks, tests).
@@ -28,6 +30,7 @@ from torch import Tensor
 from ..rvq import trellis
 from . import cpu
 from .cpu_build import warn_once
+from .dispatch import TRITON_FUSED_MAX_TOKENS, triton_available
 
 GEMV_MAX_TOKENS = 8
 
@@ -40,10 +43,18 @@ def reference(x2: Tensor, walks: Tensor, table: Tensor, scales: Tensor, bias: Te
     return torch.nn.functional.linear(x2.float(), w, None if bias is None else bias.float())
 
 
+def _triton(name: str):
+    from . import triton_kernels
+
+    return getattr(triton_kernels, name)
+
+
 IMPLS = {
     "reference": lambda: reference,
     "cpu_trellis_gemv": lambda: cpu.trellis_gemv,
     "cpu_trellis_tiled": lambda: cpu.trellis_tiled,
+    "triton_trellis_fused": lambda: _triton("trellis_fused_linear"),
+    "triton_trellis_dequant": lambda: _triton("trellis_dequant_linear"),
 }
 
 
@@ -58,9 +69,14 @@ def choose(device_type: str, n_tokens: int) -> str:
         if not cpu.available():
             return "reference"
         return "cpu_trellis_gemv" if n_tokens <= GEMV_MAX_TOKENS else "cpu_trellis_tiled"
-    warn_once(f"trellis-{device_type}", f"trellis-coded layers have no {device_type} kernel yet: they decode "
-              "their whole weight in torch on every call (slow, and holds a dense copy meanwhile). Fix: run them "
-              "on the CPU, or quantize with the RVQ coder (coder: rvq) for the GPU kernels.")
+    if device_type == "cuda":
+        if not triton_available():
+            warn_once("triton", "Triton is not installed, so quantized layers on CUDA use the slow pure-torch "
+                      "reference (decodes every weight whole per call). Fix: pip install triton.")
+            return "reference"
+        return "triton_trellis_fused" if n_tokens <= TRITON_FUSED_MAX_TOKENS else "triton_trellis_dequant"
+    warn_once(f"device-{device_type}", f"no fast rvqllm kernel for device {device_type!r}; using the slow "
+              "pure-torch reference. Fix: run on CPU or CUDA.")
     return "reference"
 
 

@@ -113,3 +113,108 @@ def dequant_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, 
         out.copy_(y)
         return out
     return y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trellis-coded layers (config ``coder: trellis``): ``walks [n, bpc]`` uint8 packed walks (column ``j``'s
+# walk down the ``out`` rows; row ``o``'s state the ``L`` bits from bit ``k o`` of the column's little-endian
+# bit string), ``table [2**Q]``, ``scales [out]``; ``W[o, j] = table[hash(state) >> (32 - Q)] * scales[o]``
+# (:func:`rvqllm.rvq.trellis.walk_dequantize` is the oracle). A state spans at most 4 bytes (``L + 7 <= 32``
+# for ``L <= 24`` and any start bit), so each weight of a tile costs four byte loads, shifts, one multiply
+# and a gather from the small table (in L1/L2).
+
+
+@triton.jit
+def _trellis_tile(walks_ptr, table_ptr, offs_o, offs_i, m, BPC, L: tl.constexpr, K: tl.constexpr,
+                  Q: tl.constexpr):
+    """``[BLOCK_O, BLOCK_I]`` float32 codewords (unscaled) of rows ``offs_o`` and columns ``offs_i``."""
+    bit = offs_o[:, None].to(tl.int64) * K  # [BO, 1]
+    byte0 = bit >> 3
+    base = offs_i[None, :].to(tl.int64) * BPC + byte0  # [BO, BI]
+    word = tl.zeros(base.shape, dtype=tl.int64)
+    for b in tl.static_range(4):
+        mb = m & (byte0 + b < BPC)
+        word |= tl.load(walks_ptr + base + b, mask=mb, other=0).to(tl.int64) << (8 * b)
+    state = (word >> (bit & 7)) & ((1 << L) - 1)
+    h = (state * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF
+    return tl.load(table_ptr + (h >> (32 - Q)), mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _trellis_fused_kernel(x_ptr, walks_ptr, table_ptr, sc_ptr, bias_ptr, y_ptr, T, NOUT, IN, BPC,
+                          L: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    pid_o = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_o = offs_o < NOUT
+    m_t = offs_t < T
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    for i0 in range(0, IN, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        m_i = offs_i < IN
+        w = _trellis_tile(walks_ptr, table_ptr, offs_o, offs_i, m_o[:, None] & m_i[None, :], BPC, L, K, Q)
+        xv = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(xv.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(xv, tl.trans(w).to(xv.dtype))
+    sc = tl.load(sc_ptr + offs_o, mask=m_o, other=0.0).to(tl.float32)
+    acc = acc * sc[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=m_o, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_t[:, None] * NOUT + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_t[:, None] & m_o[None, :])
+
+
+@triton.jit
+def _trellis_dequant_kernel(walks_ptr, table_ptr, sc_ptr, w_ptr, NOUT, IN, BPC, L: tl.constexpr, K: tl.constexpr,
+                            Q: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    m = (offs_o < NOUT)[:, None] & (offs_i < IN)[None, :]
+    w = _trellis_tile(walks_ptr, table_ptr, offs_o, offs_i, m, BPC, L, K, Q)
+    sc = tl.load(sc_ptr + offs_o, mask=offs_o < NOUT, other=0.0).to(tl.float32)
+    tl.store(w_ptr + offs_o[:, None] * IN + offs_i[None, :], (w * sc[:, None]).to(w_ptr.dtype.element_ty), mask=m)
+
+
+def trellis_fused_linear(x: Tensor, walks: Tensor, table: Tensor, scales: Tensor, bias: Tensor | None,
+                         state_bits: int, step_bits: int, lut_bits: int, out: Tensor | None = None) -> Tensor:
+    """Trellis layer, few tokens: decode + ``tl.dot`` per tile. ``x [T, n]`` → ``[T, out]`` in ``x.dtype``."""
+    x = x.contiguous()
+    n, bpc = walks.shape
+    o, t = scales.shape[0], x.shape[0]
+    if out is None:
+        out = torch.empty(t, o, dtype=x.dtype, device=x.device)
+    block_t, block_o, block_i = 16, 64, 64
+    grid = (triton.cdiv(o, block_o), triton.cdiv(t, block_t))
+    _trellis_fused_kernel[grid](x, walks.contiguous(), table.contiguous(), scales.contiguous(),
+                                bias if bias is not None else scales, out, t, o, n, bpc, L=state_bits, K=step_bits,
+                                Q=lut_bits, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                                BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_I=block_i)
+    return out
+
+
+def trellis_dequantize(walks: Tensor, table: Tensor, scales: Tensor, state_bits: int, step_bits: int,
+                       lut_bits: int, dtype: torch.dtype) -> Tensor:
+    """A trellis layer's whole scaled weight ``[out, n]`` in ``dtype`` (the GPU many-token path)."""
+    n, bpc = walks.shape
+    o = scales.shape[0]
+    w = torch.empty(o, n, dtype=dtype, device=walks.device)
+    block_o, block_i = 32, 128
+    grid = (triton.cdiv(o, block_o), triton.cdiv(n, block_i))
+    _trellis_dequant_kernel[grid](walks.contiguous(), table.contiguous(), scales.contiguous(), w, o, n, bpc,
+                                  L=state_bits, K=step_bits, Q=lut_bits, BLOCK_O=block_o, BLOCK_I=block_i)
+    return w
+
+
+def trellis_dequant_linear(x: Tensor, walks: Tensor, table: Tensor, scales: Tensor, bias: Tensor | None,
+                           state_bits: int, step_bits: int, lut_bits: int, out: Tensor | None = None) -> Tensor:
+    """Trellis layer, many tokens: decode to ``x.dtype`` with Triton, then ``F.linear`` (cuBLAS on a GPU)."""
+    w = trellis_dequantize(walks, table, scales, state_bits, step_bits, lut_bits, x.dtype)
+    y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
