@@ -148,16 +148,21 @@ class QuantizedLinear(nn.Module):
             bias_dtype=bias.dtype if bias is not None else torch.float16,
             hadamard_block=q.rotation_block if q.signs is not None else 0,
         )
-        if q.signs is not None:
-            layer.signs.copy_(q.signs)
-        layer.codes.copy_(pack(q.codes, bits))
-        layer.codebooks.copy_(q.codebooks.half())
-        layer.scales.copy_(q.scales.half())
+        return layer._fill(pack(q.codes, bits), q.codebooks, q.scales, q.signs, bias, dtype)
+
+    def _fill(self, codes: Tensor, codebooks: Tensor, scales: Tensor, signs: Tensor | None, bias: Tensor | None,
+              dtype: torch.dtype | None) -> QuantizedLinear:
+        """Copy a freshly coded layer's stored tensors in (fp16 codebooks and scales); returns ``self``."""
+        if signs is not None:
+            self.signs.copy_(signs)
+        self.codes.copy_(codes)
+        self.codebooks.copy_(codebooks.half())
+        self.scales.copy_(scales.half())
         if bias is not None:
-            layer.bias.copy_(bias.detach())
+            self.bias.copy_(bias.detach())
         if dtype is not None:
-            layer.compute_dtype = dtype
-        return layer
+            self.compute_dtype = dtype
+        return self
 
     def __getattr__(self, name: str):
         if name == "codebooks" and self.__dict__.get("shared"):
@@ -311,16 +316,8 @@ class TrellisLinear(QuantizedLinear):
         layer = cls(q.in_features, out, state_bits=q.state_bits, step_bits=q.step_bits, lut_bits=lut_bits,
                     bias=bias is not None, bias_dtype=bias.dtype if bias is not None else torch.float16,
                     hadamard_block=q.rotation_block if q.signs is not None else 0)
-        if q.signs is not None:
-            layer.signs.copy_(q.signs)
-        layer.codes.copy_(trellis.pack_walks(q.states.cpu(), q.state_bits, q.step_bits))
-        layer.codebooks.copy_(table.reshape(1, -1, 1).half())
-        layer.scales.copy_(q.scales.half())
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
-        if dtype is not None:
-            layer.compute_dtype = dtype
-        return layer
+        return layer._fill(trellis.pack_walks(q.states.cpu(), q.state_bits, q.step_bits), table.reshape(1, -1, 1),
+                           q.scales, q.signs, bias, dtype)
 
     @property
     def op_in_features(self) -> int:

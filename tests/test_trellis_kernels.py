@@ -256,13 +256,13 @@ def test_triton_trellis_kernels_under_interpreter():
 
 
 def test_dispatch_names_a_kernel_for_every_device(monkeypatch):
-    from rvqllm.kernels import trellis_op
+    from rvqllm.kernels import dispatch, trellis_op
 
     monkeypatch.delenv("RVQLLM_TRELLIS_KERNEL", raising=False)
     if cpu.available():
         assert trellis_op.choose("cpu", 1) == "cpu_trellis_gemv"
         assert trellis_op.choose("cpu", trellis_op.GEMV_MAX_TOKENS + 1) == "cpu_trellis_tiled"
-    if trellis_op.triton_available():
+    if dispatch.triton_available():
         assert trellis_op.choose("cuda", 1) == "triton_trellis_fused"
         assert trellis_op.choose("cuda", 512) == "triton_trellis_dequant"
     monkeypatch.setenv("RVQLLM_TRELLIS_KERNEL", "nope")

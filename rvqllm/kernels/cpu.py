@@ -139,14 +139,22 @@ def tiled_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bi
     the whole weight is never materialised. Shapes: see module docstring."""
     x = x.float().contiguous()
     o = codes.shape[0]
-    t = x.shape[0]
     rows = min(o, max(16, TILE_FLOATS // max(1, in_features)))
-    buf = _tile_buffer(rows, in_features)
-    yt = torch.empty(o, t, dtype=torch.float32)  # y transposed: each tile's rows are contiguous
     codes = codes.contiguous()
+    return _tiles_times_x(x, o, rows, lambda o0, o1, buf: dequantize_rows(codes, codebooks, scales, in_features,
+                                                                          o0, o1, buf), bias, out)
+
+
+def _tiles_times_x(x: Tensor, o: int, rows: int, decode, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    """``x [T, n] @ W.T (+ bias)`` → ``out [T, o]`` float32, ``W`` decoded ``rows`` rows at a time by
+    ``decode(o0, o1, buf)`` into the reused :func:`_tile_buffer` and multiplied there with BLAS (the prefill
+    paths: the whole weight never exists)."""
+    t = x.shape[0]
+    buf = _tile_buffer(rows, x.shape[1])
+    yt = torch.empty(o, t, dtype=torch.float32)  # y transposed: each tile's rows are contiguous
     for o0 in range(0, o, rows):
         o1 = min(o, o0 + rows)
-        dequantize_rows(codes, codebooks, scales, in_features, o0, o1, buf)
+        decode(o0, o1, buf)
         torch.mm(buf[: o1 - o0], x.T, out=yt[o0:o1])
     if out is None:
         out = torch.empty(t, o, dtype=torch.float32)
@@ -338,18 +346,7 @@ def trellis_tiled(x: Tensor, walks: Tensor, table: Tensor, scales: Tensor, bias:
     a multiple of 16 rows, into the reused :func:`_tile_buffer`) and multiply each with BLAS; the whole
     weight is never materialised. Shapes as :func:`trellis_gemv`."""
     x, walks, tab, sc = _trellis_operands(x, walks, table, scales, bias, state_bits, step_bits, lut_bits)
-    t, n = x.shape
     o = sc.shape[0]
-    rows = min(o, max(16, TILE_FLOATS // max(1, n) // 16 * 16))
-    buf = _tile_buffer(rows, n)
-    yt = torch.empty(o, t, dtype=torch.float32)  # y transposed: each tile's rows are contiguous
-    for o0 in range(0, o, rows):
-        o1 = min(o, o0 + rows)
-        trellis_decode_rows(walks, tab, sc, state_bits, step_bits, lut_bits, o0, o1, buf)
-        torch.mm(buf[: o1 - o0], x.T, out=yt[o0:o1])
-    if out is None:
-        out = torch.empty(t, o, dtype=torch.float32)
-    out.copy_(yt.T)
-    if bias is not None:
-        out.add_(bias.float())
-    return out
+    rows = min(o, max(16, TILE_FLOATS // max(1, x.shape[1]) // 16 * 16))
+    return _tiles_times_x(x, o, rows, lambda o0, o1, buf: trellis_decode_rows(walks, tab, sc, state_bits, step_bits,
+                                                                              lut_bits, o0, o1, buf), bias, out)

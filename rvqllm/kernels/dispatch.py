@@ -94,12 +94,19 @@ def choose(device_type: str, n_tokens: int, stages: int, n_codes: int, vector_di
         if n_tokens <= DECODE_MAX_TOKENS:
             return "cpu_decode"
         return "cpu_tiled"
+    return choose_gpu(device_type, n_tokens, "triton_fused", "triton_dequant_mm")
+
+
+def choose_gpu(device_type: str, n_tokens: int, fused: str, dequant: str) -> str:
+    """Beyond the CPU: on CUDA ``fused`` for few tokens (``<= TRITON_FUSED_MAX_TOKENS``), else ``dequant``;
+    ``"reference"`` without Triton or on any other device, each said once, loudly. Shared by the RVQ and
+    the trellis dispatch (:mod:`.trellis_op`)."""
     if device_type == "cuda":
         if not triton_available():
             warn_once("triton", "Triton is not installed, so quantized layers on CUDA use the slow pure-torch "
                       "reference (decodes every weight whole per call). Fix: pip install triton.")
             return "reference"
-        return "triton_fused" if n_tokens <= TRITON_FUSED_MAX_TOKENS else "triton_dequant_mm"
+        return fused if n_tokens <= TRITON_FUSED_MAX_TOKENS else dequant
     warn_once(f"device-{device_type}", f"no fast rvqllm kernel for device {device_type!r}; using the slow "
               "pure-torch reference. Fix: run on CPU or CUDA.")
     return "reference"

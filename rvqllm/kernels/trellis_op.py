@@ -29,8 +29,7 @@ from torch import Tensor
 
 from ..rvq import trellis
 from . import cpu
-from .cpu_build import warn_once
-from .dispatch import TRITON_FUSED_MAX_TOKENS, triton_available
+from .dispatch import choose_gpu
 
 GEMV_MAX_TOKENS = 8
 
@@ -69,15 +68,7 @@ def choose(device_type: str, n_tokens: int) -> str:
         if not cpu.available():
             return "reference"
         return "cpu_trellis_gemv" if n_tokens <= GEMV_MAX_TOKENS else "cpu_trellis_tiled"
-    if device_type == "cuda":
-        if not triton_available():
-            warn_once("triton", "Triton is not installed, so quantized layers on CUDA use the slow pure-torch "
-                      "reference (decodes every weight whole per call). Fix: pip install triton.")
-            return "reference"
-        return "triton_trellis_fused" if n_tokens <= TRITON_FUSED_MAX_TOKENS else "triton_trellis_dequant"
-    warn_once(f"device-{device_type}", f"no fast rvqllm kernel for device {device_type!r}; using the slow "
-              "pure-torch reference. Fix: run on CPU or CUDA.")
-    return "reference"
+    return choose_gpu(device_type, n_tokens, "triton_trellis_fused", "triton_trellis_dequant")
 
 
 def run_eager(x: Tensor, walks: Tensor, table: Tensor, scales: Tensor, bias: Tensor | None, state_bits: int,

@@ -20,6 +20,27 @@ from torch import Tensor
 
 
 @triton.jit
+def _accumulate(acc, x_ptr, w, offs_t, offs_i, m_t, m_i, IN, IEEE: tl.constexpr):
+    """``acc [BT, BO] += x[offs_t, offs_i] @ w.T`` for a decoded float32 weight tile ``w [BO, BI]``: fp32
+    (IEEE) for fp32 activations, else in the activations' dtype."""
+    xv = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0)
+    if IEEE:
+        return acc + tl.dot(xv.to(tl.float32), tl.trans(w), input_precision="ieee")
+    return acc + tl.dot(xv, tl.trans(w).to(xv.dtype))
+
+
+@triton.jit
+def _finish(acc, sc_ptr, bias_ptr, y_ptr, offs_t, offs_o, m_t, m_o, NOUT, HAS_BIAS: tl.constexpr):
+    """Scale the rows of ``acc [BT, BO]``, add the bias, store into ``y [T, NOUT]`` (the fused kernels' end)."""
+    sc = tl.load(sc_ptr + offs_o, mask=m_o, other=0.0).to(tl.float32)
+    acc = acc * sc[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=m_o, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_t[:, None] * NOUT + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_t[:, None] & m_o[None, :])
+
+
+@triton.jit
 def _fused_kernel(x_ptr, codes_ptr, cb_ptr, sc_ptr, bias_ptr, y_ptr, T, NOUT, IN, G, K,
                   S: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
@@ -41,17 +62,8 @@ def _fused_kernel(x_ptr, codes_ptr, cb_ptr, sc_ptr, bias_ptr, y_ptr, T, NOUT, IN
             c = tl.load(codes_ptr + (offs_o[:, None] * G + grp[None, :]) * S + s, mask=m_w, other=0)
             c = c.to(tl.int32) & 0xFFFF
             w += tl.load(cb_ptr + (s * K + c) * D + dd[None, :], mask=m_w, other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(xv.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(xv, tl.trans(w).to(xv.dtype))
-    sc = tl.load(sc_ptr + offs_o, mask=m_o, other=0.0).to(tl.float32)
-    acc = acc * sc[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=m_o, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_t[:, None] * NOUT + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_t[:, None] & m_o[None, :])
+        acc = _accumulate(acc, x_ptr, w, offs_t, offs_i, m_t, m_i, IN, IEEE)
+    _finish(acc, sc_ptr, bias_ptr, y_ptr, offs_t, offs_o, m_t, m_o, NOUT, HAS_BIAS)
 
 
 @triton.jit
@@ -155,17 +167,8 @@ def _trellis_fused_kernel(x_ptr, walks_ptr, table_ptr, sc_ptr, bias_ptr, y_ptr, 
         offs_i = i0 + tl.arange(0, BLOCK_I)
         m_i = offs_i < IN
         w = _trellis_tile(walks_ptr, table_ptr, offs_o, offs_i, m_o[:, None] & m_i[None, :], BPC, L, K, Q)
-        xv = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(xv.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(xv, tl.trans(w).to(xv.dtype))
-    sc = tl.load(sc_ptr + offs_o, mask=m_o, other=0.0).to(tl.float32)
-    acc = acc * sc[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=m_o, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_t[:, None] * NOUT + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_t[:, None] & m_o[None, :])
+        acc = _accumulate(acc, x_ptr, w, offs_t, offs_i, m_t, m_i, IN, IEEE)
+    _finish(acc, sc_ptr, bias_ptr, y_ptr, offs_t, offs_o, m_t, m_o, NOUT, HAS_BIAS)
 
 
 @triton.jit
