@@ -9,13 +9,12 @@ from .kernels import dequantize, rvq_linear
 from .kernels.cpu_build import warn_once
 from .kernels.trellis_op import trellis_linear
 from .rvq import RVQWeight, code_dtype, pack, rotation, trellis
+from .validate import TRELLIS_KEY  # the spec field that marks a trellis-coded layer: its state bits L
 
 #: attribute of the model that holds the shared codebook (:class:`SharedCodebooks`); its tensor is stored
 #: once in a checkpoint, as ``SHARED_KEY``
 SHARED_NAME = "rvq_shared"
 SHARED_KEY = f"{SHARED_NAME}.codebooks"
-#: the spec field that marks a trellis-coded layer (:class:`TrellisLinear`): its state bits ``L``
-TRELLIS_KEY = "trellis_state_bits"
 
 
 class SharedCodebooks(nn.Module):

@@ -54,7 +54,8 @@ from .errors import RVQError
 FORMAT_VERSION = 2
 #: the versions this rvqllm reads
 READABLE_VERSIONS = (1, 2)
-#: the spec field of a trellis-coded layer (``rvqllm.nn.TRELLIS_KEY``) and the version that introduced it
+#: the spec field that marks a trellis-coded layer (:class:`rvqllm.nn.TrellisLinear`; its state bits ``L``) and
+#: the format version that introduced it
 TRELLIS_KEY = "trellis_state_bits"
 TRELLIS_VERSION = 2
 QUANT_METHOD = "rvq"
