@@ -74,11 +74,9 @@ IMPLS: dict[str, Callable[[], Impl]] = {
 def choose(device_type: str, n_tokens: int, stages: int, n_codes: int, vector_dim: int, out_features: int,
            code_dtype: torch.dtype = torch.uint8) -> str:
     """Name of the implementation for this call (see the module table). May build the CPU kernels."""
-    forced = os.environ.get("RVQLLM_KERNEL")
-    if forced:
-        if forced not in IMPLS:
-            raise ValueError(f"RVQLLM_KERNEL={forced!r} is not one of {sorted(IMPLS)}")
-        return forced
+    name = forced("RVQLLM_KERNEL", IMPLS)
+    if name:
+        return name
     if device_type == "cpu":
         if vector_dim > cpu.MAX_VECTOR_DIM:
             warn_once("cpu-d", f"vector_dim={vector_dim} > {cpu.MAX_VECTOR_DIM} has no CPU fast kernel; using the "
@@ -95,6 +93,15 @@ def choose(device_type: str, n_tokens: int, stages: int, n_codes: int, vector_di
             return "cpu_decode"
         return "cpu_tiled"
     return choose_gpu(device_type, n_tokens, "triton_fused", "triton_dequant_mm")
+
+
+def forced(env: str, impls: dict) -> str | None:
+    """The implementation the environment variable ``env`` forces (benchmarks, debugging), or ``None``;
+    :class:`ValueError` when it names none of ``impls``."""
+    name = os.environ.get(env)
+    if name and name not in impls:
+        raise ValueError(f"{env}={name!r} is not one of {sorted(impls)}")
+    return name or None
 
 
 def choose_gpu(device_type: str, n_tokens: int, fused: str, dequant: str) -> str:

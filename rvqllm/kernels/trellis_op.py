@@ -22,14 +22,12 @@ other         always                                      ``reference`` (after o
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from ..rvq import trellis
 from . import cpu
-from .dispatch import choose_gpu
+from .dispatch import choose_gpu, forced
 
 GEMV_MAX_TOKENS = 8
 
@@ -59,11 +57,9 @@ IMPLS = {
 
 def choose(device_type: str, n_tokens: int) -> str:
     """Name of the implementation for this call (module table). May build the CPU kernels."""
-    forced = os.environ.get("RVQLLM_TRELLIS_KERNEL")
-    if forced:
-        if forced not in IMPLS:
-            raise ValueError(f"RVQLLM_TRELLIS_KERNEL={forced!r} is not one of {sorted(IMPLS)}")
-        return forced
+    name = forced("RVQLLM_TRELLIS_KERNEL", IMPLS)
+    if name:
+        return name
     if device_type == "cpu":
         if not cpu.available():
             return "reference"
