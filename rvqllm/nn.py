@@ -324,8 +324,7 @@ class TrellisLinear(QuantizedLinear):
 
     def table_indices(self) -> Tensor:
         """``[out_features, in_features]`` int64: the table entry of every weight (decoded from the walks)."""
-        p = trellis.unpack_windows(self.codes, self.out_features, self.state_bits, self.step_bits)
-        return trellis.lut_index(p, self.bits).T
+        return trellis.walk_indices(self.codes, self.out_features, self.state_bits, self.step_bits, self.bits)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.rotate_input(x)

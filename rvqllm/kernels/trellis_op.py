@@ -101,7 +101,7 @@ def _backward(ctx, grad):
     state_bits, step_bits, lut_bits = ctx.code
     need_x, _, need_table, need_scales, need_bias, *_ = ctx.needs_input_grad
     out = scales.shape[0]
-    idx = trellis.lut_index(trellis.unpack_windows(walks, out, state_bits, step_bits), lut_bits).T  # [out, n]
+    idx = trellis.walk_indices(walks, out, state_bits, step_bits, lut_bits)  # [out, n]
     unscaled = table.reshape(-1).float()[idx]  # [out, n]
     g2 = grad.reshape(-1, out).float()
     x2 = x.reshape(-1, x.shape[-1]).float()

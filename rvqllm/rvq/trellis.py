@@ -225,11 +225,16 @@ def unpack_windows(walks: Tensor, length: int, state_bits: int, step_bits: int) 
     return (bits[:, pos] << torch.arange(state_bits, device=walks.device)).sum(-1)
 
 
+def walk_indices(walks: Tensor, out: int, state_bits: int, step_bits: int, lut_bits: int) -> Tensor:
+    """``[out, n]`` int64: the table entry of every weight of a trellis-coded layer whose packed walks are
+    ``walks [n, bytes]`` (row ``o`` of column ``j``: ``lut_index(p(j, o), Q)``)."""
+    return lut_index(unpack_windows(walks, out, state_bits, step_bits), lut_bits).T
+
+
 def walk_dequantize(walks: Tensor, table: Tensor, scales: Tensor, state_bits: int, step_bits: int,
                     lut_bits: int) -> Tensor:
     """The reference decoder of a trellis-coded layer: ``walks [n, bytes]`` (column ``j``'s walk down the
     ``out`` rows), ``table [2**Q]``, ``scales [out]`` → ``W [out, n]`` float32 with
     ``W[o, j] = table[lut_index(p(j, o), Q)] * scales[o]``."""
     out = scales.shape[0]
-    idx = lut_index(unpack_windows(walks, out, state_bits, step_bits), lut_bits)  # [n, out]
-    return table.float()[idx].T * scales.float()[:, None]
+    return table.float()[walk_indices(walks, out, state_bits, step_bits, lut_bits)] * scales.float()[:, None]
