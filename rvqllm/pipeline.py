@@ -509,11 +509,16 @@ class _Walk:
         (layer, seconds)}``. One walk's Viterbi is a chain of steps that runs on one core, so the layers are
         coded side by side, one per thread, as many at once as torch has threads (each layer's result does
         not depend on the others: the same bytes as one at a time; the Hessians are only read)."""
+        cfg = self.config
+        table = to_fp16_exact(trellis.trained_lut(cfg.trellis_state_bits, cfg.trellis_step_bits, cfg.trellis_lut_bits,
+                                                  cfg.trellis_table_iters))  # once, before the threads
+
         def code(item: tuple[int, str, nn.Module]) -> tuple[str, tuple[TrellisLinear, float]]:
             k, name, module = item
             t0 = time.perf_counter()
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-            layer = self._trellis_layer(module, hessians.get(name), bias, self.config.seed * 100_003 + self.offsets[i] + k)
+            layer = self._trellis_layer(module, hessians.get(name), bias, cfg.seed * 100_003 + self.offsets[i] + k,
+                                        table)
             return name, (layer, time.perf_counter() - t0)
 
         workers = min(torch.get_num_threads(), len(mine))
@@ -523,14 +528,15 @@ class _Walk:
             return dict(pool.map(code, mine))
 
     def _trellis_layer(self, module: nn.Module, hessian: Tensor | None, bias: Tensor | None,
-                       seed: int) -> TrellisLinear:
+                       seed: int, table: Tensor) -> TrellisLinear:
         """``module`` coded by the trellis (config ``coder: trellis``) against its input Hessian (the identity
-        for a layer no calibration token reached), as a :class:`TrellisLinear` on the run's device."""
+        for a layer no calibration token reached), as a :class:`TrellisLinear` on the run's device; ``table``
+        ``[2**Q]`` the starting codeword table (fp16-exact float32; tuning may move it later)."""
         cfg = self.config
         w = linear_weight(module).detach()
         if hessian is None:
             hessian = torch.eye(w.shape[1], device=w.device)
-        table = to_fp16_exact(trellis.gaussian_lut(cfg.trellis_lut_bits)).to(w.device)
+        table = table.to(w.device)
         values = trellis.packed_values(table, cfg.trellis_state_bits, cfg.trellis_step_bits, cfg.trellis_lut_bits)
         q = quantize_weight_trellis(w, hessian, state_bits=cfg.trellis_state_bits, step_bits=cfg.trellis_step_bits,
                                     seed=seed, damp=cfg.hessian_damp, pad_to=1, values=values)

@@ -51,6 +51,24 @@ def test_table_codewords_index_by_hash_and_follow_the_gaussian():
         trellis.lut_index(idx, 0)
 
 
+def _held_out_mse(table: torch.Tensor, L: int, k: int, Q: int) -> float:
+    x = torch.randn(16, 1024, generator=torch.Generator().manual_seed(99))
+    values = trellis.packed_values(table, L, k, Q)
+    return float((values[trellis.viterbi(x, L, k, values=values)] - x).pow(2).mean())
+
+
+@pytest.mark.parametrize(("k", "gain"), [(2, 0.995), (3, 0.92), (4, 0.7)])
+def test_trained_table_lowers_the_held_out_distortion(k, gain):
+    start, trained = trellis.gaussian_lut(5), trellis.trained_lut(12, k, 5, 8)
+    assert torch.equal(trellis.trained_lut(12, k, 5, 0), start)
+    assert _held_out_mse(trained, 12, k, 5) < gain * _held_out_mse(start, 12, k, 5)
+    assert float(trained.abs().max()) > float(start.abs().max())  # the walks want wider outer codewords
+    again = trellis.trained_lut(12, k, 5, 8)
+    assert torch.equal(again, trained) and again is not trained  # deterministic; callers get their own copy
+    trained.zero_()
+    assert torch.equal(trellis.trained_lut(12, k, 5, 8), again)  # the cache is not the caller's tensor
+
+
 @pytest.mark.parametrize("path", ["compiled", "torch"])
 def test_viterbi_walk_obeys_the_shift_rule_and_is_optimal(path):
     from rvqllm.kernels.cpu_build import load_library

@@ -110,6 +110,7 @@ def test_trellis_op_gradients_match_the_dense_layer():
     ({"coder": "trellis", "rotate": False}, "set rotate: true"),
     ({"coder": "trellis", "rotate": True, "trellis_state_bits": 13}, "multiple of trellis_step_bits"),
     ({"coder": "trellis", "rotate": True, "trellis_lut_bits": 9}, "trellis_lut_bits=9"),
+    ({"coder": "trellis", "rotate": True, "trellis_table_iters": -1}, "trellis_table_iters=-1"),
     ({"coder": "trellis", "rotate": True, "distill_code_fraction": 0.01}, "distill_code_fraction: 0"),
     ({"coder": "trellis", "rotate": True, "shared_codebook": "gaussian-65536", "vector_dim": 8, "stages": 1,
       "bits": 16}, "drop shared_codebook"),
@@ -145,10 +146,27 @@ def test_quantize_save_load_gives_identical_logits_in_format_2(coded):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(("L", "k", "iters"), [(9, 3, 16), (8, 4, 4), (8, 2, 0)])
+def test_three_and_four_bit_walks_start_from_the_trained_table_and_round_trip(L, k, iters, tmp_path):
+    model = tiny_llama()
+    cfg = CFG.replace(trellis_state_bits=L, trellis_step_bits=k, trellis_table_iters=iters)
+    rvqllm.quantize(model, cfg, CALIB)
+    start = trellis.trained_lut(L, k, 5, iters).half()
+    layers = [m for m in model.modules() if isinstance(m, TrellisLinear)]
+    assert len(layers) == 14 and all(torch.equal(m.codebooks.reshape(-1), start) for m in layers)  # no tuning
+    assert cfg.code_bits_per_weight == k
+    logits = _logits(model)
+    loaded = rvqllm.load(rvqllm.save(model, tmp_path / "ckpt"))
+    spec = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]["layers"]
+    assert all(s["trellis_step_bits"] == k and s["trellis_state_bits"] == L for s in spec.values())
+    assert torch.equal(_logits(loaded), logits)
+
+
+@pytest.mark.integration
 def test_distillation_tunes_each_layers_table():
     model = tiny_llama()
     rvqllm.quantize(model, CFG.replace(distill_epochs=1, distill_lr=1e-2), CALIB)
-    start = trellis.gaussian_lut(5).half()
+    start = trellis.trained_lut(8, 2, 5, CFG.trellis_table_iters).half()
     tables = [m.codebooks.reshape(-1) for m in model.modules() if isinstance(m, TrellisLinear)]
     moved = [not torch.equal(t, start) for t in tables]
     assert all(moved)

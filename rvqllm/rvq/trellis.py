@@ -18,6 +18,8 @@ Shapes: sources ``x [B, T]`` float32; states ``[B, T]`` int64 in ``[0, 2**L)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -50,6 +52,37 @@ def gaussian_lut(lut_bits: int) -> Tensor:
     p = (torch.arange(1 << lut_bits, dtype=torch.float64) + 0.5) / (1 << lut_bits)
     q = torch.special.ndtri(p)
     return (q / q.pow(2).mean().sqrt()).float()
+
+
+def trained_lut(state_bits: int, step_bits: int, lut_bits: int, iters: int = 16) -> Tensor:
+    """``[2**Q]`` float32: a codeword table for the packed trellis ``(L, k, Q)`` trained on a unit Gaussian
+    source by alternating Viterbi walks and centroid updates (Lloyd's algorithm with the trellis as the
+    encoder), started from :func:`gaussian_lut`; ``iters`` 0 returns that start.
+
+    The equiprobable quantiles suit ``k = 2`` (a trained table lowers the Gaussian distortion by ~1 %); at
+    ``k = 3`` and ``4`` the walks need wider tables (measured held out at ``L = 12``, ``Q = 5``: ×1.43 → ×1.28
+    of the bound at ``k = 3``, ×2.80 → ×1.92 at ``k = 4`` after 8 iterations; session 22 in docs/RESULTS.md).
+    Deterministic (a seeded source of ``2**16 >> max(0, L - 12)`` scalars, at least 4,096, so the time stays
+    near constant in ``L``); cached per process. Entries never used by a walk keep their previous value."""
+    return _trained_lut(state_bits, step_bits, lut_bits, iters).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _trained_lut(state_bits: int, step_bits: int, lut_bits: int, iters: int) -> Tensor:
+    start = gaussian_lut(lut_bits)
+    if iters <= 0:
+        return start
+    _check(state_bits, step_bits)
+    rows = max(4, 64 >> max(0, state_bits - 12))
+    x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(20_261_206))
+    index = lut_index(digit_reverse(torch.arange(1 << state_bits), state_bits, step_bits), lut_bits)  # [2**L]
+    table = start.double()
+    for _ in range(iters):
+        used = index[viterbi(x, state_bits, step_bits, values=table.float()[index])].flatten()
+        sums = torch.zeros_like(table).index_add_(0, used, x.flatten().double())
+        counts = torch.bincount(used, minlength=table.numel()).double()
+        table = torch.where(counts > 0, sums / counts.clamp(min=1.0), table)
+    return table.float()
 
 
 def rate(length: int, state_bits: int, step_bits: int) -> float:
