@@ -45,7 +45,7 @@ class RVQConfig:
     coder: str = "rvq"  #: "rvq": vectors coded by the codebooks above; "trellis": each input column of the rotated weight one bitshift-trellis walk down its rows, its codewords a small per-layer table (vector_dim, stages, bits, beam, k-means and codebook fields unused)
     trellis_state_bits: int = 12  #: trellis states 2**L (Viterbi time grows as 2**L; L <= 18 has the fast CPU kernel)
     trellis_step_bits: int = 2  #: bits per weight of a walk (each row shifts this many new bits into the state)
-    trellis_table_iters: int = 16  #: Lloyd iterations that train the starting table on a unit Gaussian source through the trellis (0: the Gaussian's equiprobable quantiles, the table of session 21)
+    trellis_table_iters: int = 32  #: Lloyd iterations that train the starting table on a unit Gaussian source through the trellis (0: the Gaussian's equiprobable quantiles, the table of session 21)
     trellis_lut_bits: int = 5  #: the per-layer codeword table has 2**this entries (5: 32, kept in registers by the CPU kernel)
     # --- block fine-tuning (rvqllm.finetune) -----------------------------------------------------------
     finetune_epochs: int = 0  #: Adam passes over the calibration batches per block (0 = off)
@@ -184,7 +184,7 @@ class RVQConfig:
              f"trellis_lut_bits={self.trellis_lut_bits!r} is out of range: use an integer from 1 to 8 (5 is typical)")
         need(isinstance(self.trellis_table_iters, int) and not isinstance(self.trellis_table_iters, bool)
              and 0 <= self.trellis_table_iters <= 100,
-             f"trellis_table_iters={self.trellis_table_iters!r} is out of range: use an integer from 0 to 100 (16 is typical)")
+             f"trellis_table_iters={self.trellis_table_iters!r} is out of range: use an integer from 0 to 100 (32 is typical)")
         if self.coder == "trellis":
             need(self.rotate is True, "coder: trellis codes the rotated weight: set rotate: true")
             need(self.shared_codebook is None, "coder: trellis has a table per layer, not a shared codebook: drop "

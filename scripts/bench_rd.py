@@ -21,6 +21,9 @@ its re-fit rounds) and code the test set: rows of one code shape share one k-mea
 re-fit rounds, so their times overlap and the table's total is less than the sum of the rows.
 
     OMP_NUM_THREADS=1 python scripts/bench_rd.py [--train 131072] [--test 32768] [--seed 0] [--trellis]
+
+``--rates`` instead compares, at 2, 3 and 4 bits, the product's trellis tables (quantiles or trained) with the
+RVQ shapes of the presets (:func:`run_rates`).
 """
 
 from __future__ import annotations
@@ -133,6 +136,33 @@ def run_trellis(scalars: int, seed: int) -> list[dict]:
     return rows
 
 
+def run_rates(scalars: int, train: int, test: int, seed: int) -> str:
+    """``--rates``: 2, 3 and 4 bits per scalar, the product's trellis (``L`` = 12, a 32-entry table indexed by
+    the packed state's hash, :func:`rvqllm.rvq.trellis.packed_values`) with the Gaussian's quantiles and with
+    tables trained through the walks (:func:`rvqllm.rvq.trellis.trained_lut`, 16 / 32 / 64 Lloyd iterations on
+    its own seeded source), against the RVQ shapes of the presets at those rates (8-dim 2 and 3 stages x 256,
+    4-dim 2 stages x 256; k-means, 2 re-fit rounds, beam 8) and the bound. Held-out MSE per scalar."""
+    from rvqllm.rvq import trellis
+
+    walks = max(1, scalars // TRELLIS_LENGTH)
+    x = torch.randn(walks, TRELLIS_LENGTH, generator=torch.Generator().manual_seed(seed * 1009 + 9_000_011))
+    lines = ["| rate | quantizer | MSE | MSE / bound 2^(-2R) |", "|---:|---|---:|---:|"]
+    for k, (d, stages) in ((2, (8, 2)), (3, (8, 3)), (4, (4, 2))):
+        bound = 2.0 ** (-2 * trellis.rate(TRELLIS_LENGTH, 12, k))
+        for iters in (0, 16, 32, 64):
+            values = trellis.packed_values(trellis.trained_lut(12, k, 5, iters), 12, k, 5)
+            mse = float((values[trellis.viterbi(x, 12, k, values=values)] - x).double().pow(2).mean())
+            what = "the Gaussian's quantiles" if iters == 0 else f"trained, {iters} iterations"
+            lines.append(f"| {trellis.rate(TRELLIS_LENGTH, 12, k):.3f} | trellis L=12, k={k}, 32-entry table: {what} "
+                         f"| {mse:.5f} | {mse / bound:.3f} |")
+        xr, xt = _source(train, d, seed), _source(test, d, seed + 1_000_003)
+        books = learn_codebooks(xr, torch.ones_like(xr), stages, 256, KMEANS_ITERS, seed, points_per_code=-(-train // 256))
+        books, _ = refine_codebooks(xr, torch.ones_like(xr), books, 2, beam=8)
+        mse = float((xt - reconstruct(encode_rvq_chunked(xt, books, 8), books)).double().pow(2).mean())
+        lines.append(f"| {k:.3f} | RVQ {d}-dim, {stages} x 256, 2 re-fits, beam 8 | {mse:.5f} | {mse / 2.0 ** (-2 * k):.3f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table (MSE also relative to the bound)."""
     bound = 2.0 ** (-2 * RATE)
@@ -157,8 +187,15 @@ def main() -> None:
     parser.add_argument("--trellis", action="store_true", help="add the bitshift trellis rows")
     parser.add_argument("--trellis-scalars", type=int, default=1 << 16, help="held-out scalars for the trellis rows")
     parser.add_argument("--trellis-only", action="store_true", help="only the trellis rows (and the bound)")
+    parser.add_argument("--rates", action="store_true",
+                        help="only the 2-, 3- and 4-bit comparison of trellis tables and RVQ shapes")
     args = parser.parse_args()
     t0 = time.perf_counter()
+    if args.rates:
+        print(run_rates(args.trellis_scalars, args.train, args.test, args.seed))
+        print(f"\n{args.trellis_scalars} trellis scalars, RVQ train {args.train} / test {args.test} vectors, seed "
+              f"{args.seed}, {torch.get_num_threads()} thread(s), total {time.perf_counter() - t0:.0f} s")
+        return
     rows = [] if args.trellis_only else run(args.train, args.test, args.seed)
     if args.trellis or args.trellis_only:
         bound = rows.pop() if rows else dict(name="rate-distortion bound 2^(-2R)", d=0, stages=0, bits=0, beam=0,
