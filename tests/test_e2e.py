@@ -35,6 +35,13 @@ def baseline_ppl(texts):
     return {k: r.ppl for k, r in evaluate(model, tok, texts, windows=WINDOWS).items()}
 
 
+@pytest.fixture(scope="module")
+def reference_2bit_ppl(texts, reference_2bit):
+    """The ``2bit`` fixture's perplexities, measured once for the tests that bound it and compare with it."""
+    model, tok = reference_2bit
+    return {k: r.ppl for k, r in evaluate(model, tok, texts, windows=WINDOWS).items()}
+
+
 def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
     # CI time: half the 2-bit test's calibration, and greedy codes (beam 1; the preset's beam 8 is
     # covered by unit tests): 425 CPU s at one thread, where the session-6 preset (no distillation) took
@@ -61,9 +68,8 @@ def test_4bit_close_to_baseline(texts, baseline_ppl, tmp_path):
         assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
 
 
-def test_2bit_preset_quality_regression_bound(texts, baseline_ppl, reference_2bit):
-    model, tok = reference_2bit
-    ppl = {k: r.ppl for k, r in evaluate(model, tok, texts, windows=WINDOWS).items()}
+def test_2bit_preset_quality_regression_bound(baseline_ppl, reference_2bit_ppl):
+    ppl = reference_2bit_ppl
     # The 2-bit preset on this quick protocol (16x256 calibration from kjv+shakespeare+fortunes+code+wiki,
     # 8 windows; two distillation epochs over the 16 sequences, as the preset had until session 16: its
     # one pass, meant for 256 sequences, measured x3.31 / x1.96 / x2.97 / x3.03 / x3.35 / x2.44 here in
@@ -83,7 +89,7 @@ def test_2bit_preset_quality_regression_bound(texts, baseline_ppl, reference_2bi
         assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
 
 
-def test_trellis_coder_quality_regression_bound(texts, baseline_ppl, reference_2bit):
+def test_trellis_coder_quality_regression_bound(texts, baseline_ppl, reference_2bit_ppl):
     """``coder: trellis`` on the real model, through the whole product path (packed walks, the CPU
     trellis kernels, save and load), against the ``2bit`` preset on the same quick protocol."""
     import tempfile
@@ -95,8 +101,7 @@ def test_trellis_coder_quality_regression_bound(texts, baseline_ppl, reference_2
         folder = rvqllm.save(model, f"{tmp}/ckpt", tok)
         loaded = rvqllm.load(folder)
     ppl = {k: r.ppl for k, r in evaluate(loaded, tok, texts, windows=WINDOWS).items()}
-    rvq_model, rvq_tok = reference_2bit
-    rvq = {k: r.ppl for k, r in evaluate(rvq_model, rvq_tok, texts, windows=WINDOWS).items()}
+    rvq = reference_2bit_ppl
     # Session 21 measured 26.04 / 67.00 / 31.91 / 56.54 / 82.64 / 77.37 (x2.44 / x1.51 / x1.99 / x2.30 / x2.50 /
     # x1.96 of the baseline's 10.66 / 44.48 / 16.01 / 24.60 / 33.06 / 39.39 for KJV / Shakespeare / django / wiki /
     # news / usenet), against 32.39 / 78.95 / 40.04 / 66.37 / 100.08 / 92.78 for the 2bit preset's fixture: 0.80 to
