@@ -59,9 +59,10 @@ def trained_lut(state_bits: int, step_bits: int, lut_bits: int, iters: int = 16)
     source by alternating Viterbi walks and centroid updates (Lloyd's algorithm with the trellis as the
     encoder), started from :func:`gaussian_lut`; ``iters`` 0 returns that start.
 
-    The equiprobable quantiles suit ``k = 2`` (a trained table lowers the Gaussian distortion by ~1 %); at
-    ``k = 3`` and ``4`` the walks need wider tables (measured held out at ``L = 12``, ``Q = 5``: ×1.43 → ×1.28
-    of the bound at ``k = 3``, ×2.80 → ×1.92 at ``k = 4`` after 8 iterations; ``k = 2`` and ``3`` settle by 32, ``k = 4`` improves to ~64; session 22 in docs/RESULTS.md).
+    The equiprobable quantiles suit ``k = 2`` (training lowers the Gaussian distortion by ~1 %); at ``k = 3``
+    and ``4`` the walks want wider tables. Held out at ``L = 12``, ``Q = 5`` (``scripts/bench_rd.py --rates``;
+    docs/RESULTS.md, session 22): ×1.43 → ×1.25 of the bound at ``k = 3`` after 32 iterations (settled), ×2.81
+    → ×1.63 at ``k = 4`` after 32 and ×1.56 after 64 (still improving).
     Deterministic (a seeded source of ``2**16 >> max(0, L - 12)`` scalars, at least 4,096, so the time stays
     near constant in ``L``); cached per process. Entries never used by a walk keep their previous value."""
     return _trained_lut(state_bits, step_bits, lut_bits, iters).clone()
