@@ -54,7 +54,7 @@ def gaussian_lut(lut_bits: int) -> Tensor:
     return (q / q.pow(2).mean().sqrt()).float()
 
 
-def trained_lut(state_bits: int, step_bits: int, lut_bits: int, iters: int = 16) -> Tensor:
+def trained_lut(state_bits: int, step_bits: int, lut_bits: int, iters: int) -> Tensor:
     """``[2**Q]`` float32: a codeword table for the packed trellis ``(L, k, Q)`` trained on a unit Gaussian
     source by alternating Viterbi walks and centroid updates (Lloyd's algorithm with the trellis as the
     encoder), started from :func:`gaussian_lut`; ``iters`` 0 returns that start.
