@@ -101,6 +101,27 @@ def test_decode_rows_any_range(code):
             torch.testing.assert_close(buf[: o1 - o0], w[o0:o1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("code", [(12, 2, 5), (12, 3, 5), (12, 4, 5)], ids=lambda c: "L{}k{}Q{}".format(*c))
+def test_gemv_streams_long_columns_in_chunks(code):
+    """The few-token path streams the columns eight at a time into accumulators for at most 384 / T slices of
+    16 rows: columns past the last eight, long columns cut into several chunks (6,200 rows: 17 chunks at
+    8 tokens, 2 at one), every token count, and one or two threads (each its own range of rows)."""
+    L, k, Q = code
+    out, n = 6200, 19
+    walks, table, scales, bias = _layer(out, n, L, k, Q, torch.float32, seed=k)
+    w = walk_dequantize(walks, table, scales, L, k, Q)
+    g = torch.Generator().manual_seed(2)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for t in (1, 2, 5, 8):
+                x = torch.randn(t, n, generator=g)
+                _close(cpu.trellis_gemv(x, walks, table, scales, bias, L, k, Q), x @ w.T + bias, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_many_tiles_threads_and_inputs(monkeypatch):
     """Small tiles (many of them), 1 or 3 threads, and activations that are fp16/bf16 or not contiguous."""
     L, k, Q = 12, 2, 5

@@ -633,6 +633,7 @@ struct TrellisAvx {
 
 static inline bool trellis_avx_ok(int k, int Q) { return k <= 6 && Q <= 5; }
 
+
 static bool trellis_has_vbmi() {
 #if defined(RVQ_TRELLIS_VBMI)
   static const bool yes = __builtin_cpu_supports("avx512vbmi");
@@ -687,36 +688,30 @@ static inline __m512 trellis_avx_values(const TrellisAvx& c, __m512i s) {
   return _mm512_permutex2var_ps(c.lo, idx, c.hi);
 }
 
-// y[t, 16 v : 16 (v + R)) for TT tokens: R slices of 16 rows decoded once per column and multiplied with
-// every token, the TT x R accumulators in registers across all n columns; xt is [n, TT] (token-minor) and
-// slice v + r's window sits at byte at + k2 r of every column. Out of line (inlined into the dispatch,
-// compilers have been seen to spill the accumulators on every column), and written once as a macro to be
+// y[t, 16 v : 16 v + 16) for TT tokens, one slice: decoded once per column and multiplied with every token,
+// the TT accumulators in registers across all n columns; xt is [n, TT] (token-minor) and the slice's window
+// sits at byte `at` of every column. Used for the slices the streaming loop below cannot take (a window that
+// would run past its column's end, read earlier with constants to match). Written once as a macro to be
 // instantiated per decoder: the multishift one needs its target attribute on the whole loop.
 #define RVQ_TRELLIS_BLOCK(NAME, ATTR, STATES)                                                                \
-  template <int TT, int R>                                                                                   \
+  template <int TT>                                                                                          \
   ATTR __attribute__((noinline)) static void NAME(const TrellisAvx& c, const float* xt, const uint8_t* walks, \
-                                                  int64_t bpc, int64_t n, int64_t k2, int64_t at, int64_t v,  \
+                                                  int64_t bpc, int64_t n, int64_t at, int64_t v,             \
                                                   const float* scale, int64_t out, float* y) {                \
-    __m512 acc[TT][R];                                                                                       \
-    _Pragma("GCC unroll 8") for (int t = 0; t < TT; ++t)                                                     \
-      _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();                   \
+    __m512 acc[TT];                                                                                          \
+    _Pragma("GCC unroll 8") for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();                       \
     const uint8_t* col = walks + at;                                                                         \
     for (int64_t j = 0; j < n; ++j, col += bpc) {                                                            \
       const float* xj = xt + j * TT;                                                                         \
-      _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                                                  \
-        const __m512 w = trellis_avx_values(c, STATES(c, col + k2 * r));                                     \
-        _Pragma("GCC unroll 8") for (int t = 0; t < TT; ++t)                                                 \
-          acc[t][r] = _mm512_fmadd_ps(w, _mm512_set1_ps(xj[t]), acc[t][r]);                                  \
-      }                                                                                                      \
-    }                                                                                                        \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                                                    \
-      const int64_t o = 16 * (v + r);                                                                        \
-      if (o >= out) break;                                                                                   \
-      const __mmask16 m = out - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - o)) - 1u);           \
-      const __m512 sc = _mm512_maskz_loadu_ps(m, scale + o);                                                 \
+      const __m512 w = trellis_avx_values(c, STATES(c, col));                                                \
       _Pragma("GCC unroll 8") for (int t = 0; t < TT; ++t)                                                   \
-        _mm512_mask_storeu_ps(y + t * out + o, m, _mm512_mul_ps(acc[t][r], sc));                             \
+        acc[t] = _mm512_fmadd_ps(w, _mm512_set1_ps(xj[t]), acc[t]);                                          \
     }                                                                                                        \
+    const int64_t o = 16 * v;                                                                                \
+    const __mmask16 m = out - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - o)) - 1u);             \
+    const __m512 sc = _mm512_maskz_loadu_ps(m, scale + o);                                                   \
+    _Pragma("GCC unroll 8") for (int t = 0; t < TT; ++t)                                                     \
+      _mm512_mask_storeu_ps(y + t * out + o, m, _mm512_mul_ps(acc[t], sc));                                  \
   }
 
 RVQ_TRELLIS_BLOCK(trellis_avx_block, , trellis_avx_states)
@@ -724,44 +719,99 @@ RVQ_TRELLIS_BLOCK(trellis_avx_block, , trellis_avx_states)
 RVQ_TRELLIS_BLOCK(trellis_avx_block_ms, __attribute__((target("avx512vbmi"))), trellis_avx_states_ms)
 #endif
 
+// Slices [v0, v1) for TT tokens, streaming the walks: columns [j0, j1) G at a time (j1 - j0 a multiple of
+// G), each slice of the range decoded from the G columns and multiplied into acc [TT][v1 - v0] (16 floats
+// each, kept short enough to stay in L1). The walks are read front to back, one column after another, which
+// the hardware prefetchers follow; a register-blocked loop over all n columns for
+// every 128 rows (session 22's loop), a stride of bpc bytes: two to four times slower on 7B-sized layers
+// (docs/KERNELS.md). Every window of the range must lie inside its column. The constants are copied in: stores through acc may alias a reference.
+#define RVQ_TRELLIS_STREAM(NAME, ATTR, STATES)                                                               \
+  template <int TT, int G>                                                                                   \
+  ATTR __attribute__((noinline)) static void NAME(const TrellisAvx& cref, const float* xt, const uint8_t* walks, \
+                                                  int64_t bpc, int64_t j0, int64_t j1, int64_t k2, int64_t v0, \
+                                                  int64_t v1, __m512* acc) {                                 \
+    const TrellisAvx c = cref;                                                                               \
+    const int64_t nv = v1 - v0;                                                                              \
+    for (int64_t j = j0; j < j1; j += G) {                                                                   \
+      const uint8_t* col = walks + j * bpc + k2 * v0;                                                        \
+      const float* xj = xt + j * TT;                                                                         \
+      for (int64_t v = 0; v < nv; ++v, col += k2) {                                                          \
+        __m512 w[G];                                                                                         \
+        _Pragma("GCC unroll 8") for (int g = 0; g < G; ++g) w[g] = trellis_avx_values(c, STATES(c, col + g * bpc)); \
+        _Pragma("GCC unroll 8") for (int t = 0; t < TT; ++t) {                                               \
+          __m512 a = acc[t * nv + v];                                                                        \
+          _Pragma("GCC unroll 8") for (int g = 0; g < G; ++g)                                                \
+            a = _mm512_fmadd_ps(w[g], _mm512_set1_ps(xj[g * TT + t]), a);                                    \
+          acc[t * nv + v] = a;                                                                               \
+        }                                                                                                    \
+      }                                                                                                      \
+    }                                                                                                        \
+  }
+
+RVQ_TRELLIS_STREAM(trellis_avx_stream, , trellis_avx_states)
+#if defined(RVQ_TRELLIS_VBMI)
+RVQ_TRELLIS_STREAM(trellis_avx_stream_ms, __attribute__((target("avx512vbmi"))), trellis_avx_states_ms)
+#endif
+
 struct TrellisCode {
   int L, k, Q;
   const float* table;
 };
 
-template <int TT, int R, bool MS>
-static inline void trellis_avx_call(const TrellisAvx& c, const float* xt, const uint8_t* walks, int64_t bpc,
-                                    int64_t n, int64_t k2, int64_t at, int64_t v, const float* scale, int64_t out,
-                                    float* y) {
+template <int TT, int G, bool MS>
+static inline void trellis_stream_call(const TrellisAvx& c, const float* xt, const uint8_t* walks, int64_t bpc,
+                                       int64_t j0, int64_t j1, int64_t k2, int64_t v0, int64_t v1, __m512* acc) {
 #if defined(RVQ_TRELLIS_VBMI)
   if constexpr (MS) {
-    trellis_avx_block_ms<TT, R>(c, xt, walks, bpc, n, k2, at, v, scale, out, y);
+    trellis_avx_stream_ms<TT, G>(c, xt, walks, bpc, j0, j1, k2, v0, v1, acc);
     return;
   }
 #endif
-  trellis_avx_block<TT, R>(c, xt, walks, bpc, n, k2, at, v, scale, out, y);
+  trellis_avx_stream<TT, G>(c, xt, walks, bpc, j0, j1, k2, v0, v1, acc);
 }
 
-// Slices [vb, ve) of 16 rows for TT tokens: blocks of R slices (R chosen so that the accumulators fit the
-// 32 vector registers beside the constants), then single slices; a slice whose window would run past the
-// column's end gets its own constants (there are at most 8 such).
+template <int TT, bool MS>
+static inline void trellis_avx_call(const TrellisAvx& c, const float* xt, const uint8_t* walks, int64_t bpc,
+                                    int64_t n, int64_t at, int64_t v, const float* scale, int64_t out, float* y) {
+#if defined(RVQ_TRELLIS_VBMI)
+  if constexpr (MS) {
+    trellis_avx_block_ms<TT>(c, xt, walks, bpc, n, at, v, scale, out, y);
+    return;
+  }
+#endif
+  trellis_avx_block<TT>(c, xt, walks, bpc, n, at, v, scale, out, y);
+}
+
+// Slices [vb, ve) of 16 rows for TT tokens: the slices whose windows lie inside their columns by the
+// streaming loop, in chunks of CH slices (TT x CH x 64 bytes of accumulators, 24 KiB, stay in L1), then the
+// last few (at most 8: their windows would run past the column's end) one at a time, each read from the
+// column's last window with its own constants.
 template <int TT, bool MS>
 static void trellis_avx_range(const TrellisAvx& c, const TrellisCode& code, const float* xt, const uint8_t* walks,
                               int64_t bpc, int64_t n, int64_t vb, int64_t ve, const float* scale, int64_t out,
                               float* y) {
-  constexpr int R = TT == 1 ? 8 : TT == 2 ? 6 : TT <= 4 ? 4 : TT <= 6 ? 3 : 2;
   constexpr int64_t W = MS ? 8 : 16;  // window bytes
-  const int64_t k2 = 2 * (int64_t)code.k;
-  int64_t v = vb;
-  for (; v + R <= ve && k2 * (v + R - 1) + W <= bpc; v += R)
-    trellis_avx_call<TT, R, MS>(c, xt, walks, bpc, n, k2, k2 * v, v, scale, out, y);
-  for (; v < ve; ++v) {
-    if (k2 * v + W <= bpc) {
-      trellis_avx_call<TT, 1, MS>(c, xt, walks, bpc, n, k2, k2 * v, v, scale, out, y);
-    } else {
-      const TrellisAvx ct = trellis_avx_setup(code.L, code.k, code.Q, code.table, 0, (int)(k2 * v - (bpc - W)), MS);
-      trellis_avx_call<TT, 1, MS>(ct, xt, walks, bpc, n, k2, bpc - W, v, scale, out, y);
+  constexpr int64_t CH = 384 / TT, G = 8;
+  const int64_t k2 = 2 * (int64_t)code.k, nG = n - n % G;
+  const int64_t vsafe = std::min(ve, bpc >= W ? (bpc - W) / k2 + 1 : 0);
+  static thread_local std::vector<__m512> acc;
+  acc.resize((size_t)(TT * CH));
+  for (int64_t v = vb; v < vsafe; v += CH) {
+    const int64_t v1 = std::min(vsafe, v + CH), nv = v1 - v;
+    std::fill(acc.begin(), acc.begin() + TT * nv, _mm512_setzero_ps());
+    trellis_stream_call<TT, G, MS>(c, xt, walks, bpc, 0, nG, k2, v, v1, acc.data());
+    if (nG < n) trellis_stream_call<TT, 1, MS>(c, xt, walks, bpc, nG, n, k2, v, v1, acc.data());
+    for (int64_t u = v; u < v1; ++u) {
+      const int64_t o = 16 * u;
+      const __mmask16 m = out - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - o)) - 1u);
+      const __m512 sc = _mm512_maskz_loadu_ps(m, scale + o);
+      for (int t = 0; t < TT; ++t)
+        _mm512_mask_storeu_ps(y + t * out + o, m, _mm512_mul_ps(acc[t * nv + (u - v)], sc));
     }
+  }
+  for (int64_t v = std::max(vb, vsafe); v < ve; ++v) {
+    const TrellisAvx ct = trellis_avx_setup(code.L, code.k, code.Q, code.table, 0, (int)(k2 * v - (bpc - W)), MS);
+    trellis_avx_call<TT, MS>(ct, xt, walks, bpc, n, bpc - W, v, scale, out, y);
   }
 }
 
