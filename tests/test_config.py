@@ -35,3 +35,20 @@ def test_finetune_retries_takes_a_non_negative_integer():
     for bad in (-1, 1.5, True, "1", None):
         with pytest.raises(RVQError, match="finetune_retries=.* non-negative integer"):
             rvqllm.RVQConfig(finetune_retries=bad)
+
+
+def test_every_config_takes_the_kernel_benchmarks_cheap_fields():
+    """scripts/bench_kernels.py --e2e quantizes a preset with cheap fields (speed does not depend on quality):
+    every shipped config must still validate with them (a rotated preset needs its error feedback)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_kernels", root / "scripts" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    paths = sorted((root / "configs").glob("*.yaml")) + sorted((root / "configs" / "experiments").glob("*.yaml"))
+    assert len(paths) > 4
+    for path in paths:
+        cfg = bench.cheap_config(str(path))
+        assert cfg.beam_width == 1 and cfg.calib_sequences == 4, path
