@@ -633,7 +633,6 @@ struct TrellisAvx {
 
 static inline bool trellis_avx_ok(int k, int Q) { return k <= 6 && Q <= 5; }
 
-
 static bool trellis_has_vbmi() {
 #if defined(RVQ_TRELLIS_VBMI)
   static const bool yes = __builtin_cpu_supports("avx512vbmi");
@@ -722,9 +721,10 @@ RVQ_TRELLIS_BLOCK(trellis_avx_block_ms, __attribute__((target("avx512vbmi"))), t
 // Slices [v0, v1) for TT tokens, streaming the walks: columns [j0, j1) G at a time (j1 - j0 a multiple of
 // G), each slice of the range decoded from the G columns and multiplied into acc [TT][v1 - v0] (16 floats
 // each, kept short enough to stay in L1). The walks are read front to back, one column after another, which
-// the hardware prefetchers follow; a register-blocked loop over all n columns for
-// every 128 rows (session 22's loop), a stride of bpc bytes: two to four times slower on 7B-sized layers
-// (docs/KERNELS.md). Every window of the range must lie inside its column. The constants are copied in: stores through acc may alias a reference.
+// the hardware prefetchers follow. (Session 22's loop held 128 rows in registers and stepped through all n
+// columns for them, a stride of bpc bytes between reads: two to four times slower on 7B-sized layers;
+// docs/RESULTS.md "Session 23".) Every window of the range must lie inside its column. The constants are
+// copied into locals: stores through acc could alias the reference (vector types may alias).
 #define RVQ_TRELLIS_STREAM(NAME, ATTR, STATES)                                                               \
   template <int TT, int G>                                                                                   \
   ATTR __attribute__((noinline)) static void NAME(const TrellisAvx& cref, const float* xt, const uint8_t* walks, \
