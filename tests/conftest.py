@@ -70,5 +70,5 @@ def reference_2bit(reference):
     """The reference model at the 2-bit preset, quantized once per test session (shared, do not modify).
     Two distillation epochs, not the preset's one: the preset makes one pass over 256 sequences, which on
     this quick calibration of 16 would be 8 Adam steps; 6 k-means iterations instead of 20 for CI time
-    (285 s instead of about 395 on 2 cores; ``tests/test_e2e.py`` has the figures)."""
+    (its quantization alone took 285 s on 2 cores in session 23; ``tests/test_e2e.py`` has the figures)."""
     return quantize_reference("2bit", distill_epochs=2, kmeans_iters=6)
