@@ -114,13 +114,23 @@ def _read_dataset(spec: str, split: str, text_column: str = "text") -> str:
     return _column(ds, f"dataset {spec!r}", text_column)
 
 
+def token_streams(texts: list[str], tokenizer) -> list[list[int]]:
+    """Each non-blank text of ``texts`` tokenized whole, without special tokens: one id list per text."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts if t and t.strip()]
+
+
 def calibration_tokens(texts: list[str], tokenizer, n_sequences: int, seq_len: int, seed: int = 0) -> Tensor:
     """``[n_sequences, seq_len]`` int64: windows drawn at seeded random offsets, spread evenly over ``texts``.
 
     Raises :class:`RVQError` if the texts together are too short.
     """
+    return calibration_windows(token_streams(texts, tokenizer), n_sequences, seq_len, seed)
+
+
+def calibration_windows(streams: list[list[int]], n_sequences: int, seq_len: int, seed: int = 0) -> Tensor:
+    """:func:`calibration_tokens` from texts already tokenized (:func:`token_streams`): the same windows, for
+    callers that draw several calibration sets from the same texts and tokenize them once."""
     gen = torch.Generator().manual_seed(seed)
-    streams = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts if t and t.strip()]
     streams = [s for s in streams if len(s) >= seq_len]
     if not streams:
         raise RVQError(

@@ -50,18 +50,31 @@ def reference():
     return reference_model_dir(), reference_texts()
 
 
+_CALIBRATION_STREAMS: dict[str, list] = {}
+
+
+def _calibration_streams(tokenizer) -> list:
+    """The default calibration texts tokenized once per test session and tokenizer (seconds each time otherwise)."""
+    from rvqllm.data import load_text, token_streams
+    from rvqllm.reference import CALIB_TEXTS
+
+    key = tokenizer.name_or_path
+    if key not in _CALIBRATION_STREAMS:
+        _CALIBRATION_STREAMS[key] = token_streams([load_text(t, "calib") for t in CALIB_TEXTS], tokenizer)
+    return _CALIBRATION_STREAMS[key]
+
+
 def quantize_reference(preset: str, sequences: int = 16, seq_len: int = 256, **overrides):
     """The reference model quantized with a preset (``overrides``: config fields changed) on a small
-    calibration set: ``(model, tokenizer)``."""
+    calibration set drawn from the default calibration texts: ``(model, tokenizer)``."""
     import rvqllm
-    from rvqllm.data import calibration_tokens, load_text
+    from rvqllm.data import calibration_windows
     from rvqllm.models import load_model
-    from rvqllm.reference import CALIB_TEXTS
 
     model, tok = load_model("reference")
     cfg = rvqllm.RVQConfig.load(preset).replace(calib_sequences=sequences, calib_seq_len=seq_len, **overrides)
-    texts = [load_text(t, "calib") for t in CALIB_TEXTS]
-    rvqllm.quantize(model, cfg, calibration_tokens(texts, tok, cfg.calib_sequences, cfg.calib_seq_len, cfg.seed))
+    calib = calibration_windows(_calibration_streams(tok), cfg.calib_sequences, cfg.calib_seq_len, cfg.seed)
+    rvqllm.quantize(model, cfg, calib)
     return model, tok
 
 
