@@ -29,6 +29,16 @@ def test_table_has_ratios_and_task_columns():
 
 
 @pytest.mark.unit
+def test_table_without_a_baseline_has_no_ratios():
+    """``rvqllm eval CKPT`` without ``--baseline``: no row to compare with, so no "x base" columns (they
+    once compared the first checkpoint with itself, 1.000 everywhere)."""
+    table = format_table(ROWS[1:], ["a", "b"]).splitlines()
+    assert table[0] == "| model | bpw (block linears) | size on disk | ppl a | ppl b | t acc |"
+    assert table[2] == "| out/q2 | 2.100 | 0.5 MiB | 15.000 | 30.000 | 0.250 |"
+    assert table[3] == "| out/q4 | 4.100 | 1.0 MiB | 11.000 | — | — |"
+
+
+@pytest.mark.unit
 def test_json_and_png(tmp_path):
     data = json.loads(write_json(ROWS, tmp_path / "r.json", protocol="ppl-16x2").read_text())
     assert data["rows"] == ROWS and data["protocol"] == "ppl-16x2"

@@ -41,19 +41,23 @@ def _ratio(p: float | None, base: float | None) -> str:
 
 def format_table(rows: list[dict], texts: list[str]) -> str:
     """Markdown table. Each row: ``{"model", "bpw", "bytes", "ppl": {text: float}}`` (+ optional
-    ``"tasks"``); the first row is the baseline that ratios refer to."""
+    ``"tasks"``). When the first row is the baseline (``"baseline": True``, or 16 bits per weight) every
+    row gets its ratio to it beside each perplexity; without a baseline there are no ratio columns."""
+    ratios = bool(rows) and _is_baseline(rows[0], 0, rows)
     head = ["model", "bpw (block linears)", "size on disk"]
     for t in texts:
-        head += [f"ppl {t}", f"× base {t}"]
+        head += [f"ppl {t}", f"× base {t}"] if ratios else [f"ppl {t}"]
     cols = _task_columns(rows)
     head += [f"{task} {metric}" for task, metric in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = rows[0]["ppl"] if rows else {}
+    base = rows[0]["ppl"] if ratios else {}
     for r in rows:
         cells = [r["model"], f"{r['bpw']:.3f}" if isinstance(r["bpw"], float) else str(r["bpw"]), _mib(r.get("bytes"))]
         for t in texts:
             p = r["ppl"].get(t)
-            cells += [f"{p:.3f}" if p is not None else "—", _ratio(p, base.get(t))]
+            cells.append(f"{p:.3f}" if p is not None else "—")
+            if ratios:
+                cells.append(_ratio(p, base.get(t)))
         for task, metric in cols:
             v = (r.get("tasks") or {}).get(task, {}).get(metric)
             cells.append("—" if v is None else f"{v:.3f}")
