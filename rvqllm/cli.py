@@ -25,10 +25,9 @@ DEMO_PRESET = "2bit-fast"  #: `rvqllm demo`'s preset: minutes on a laptop; the d
 #: perplexity windows per text in `rvqllm demo` (ppl-512x16: a quarter of the ppl-512x64 protocol, same windows first)
 DEMO_WINDOWS = 16
 BEST_PRESET = "2bit"
-#: minutes the 2bit preset's quantization of the reference took on this project's 2-core CPU (session 12,
-#: four-text calibration: 1,425.0 s, 23 min 59 s with start-up and saving; docs/RESULTS.md, README.md):
-#: printed by the demo
-BEST_PRESET_MINUTES = 24
+#: minutes the 2bit preset's quantization of the reference took on this project's 2-core CPU (session 16's
+#: preset, alone: 1,711.9 s, the README's time line; session 12's preset took 24): printed by the demo
+BEST_PRESET_MINUTES = 29
 DEFAULT_TEXTS = list(EVAL_TEXTS)  #: kjv, shakespeare, wiki (calibration's domains), django (held out), news, usenet (out of domain)
 
 
