@@ -72,6 +72,7 @@ class RVQConfig:
     calib_sequences: int = 64  #: calibration sequences
     calib_seq_len: int = 512  #: tokens per calibration sequence
     calib_batch_size: int = 8  #: sequences per forward pass during calibration
+    calib_dtype: str = "float32"  #: what the calibration's passes through the blocks being quantized multiply in (the Hessians' pass and the quantized block's pass that feeds the next block; Hessians are still summed from float32 products, the float model's teacher pass stays float32): "float32", "bfloat16" (autocast) or "auto" (bfloat16 where the device has it natively, else float32)
     seed: int = 0
     description: str = ""  #: one line shown by ``rvqllm quantize --help``
 
@@ -138,6 +139,8 @@ class RVQConfig:
              f"finetune_batch={self.finetune_batch!r} must be a positive integer (sequences per step)")
         need(self.tune_dtype in ("float32", "bfloat16", "auto"),
              f"tune_dtype={self.tune_dtype!r} is unknown: use 'float32', 'bfloat16' or 'auto'")
+        need(self.calib_dtype in ("float32", "bfloat16", "auto"),
+             f"calib_dtype={self.calib_dtype!r} is unknown: use 'float32', 'bfloat16' or 'auto'")
         need(self.finetune_target in ("block", "model"),
              f"finetune_target={self.finetune_target!r} is unknown: use 'block' or 'model'")
         need(isinstance(self.calib_sequences, int) and self.calib_sequences >= 1,

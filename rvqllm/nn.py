@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -343,6 +346,35 @@ class TrellisLinear(QuantizedLinear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, state_bits={self.state_bits}, "
                 f"step_bits={self.step_bits}, lut_bits={self.bits}, bias={self.bias is not None}"
                 + (f", hadamard_block={self.hadamard_block}" if self.signs is not None else ""))
+
+
+@contextmanager
+def decoded_linears(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the ``with``, every :class:`QuantizedLinear` under ``module`` is a plain ``nn.Linear``
+    holding its weight decoded once (``[out, in]``, original basis, the layer's ``compute_dtype``); on
+    exit the quantized layers are back. For many forward passes over one block (calibration): one decode
+    per layer instead of one per call, no run-time rotation of the inputs, and the matmul is BLAS's,
+    which ``torch.autocast`` can run in bfloat16. Holds a dense copy of the quantized layers meanwhile
+    (one block's float weights)."""
+    swapped: list[tuple[nn.Module, str, QuantizedLinear]] = []
+    try:
+        with torch.no_grad():
+            for parent in list(module.modules()):
+                for name, child in list(parent.named_children()):
+                    if not isinstance(child, QuantizedLinear):
+                        continue
+                    dense = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                      device=child.codes.device, dtype=child.compute_dtype)
+                    dense.weight.copy_(child.dequantized_weight())
+                    if child.bias is not None:
+                        dense.bias.copy_(child.bias)
+                    dense.requires_grad_(False)
+                    setattr(parent, name, dense)
+                    swapped.append((parent, name, child))
+        yield module
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 def bind_shared(model: nn.Module) -> None:

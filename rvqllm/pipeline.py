@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +62,14 @@ from .finetune import (
 from .kernels.cpu_build import warn_once
 from .meter import Meter, trim_host_memory
 from .mixed import allocate, fisher_sensitivity
-from .nn import QuantizedLinear, SharedCodebooks, TrellisLinear, attach_shared, mark_quantized
+from .nn import (
+    QuantizedLinear,
+    SharedCodebooks,
+    TrellisLinear,
+    attach_shared,
+    decoded_linears,
+    mark_quantized,
+)
 from .placement import Placement, oom_errors
 from .resume import MemoryActivations, RunDir, run_fingerprint
 from .rvq import quantize_weight, trellis
@@ -431,7 +439,7 @@ class _Walk:
             targets, tuned = None, set(self._finetuned_batches())
             if cfg.finetune_epochs > 0:
                 targets = fp_next if cfg.finetune_target == "model" else MemoryActivations()
-            with HessianCollector(layers) as collector, torch.no_grad():
+            with HessianCollector(layers) as collector, torch.no_grad(), self._calib_autocast(block):
                 for j, kw in self.kwargs.items():
                     collector.new_pass()
                     out = block(self.store.get(j).to(self.device), **kw)
@@ -491,7 +499,7 @@ class _Walk:
                                          "finetune_attempts": tune_stats["attempts"],
                                          "finetune_lr": tune_stats["lr"], "finetune_kept": tune_stats["tuned"]}
         elif outputs is not None:
-            with meter.stage("forward"):
+            with meter.stage("forward"), decoded_linears(block), self._calib_autocast(block):
                 _forward(block, self.store, self.kwargs, outputs, self.device)
         if outputs is not None:
             self.store = outputs
@@ -616,11 +624,24 @@ class _Walk:
     def _autocast(self) -> torch.dtype | None:
         """The dtype tuning multiplies in (None: float32): ``tune_dtype``, "auto" being bfloat16 where the
         device has it natively and float32 elsewhere (said once)."""
-        want = self.config.tune_dtype
+        return self._compute_dtype("tune_dtype", "tuning", "session 9")
+
+    def _calib_autocast(self, block: nn.Module):
+        """The context the calibration's passes through ``block`` run in: ``calib_dtype``. "auto" leaves a
+        block that already computes in 16 bits as it is (bfloat16 would only lose float16's precision)."""
+        if self.config.calib_dtype == "auto" and not any(
+                p.dtype == torch.float32 for p in block.parameters()):
+            return nullcontext()
+        dtype = self._compute_dtype("calib_dtype", "calibration", "session 25")
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def _compute_dtype(self, field_name: str, what: str, where: str) -> torch.dtype | None:
+        want = getattr(self.config, field_name)
         if want == "auto" and not native_bf16(self.device):
-            warn_once(f"auto-float32-{self.device.type}", f"tune_dtype auto: this {self.device.type.upper()} has no "
-                      "native bfloat16 arithmetic, so tuning multiplies in float32 (slower than where it has, "
-                      "the same quality within noise: docs/RESULTS.md, session 9)")
+            warn_once(f"auto-float32-{field_name}-{self.device.type}",
+                      f"{field_name} auto: this {self.device.type.upper()} has no native bfloat16 arithmetic, so "
+                      f"{what} multiplies in float32 (slower than where it has, the same quality within noise: "
+                      f"docs/RESULTS.md, {where})")
             return None
         return None if want == "float32" else torch.bfloat16
 

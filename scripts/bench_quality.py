@@ -57,6 +57,7 @@ TECHNIQUES = {
     "whole-model distillation": ("distill_epochs", 0, 2),
     "codes that move in distillation (1% per update)": ("distill_code_fraction", 0.0, 0.01),
     "tuning in bfloat16 (autocast)": ("tune_dtype", "float32", "bfloat16"),
+    "calibration passes in bfloat16 (autocast)": ("calib_dtype", "float32", "bfloat16"),
 }
 
 

@@ -62,3 +62,61 @@ def test_same_seed_same_codes(calib_ids):
     rvqllm.quantize(b, CFG, calib_ids)
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert na == nb and torch.equal(ta, tb), na
+
+
+def test_calib_dtype_reaches_the_calibration_passes_and_stays_close_to_float32(calib_ids, monkeypatch):
+    """``calib_dtype``: the Hessians' pass and the quantized block's pass run under bfloat16 autocast
+    ("bfloat16", or "auto" where native; "auto" elsewhere says once that it falls back), the latter through
+    decoded dense layers; the coded model is about as close to the float model as the float32-calibrated one;
+    a model that computes in 16 bits already keeps its dtype under "auto"."""
+    import warnings
+
+    import rvqllm.pipeline as P
+
+    seen: list[tuple[str, bool, bool]] = []
+    real_collector, real_forward = P.HessianCollector, P._forward
+
+    class Spy(real_collector):
+        def new_pass(self):  # called before each batch's forward, inside the calibration's contexts
+            if not self._seen and not self.hessians:
+                seen.append(("hessians", torch.is_autocast_enabled("cpu"), False))
+            super().new_pass()
+
+    def forward(block, *a, **kw):
+        quantized = any(isinstance(m, QuantizedLinear) for m in block.modules())
+        seen.append(("forward", torch.is_autocast_enabled("cpu"), quantized))
+        return real_forward(block, *a, **kw)
+
+    monkeypatch.setattr(P, "HessianCollector", Spy)
+    monkeypatch.setattr(P, "_forward", forward)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(7))
+    logits = {}
+    for dtype, native, bf16 in (("float32", True, False), ("bfloat16", False, True), ("auto", True, True),
+                                ("auto", False, False)):
+        seen.clear()
+        monkeypatch.setattr(P, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr("rvqllm.kernels.cpu_build._warned", set())
+        model = tiny_llama()
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            rvqllm.quantize(model, rvqllm.RVQConfig(**{**CFG.to_dict(), "calib_dtype": dtype}), calib_ids)
+        # two blocks: each has a Hessian pass; the first feeds the second through its dense, decoded layers
+        assert seen == [("hessians", bf16, False), ("forward", bf16, False), ("hessians", bf16, False)], seen
+        fell_back = [w for w in said if "calib_dtype auto" in str(w.message)]
+        assert len(fell_back) == (dtype == "auto" and not native), fell_back
+        with torch.no_grad():
+            logits[dtype, native] = model(ids).logits
+    with torch.no_grad():
+        ref = tiny_llama()(ids).logits
+    f32, bf = logits["float32", True], logits["bfloat16", False]
+    assert not torch.equal(f32, bf)  # the calibration really ran in bfloat16 ...
+    assert torch.equal(f32, logits["auto", False])  # ... and "auto" without native bfloat16 is float32
+    err = {k: ((v - ref).norm() / ref.norm()).item() for k, v in logits.items()}
+    assert err["bfloat16", False] < 1.2 * err["float32", True]  # ... and codes as well as it
+    seen.clear()  # a model that computes in 16 bits already: "auto" leaves it so
+    monkeypatch.setattr(P, "native_bf16", lambda device: True)
+    rvqllm.quantize(tiny_llama().to(torch.bfloat16), rvqllm.RVQConfig(**{**CFG.to_dict(), "calib_dtype": "auto"}),
+                    calib_ids)
+    assert [s[1] for s in seen] == [False, False, False], seen
+    with pytest.raises(rvqllm.RVQError, match="calib_dtype='fp16' is unknown"):
+        rvqllm.RVQConfig(calib_dtype="fp16")

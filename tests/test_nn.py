@@ -49,3 +49,38 @@ def test_weight_is_the_decoded_matrix_in_the_models_dtype(rotate, monkeypatch):
     assert torch.equal(tuned.weight.detach(), weight)
     tuned.weight.sum().backward()
     assert tuned.codebooks.grad is not None and tuned.codebooks.grad.abs().sum() > 0
+
+
+def test_decoded_linears_compute_what_the_quantized_layers_do_and_put_them_back():
+    """Inside ``decoded_linears`` every quantized layer (plain, rotated with padding, trellis) is an
+    ``nn.Linear`` holding its decoded weight: the same outputs; afterwards the very same quantized modules
+    are back, also when the body raises."""
+    from rvqllm.nn import TrellisLinear, decoded_linears
+    from rvqllm.rvq import trellis
+    from rvqllm.rvq.trellis_layer import quantize_weight_trellis
+
+    torch.manual_seed(0)
+    plain = QuantizedLinear.from_rvq(quantize_weight(torch.randn(24, 30), None, vector_dim=8, stages=2, bits=6,
+                                                     kmeans_iters=3), 6, torch.randn(24), torch.float32)
+    rotated = QuantizedLinear.from_rvq(quantize_weight(torch.randn(30, 24), None, vector_dim=8, stages=2, bits=6,
+                                                       kmeans_iters=3, rotate=True), 6, None, torch.float32)
+    table = trellis.gaussian_lut(5).half().float()
+    q = quantize_weight_trellis(torch.randn(20, 30), torch.eye(30), state_bits=8, pad_to=1, seed=0,
+                                values=trellis.packed_values(table, 8, 2, 5))
+    walk = TrellisLinear.from_trellis(q, table, 5, None, torch.float32)
+    model = torch.nn.Sequential(plain, torch.nn.GELU(), rotated, torch.nn.Sequential(walk))
+    originals = [plain, rotated, walk]
+    x = torch.randn(3, 7, 30)
+    with torch.no_grad():
+        expect = model(x)
+        with decoded_linears(model) as same:
+            assert same is model
+            dense = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            assert len(dense) == 3 and not any(isinstance(m, QuantizedLinear) for m in model.modules())
+            assert [m.weight.shape for m in dense] == [(24, 30), (30, 24), (20, 30)]
+            got = model(x)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    assert [model[0], model[2], model[3][0]] == originals
+    with pytest.raises(RuntimeError, match="boom"), decoded_linears(model):
+        raise RuntimeError("boom")
+    assert [model[0], model[2], model[3][0]] == originals
