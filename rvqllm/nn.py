@@ -348,14 +348,26 @@ class TrellisLinear(QuantizedLinear):
                 + (f", hadamard_block={self.hadamard_block}" if self.signs is not None else ""))
 
 
+class _DecodedLinear(nn.Linear):
+    """A quantized layer's weight decoded once (:func:`decoded_linears`); computes in its input's dtype,
+    as the quantized op does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        return nn.functional.linear(x, w, b)
+
+
 @contextmanager
 def decoded_linears(module: nn.Module) -> Iterator[nn.Module]:
-    """Within the ``with``, every :class:`QuantizedLinear` under ``module`` is a plain ``nn.Linear``
-    holding its weight decoded once (``[out, in]``, original basis, the layer's ``compute_dtype``); on
-    exit the quantized layers are back. For many forward passes over one block (calibration): one decode
-    per layer instead of one per call, no run-time rotation of the inputs, and the matmul is BLAS's,
-    which ``torch.autocast`` can run in bfloat16. Holds a dense copy of the quantized layers meanwhile
-    (one block's float weights)."""
+    """Within the ``with``, every :class:`QuantizedLinear` under ``module`` is a plain linear layer holding
+    its weight decoded once (``[out, in]``, original basis); on exit the quantized layers are back. For
+    many forward passes over one block (calibration): one decode per layer instead of one per call, no
+    run-time rotation of the inputs, and the matmul is BLAS's, which ``torch.autocast`` can run in
+    bfloat16. Like the quantized op it computes in its input's dtype; the weight is kept in float32 on a
+    CPU (the op decodes in float32 there) and in the layer's ``compute_dtype`` elsewhere. Holds a dense
+    copy of the quantized layers meanwhile (one block's float weights)."""
     swapped: list[tuple[nn.Module, str, QuantizedLinear]] = []
     try:
         with torch.no_grad():
@@ -363,8 +375,10 @@ def decoded_linears(module: nn.Module) -> Iterator[nn.Module]:
                 for name, child in list(parent.named_children()):
                     if not isinstance(child, QuantizedLinear):
                         continue
-                    dense = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                      device=child.codes.device, dtype=child.compute_dtype)
+                    device = child.codes.device
+                    dtype = torch.float32 if device.type == "cpu" else child.compute_dtype
+                    dense = _DecodedLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                           device=device, dtype=dtype)
                     dense.weight.copy_(child.dequantized_weight())
                     if child.bias is not None:
                         dense.bias.copy_(child.bias)

@@ -53,15 +53,16 @@ def test_weight_is_the_decoded_matrix_in_the_models_dtype(rotate, monkeypatch):
 
 def test_decoded_linears_compute_what_the_quantized_layers_do_and_put_them_back():
     """Inside ``decoded_linears`` every quantized layer (plain, rotated with padding, trellis) is an
-    ``nn.Linear`` holding its decoded weight: the same outputs; afterwards the very same quantized modules
-    are back, also when the body raises."""
+    ``nn.Linear`` holding its decoded weight: the same outputs, in the input's dtype as the op gives them
+    (also for a layer whose model stores float16, as a streamed run's does); afterwards the very same
+    quantized modules are back, also when the body raises."""
     from rvqllm.nn import TrellisLinear, decoded_linears
     from rvqllm.rvq import trellis
     from rvqllm.rvq.trellis_layer import quantize_weight_trellis
 
     torch.manual_seed(0)
     plain = QuantizedLinear.from_rvq(quantize_weight(torch.randn(24, 30), None, vector_dim=8, stages=2, bits=6,
-                                                     kmeans_iters=3), 6, torch.randn(24), torch.float32)
+                                                     kmeans_iters=3), 6, torch.randn(24), torch.float16)
     rotated = QuantizedLinear.from_rvq(quantize_weight(torch.randn(30, 24), None, vector_dim=8, stages=2, bits=6,
                                                        kmeans_iters=3, rotate=True), 6, None, torch.float32)
     table = trellis.gaussian_lut(5).half().float()
@@ -79,6 +80,7 @@ def test_decoded_linears_compute_what_the_quantized_layers_do_and_put_them_back(
             assert len(dense) == 3 and not any(isinstance(m, QuantizedLinear) for m in model.modules())
             assert [m.weight.shape for m in dense] == [(24, 30), (30, 24), (20, 30)]
             got = model(x)
+    assert got.dtype == expect.dtype == torch.float32
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
     assert [model[0], model[2], model[3][0]] == originals
     with pytest.raises(RuntimeError, match="boom"), decoded_linears(model):
