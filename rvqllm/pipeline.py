@@ -428,6 +428,11 @@ class _Walk:
             if source.streaming:
                 for name, module in layers.items():
                     _check_weight(name, linear_weight(module))
+        calib = self._calib_dtype(block)  # decided on the float block
+
+        def calib_context():
+            return nullcontext() if calib is None else torch.autocast(self.device.type, dtype=calib)
+
         with meter.stage("calibrate"):
             fp_next = None
             if self.fp is not None:  # the float block on the float model's inputs: the next fp inputs
@@ -439,7 +444,7 @@ class _Walk:
             targets, tuned = None, set(self._finetuned_batches())
             if cfg.finetune_epochs > 0:
                 targets = fp_next if cfg.finetune_target == "model" else MemoryActivations()
-            with HessianCollector(layers) as collector, torch.no_grad(), self._calib_autocast(block):
+            with HessianCollector(layers) as collector, torch.no_grad(), calib_context():
                 for j, kw in self.kwargs.items():
                     collector.new_pass()
                     out = block(self.store.get(j).to(self.device), **kw)
@@ -499,7 +504,7 @@ class _Walk:
                                          "finetune_attempts": tune_stats["attempts"],
                                          "finetune_lr": tune_stats["lr"], "finetune_kept": tune_stats["tuned"]}
         elif outputs is not None:
-            with meter.stage("forward"), decoded_linears(block), self._calib_autocast(block):
+            with meter.stage("forward"), decoded_linears(block), calib_context():
                 _forward(block, self.store, self.kwargs, outputs, self.device)
         if outputs is not None:
             self.store = outputs
@@ -626,16 +631,21 @@ class _Walk:
         device has it natively and float32 elsewhere (said once)."""
         return self._compute_dtype("tune_dtype", "tuning", "session 9")
 
-    def _calib_autocast(self, block: nn.Module):
-        """The context the calibration's passes through ``block`` run in: ``calib_dtype``. "auto" leaves a
-        block that already computes in 16 bits as it is (bfloat16 would only lose float16's precision)."""
-        if self.config.calib_dtype == "auto" and not any(
-                p.dtype == torch.float32 for p in block.parameters()):
-            return nullcontext()
+    def _calib_dtype(self, block: nn.Module) -> torch.dtype | None:
+        """The dtype the calibration's passes through the float ``block`` and its coded self multiply in
+        (None: as the block computes): ``calib_dtype``. "auto" leaves a block that already computes in 16
+        bits as it is (bfloat16 would only lose float16's precision)."""
+        if self.config.calib_dtype == "auto" and not any(p.dtype == torch.float32 for p in block.parameters()):
+            return None
         dtype = self._compute_dtype("calib_dtype", "calibration", "session 25")
-        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+        if dtype is not None and not native_bf16(self.device):
+            warn_once(f"calib-emulated-{self.device.type}", f"calib_dtype bfloat16: this {self.device.type.upper()} "
+                      "has no native bfloat16 arithmetic, so the calibration passes are emulated and slower than in "
+                      "float32; set calib_dtype: auto or float32 in the config")
+        return dtype
 
     def _compute_dtype(self, field_name: str, what: str, where: str) -> torch.dtype | None:
+        """The dtype config field ``field_name`` asks for (None: float32), "auto" resolved on this device."""
         want = getattr(self.config, field_name)
         if want == "auto" and not native_bf16(self.device):
             warn_once(f"auto-float32-{field_name}-{self.device.type}",

@@ -66,7 +66,8 @@ def test_same_seed_same_codes(calib_ids):
 
 def test_calib_dtype_reaches_the_calibration_passes_and_stays_close_to_float32(calib_ids, monkeypatch):
     """``calib_dtype``: the Hessians' pass and the quantized block's pass run under bfloat16 autocast
-    ("bfloat16", or "auto" where native; "auto" elsewhere says once that it falls back), the latter through
+    ("bfloat16", or "auto" where native; "auto" elsewhere says once that it falls back, "bfloat16" there once
+    that it is emulated), the latter through
     decoded dense layers; the coded model is about as close to the float model as the float32-calibrated one;
     a model that computes in 16 bits already keeps its dtype under "auto"."""
     import warnings
@@ -104,6 +105,8 @@ def test_calib_dtype_reaches_the_calibration_passes_and_stays_close_to_float32(c
         assert seen == [("hessians", bf16, False), ("forward", bf16, False), ("hessians", bf16, False)], seen
         fell_back = [w for w in said if "calib_dtype auto" in str(w.message)]
         assert len(fell_back) == (dtype == "auto" and not native), fell_back
+        emulated = [w for w in said if "calib_dtype bfloat16" in str(w.message) and "emulated" in str(w.message)]
+        assert len(emulated) == (dtype == "bfloat16" and not native), emulated  # said once, not per block
         with torch.no_grad():
             logits[dtype, native] = model(ids).logits
     with torch.no_grad():
