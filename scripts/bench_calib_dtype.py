@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -52,8 +53,6 @@ def _pass(block, inputs, bf16: bool) -> float:
 
 def _quantized_copy(block) -> torch.nn.Module:
     """The block with every linear layer coded (``2bit-fast``'s code without a Hessian: speed only)."""
-    import copy
-
     q = copy.deepcopy(block)
     for parent in list(q.modules()):
         for name, child in list(parent.named_children()):

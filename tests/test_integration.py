@@ -66,10 +66,10 @@ def test_same_seed_same_codes(calib_ids):
 
 def test_calib_dtype_reaches_the_calibration_passes_and_stays_close_to_float32(calib_ids, monkeypatch):
     """``calib_dtype``: the Hessians' pass and the quantized block's pass run under bfloat16 autocast
-    ("bfloat16", or "auto" where native; "auto" elsewhere says once that it falls back, "bfloat16" there once
-    that it is emulated), the latter through
-    decoded dense layers; the coded model is about as close to the float model as the float32-calibrated one;
-    a model that computes in 16 bits already keeps its dtype under "auto"."""
+    ("bfloat16", or "auto" where native; "auto" elsewhere says once that it falls back, "bfloat16" there
+    once that it is emulated), the latter through decoded dense layers; the coded model is about as close
+    to the float model as the float32-calibrated one; a model that computes in 16 bits already keeps its
+    dtype under "auto"."""
     import warnings
 
     import rvqllm.pipeline as P
@@ -100,7 +100,7 @@ def test_calib_dtype_reaches_the_calibration_passes_and_stays_close_to_float32(c
         model = tiny_llama()
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
-            rvqllm.quantize(model, rvqllm.RVQConfig(**{**CFG.to_dict(), "calib_dtype": dtype}), calib_ids)
+            rvqllm.quantize(model, CFG.replace(calib_dtype=dtype), calib_ids)
         # two blocks: each has a Hessian pass; the first feeds the second through its dense, decoded layers
         assert seen == [("hessians", bf16, False), ("forward", bf16, False), ("hessians", bf16, False)], seen
         fell_back = [w for w in said if "calib_dtype auto" in str(w.message)]
@@ -118,8 +118,7 @@ def test_calib_dtype_reaches_the_calibration_passes_and_stays_close_to_float32(c
     assert err["bfloat16", False] < 1.2 * err["float32", True]  # ... and codes as well as it
     seen.clear()  # a model that computes in 16 bits already: "auto" leaves it so
     monkeypatch.setattr(P, "native_bf16", lambda device: True)
-    rvqllm.quantize(tiny_llama().to(torch.bfloat16), rvqllm.RVQConfig(**{**CFG.to_dict(), "calib_dtype": "auto"}),
-                    calib_ids)
+    rvqllm.quantize(tiny_llama().to(torch.bfloat16), CFG.replace(calib_dtype="auto"), calib_ids)
     assert [s[1] for s in seen] == [False, False, False], seen
     with pytest.raises(rvqllm.RVQError, match="calib_dtype='fp16' is unknown"):
         rvqllm.RVQConfig(calib_dtype="fp16")
