@@ -16,6 +16,7 @@ Because the code sees a device other than the CPU, its non-CPU branches run too 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 
@@ -220,43 +221,45 @@ def _q_digest(q) -> str:
 
 
 # ------------------------------------------------------------------------------ (a) the CPU bits are kept
-#: digests of the CPU results recorded before the math was made device-generic (torch 2.13.0+cpu, AVX512).
-#: BLAS kernels round differently on other CPUs / torch builds, so elsewhere the comparison is skipped.
+#: digests of the CPU results (torch 2.13.0+cpu, AVX512), first recorded before the math was made
+#: device-generic; re-recorded in session 26, whose k-means++ draws one uniform per codeword (inverse CDF)
+#: instead of racing exponentials and sums the weighted distances in one product: deliberate changes of
+#: the bits. BLAS kernels round differently on other CPUs / torch builds, so elsewhere the comparison is skipped.
 _RECORDED_ON = ("2.13.0+cpu", "AVX512")
 _DIGESTS = {
-    "rot0-ef0-beam1-ref0": "f3e8697aa559c10e",
-    "rot0-ef0-beam1-ref1": "5e3560266755b75b",
-    "rot0-ef0-beam4-ref0": "f3e8697aa559c10e",
-    "rot0-ef0-beam4-ref1": "f62a9ad5171cb36c",
-    "rot0-ef1-beam1-ref0": "c01d98b0cebac2db",
-    "rot0-ef1-beam1-ref1": "21b54ac6856a8f4d",
-    "rot0-ef1-beam4-ref0": "b68dfead47dcd029",
-    "rot0-ef1-beam4-ref1": "8041116ec14a0ff2",
-    "rot1-ef0-beam1-ref0": "1c2bfd1e9fddba5b",
-    "rot1-ef0-beam1-ref1": "41fa8eb9e4efbf51",
-    "rot1-ef0-beam4-ref0": "1c2bfd1e9fddba5b",
-    "rot1-ef0-beam4-ref1": "57f39d480f799fd8",
-    "rot1-ef1-beam1-ref0": "4d2d1245f65c5b18",
-    "rot1-ef1-beam1-ref1": "5aaead741cd5def1",
-    "rot1-ef1-beam4-ref0": "8eb3a3dd5ed16261",
-    "rot1-ef1-beam4-ref1": "6152347311633f24",
-    "nohess": "926a7a7eb5047e60",
-    "nohess-rot-beam4-ref1": "747c6c07a3f4c586",
-    "diag": "f3e8697aa559c10e",
-    "diag-rot": "5d0b2ae2442ff310",
-    "dead-ef-beam4": "30a15d9efbbfe55c",
-    "dead-ef-rot": "132ab4b45eb81d11",
-    "fp32hess-ef": "c01d98b0cebac2db",
-    "unweighted": "926a7a7eb5047e60",
-    "d8-s3-b5-ef-rot": "58e90c0e76abd4ba",
+    "rot0-ef0-beam1-ref0": "dba8a41df796b998",
+    "rot0-ef0-beam1-ref1": "f2ed04c87930eb2d",
+    "rot0-ef0-beam4-ref0": "dba8a41df796b998",
+    "rot0-ef0-beam4-ref1": "0389063209b0f15c",
+    "rot0-ef1-beam1-ref0": "dd1b1c641336141d",
+    "rot0-ef1-beam1-ref1": "89865c191acebbfe",
+    "rot0-ef1-beam4-ref0": "175d85bd683862f7",
+    "rot0-ef1-beam4-ref1": "2631b112a88140dd",
+    "rot1-ef0-beam1-ref0": "5fb9ad4567454810",
+    "rot1-ef0-beam1-ref1": "52cf3c0a3738468a",
+    "rot1-ef0-beam4-ref0": "5fb9ad4567454810",
+    "rot1-ef0-beam4-ref1": "159a5df402b41049",
+    "rot1-ef1-beam1-ref0": "c14b7bd6180c64ed",
+    "rot1-ef1-beam1-ref1": "c6d020eac7b8bd23",
+    "rot1-ef1-beam4-ref0": "75413f578800ec96",
+    "rot1-ef1-beam4-ref1": "d24db21c26300d8a",
+    "nohess": "c1302118cc0bf4fd",
+    "nohess-rot-beam4-ref1": "d89d441164a021d4",
+    "diag": "dba8a41df796b998",
+    "diag-rot": "0cdb4ed28c6238d3",
+    "dead-ef-beam4": "c60dc7fc97be6308",
+    "dead-ef-rot": "0153dc6a78d33b60",
+    "fp32hess-ef": "dd1b1c641336141d",
+    "unweighted": "c1302118cc0bf4fd",
+    "d8-s3-b5-ef-rot": "799176239676701b",
     # the pieces on their own (see _pieces)
-    "km-degenerate": "ca97033a18f353b7",
-    "km-degenerate-40": "753aa1bc34f1ffeb",
+    "km-degenerate": "4eb217dd5b2ab8d7",
+    "km-degenerate-40": "05a9ced4bfcada55",
     "km-zero-weights": "06743ea6df45918c",
-    "km-subsample": "0ccb03e0042317d6",
-    "learn-uniform-refit": "f8f95202c7b447c8",
-    "encode-beam5-wt": "e79542ff805a795d",
-    "refine": "9ccdaad6756e62e9",
+    "km-subsample": "37931acea7cad5ca",
+    "learn-uniform-refit": "b8acddeabb962f55",
+    "encode-beam5-wt": "e9ea657b9a4f52f7",
+    "refine": "8f472a62202a334a",
     "rotate-hessian": "b5e56b33fea7a67b",
     "hessian-collector": "173319d5b9ec1896",
 }
@@ -264,8 +267,10 @@ _DIGESTS = {
 
 #: the same results on a second AVX-512 machine (one with avx512_fp16/bf16 too) whose float64 matmul rounds
 #: the rotated Hessian differently: the code before session 6 (b54e921) gives exactly these there as well,
-#: so they are the platform's, not a change of the math. Only these two digests differ between the machines.
-_ALTERNATES = {"rotate-hessian": {"72dcf2db0345a00c"}, "d8-s3-b5-ef-rot": {"d16371f5a336d078"}}
+#: so they are the platform's, not a change of the math. Only two digests differed between the machines (this one and `d8-s3-b5-ef-rot`).
+_ALTERNATES = {"rotate-hessian": {"72dcf2db0345a00c"}}
+#: ... whose digest for these was not re-recorded in session 26 (no such machine was at hand): there they are skipped
+_UNKNOWN_ON_ALTERNATE = {"d8-s3-b5-ef-rot"}
 
 
 def _known(name: str, digest: str) -> bool:
@@ -276,6 +281,7 @@ def _same_platform() -> bool:
     return (torch.__version__, torch.backends.cpu.get_cpu_capability()) == _RECORDED_ON
 
 
+@functools.lru_cache(maxsize=1)
 def _pieces() -> dict[str, str]:
     """Digests of k-means (incl. its degenerate seeding paths), re-fits, beam coding, rotation, Hessians."""
     g = torch.Generator().manual_seed(5)
@@ -316,6 +322,9 @@ def _pieces() -> dict[str, str]:
 @pytest.mark.skipif(not _same_platform(), reason=f"digests recorded on torch/CPU {_RECORDED_ON}")
 @pytest.mark.parametrize("name,hess,kw", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_cpu_bits_unchanged(name, hess, kw):
+    if name in _UNKNOWN_ON_ALTERNATE and _pieces()["rotate-hessian"] in _ALTERNATES["rotate-hessian"]:
+        pytest.skip(f"{name}: this platform's float64 products round the rotated Hessian differently, and its "
+                    "digest was not re-recorded after session 26's k-means change")
     w, h = _inputs(hess)
     got = _q_digest(_quantize(w, h, **kw))
     assert _known(name, got), (got, _DIGESTS[name])
@@ -327,8 +336,8 @@ def test_cpu_bits_unchanged_pieces():
     assert all(_known(k, v) for k, v in got.items()), {k: (v, _DIGESTS[k]) for k, v in got.items() if not _known(k, v)}
 
 
-def _multinomial_seeding(x, w, k, gen):
-    """k-means++ as it was: one ``torch.multinomial`` per codeword on host probabilities."""
+def _host_seeding(x, w, k, gen):
+    """k-means++ one codeword at a time on the host: each D^2 draw one uniform against the running sums."""
     n = x.shape[0]
     m = min(n, max(64 * k, 4096))
     idx = torch.randperm(n, generator=gen)[:m]
@@ -337,18 +346,20 @@ def _multinomial_seeding(x, w, k, gen):
     centers[0] = xs[int(torch.randint(m, (1,), generator=gen))]
     best = ((xs - centers[0]) ** 2 * ws).sum(1)
     for i in range(1, k):
-        total = best.sum()
-        if total <= 0:
+        cum = best.cumsum(0)
+        if cum[-1] <= 0:
             centers[i:] = xs[torch.randint(m, (k - i,), generator=gen)]
             break
-        centers[i] = xs[int(torch.multinomial(best / total, 1, generator=gen))]
+        u = float(torch.rand(1, generator=gen))
+        pick = min(int(torch.searchsorted(cum, torch.tensor([u]) * cum[-1], right=True)), m - 1)
+        centers[i] = xs[pick]
         best = torch.minimum(best, ((xs - centers[i]) ** 2 * ws).sum(1))
     return centers
 
 
 @pytest.mark.parametrize("distinct,k", [(None, 16), (None, 70), (5, 16), (40, 64), (0, 8)])
-def test_seeding_draws_what_multinomial_draws(distinct, k):
-    """The device-side D^2 draw is ``torch.multinomial``'s, pick for pick and generator state for state
+def test_seeding_draws_what_one_step_at_a_time_draws(distinct, k):
+    """The batched device-side D^2 draws are the host loop's, pick for pick and generator state for state
     (on any torch/CPU: no recorded digests), through the batch boundaries and the run-out paths."""
     g = torch.Generator().manual_seed(k)
     if distinct is None:
@@ -357,8 +368,31 @@ def test_seeding_draws_what_multinomial_draws(distinct, k):
         x = torch.randn(max(distinct, 1), 4, generator=g)[torch.randint(0, max(distinct, 1), (3000,), generator=g)]
     w = torch.rand(3000, 4, generator=g) * (distinct != 0)
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    assert torch.equal(kmeans._init_plus_plus(x, w, k, g1), _multinomial_seeding(x, w, k, g2))
+    assert torch.equal(kmeans._init_plus_plus(x, w, k, g1), _host_seeding(x, w, k, g2))
     assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_seeding_draws_in_proportion_to_the_weighted_distance():
+    """D^2 sampling: after the first center, each point is drawn with probability proportional to its
+    weighted squared distance to it (zero-weight points and the center itself never). Four points at
+    distances 0, 1, 4 and 9 (by weights) from a fixed first center, 4,000 seeds: frequencies within a few
+    standard errors of 0, 1/14, 4/14, 9/14."""
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [5.0]])
+    w = torch.tensor([[1.0], [1.0], [1.0], [1.0], [0.0]])  # the last point carries no weight
+    counts = torch.zeros(5)
+    trials = 4000
+    for seed in range(trials):
+        g = torch.Generator().manual_seed(seed)
+        centers = kmeans._init_plus_plus(x, w, 2, g)
+        if centers[0, 0] != 0.0:
+            continue  # keep the draws whose first center is the point at 0
+        counts[int((x[:, 0] == centers[1, 0]).nonzero())] += 1
+    n = counts.sum()
+    assert n > trials / 8  # the first center is uniform over the five points
+    want = torch.tensor([0.0, 1.0, 4.0, 9.0, 0.0]) / 14
+    got = counts / n
+    assert counts[0] == 0 and counts[4] == 0
+    assert torch.all((got - want).abs() <= 4 * (want * (1 - want) / n).sqrt() + 1e-9), (got, want)
 
 
 # ----------------------------------------------------------------------------- (b) it all stays on device

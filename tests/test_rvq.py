@@ -138,11 +138,19 @@ def test_hessian_damp_trades_calibration_fit_for_robustness(rotate):
     x = torch.randn(2048, 64, generator=g)
     x[:, 32:] *= 0.02  # the calibration barely uses half the input directions
     h = (x.T @ x).double()
-    kw = dict(vector_dim=4, stages=2, bits=4, seed=1, beam=1, rotate=rotate)
-    tight, damped = (quantize_weight(w, h, damp=d, **kw) for d in (0.01, 1.0))
     unseen = torch.diag(torch.cat([torch.zeros(32), torch.ones(32)])).double()  # text that uses the rest
-    assert _output_error(damped, w, unseen) < 0.85 * _output_error(tight, w, unseen)
-    assert _output_error(tight, w, h) < _output_error(damped, w, h)
+    # summed over four seeds: on one seed the calibration-metric cost is small enough (a few per cent)
+    # for the k-means draw to flip it (seeds 1 and 10 without rotation do)
+    tight_unseen = damped_unseen = tight_fit = damped_fit = 0.0
+    for seed in range(1, 5):
+        kw = dict(vector_dim=4, stages=2, bits=4, seed=seed, beam=1, rotate=rotate)
+        tight, damped = (quantize_weight(w, h, damp=d, **kw) for d in (0.01, 1.0))
+        tight_unseen += _output_error(tight, w, unseen)
+        damped_unseen += _output_error(damped, w, unseen)
+        tight_fit += _output_error(tight, w, h)
+        damped_fit += _output_error(damped, w, h)
+    assert damped_unseen < 0.85 * tight_unseen
+    assert tight_fit < 0.97 * damped_fit
 
 
 def test_hessian_damp_is_range_checked():

@@ -392,8 +392,10 @@ def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = 
     ``sum_j wt[n, j] * (x[n, j] - xhat[n, j])^2``; its expansion
     ``err(r) + wt @ c^2 - 2 (wt * r) @ c`` costs the same as the unweighted one.
     ``beam == 1`` is greedy (each stage takes the codeword nearest to what the earlier stages left);
-    ``beam > 1`` keeps the ``beam`` best partial sums after every stage; each vector then gets the better
-    of the best beam and the greedy code, so the result is never worse than greedy.
+    ``beam > 1`` keeps the ``beam`` best partial sums after every stage, so the result is never worse than
+    greedy: with two stages the greedy path is among those searched (its first word is the best one, and
+    every second word is tried after each kept first word); with more, each vector gets the better of the
+    best beam and the greedy code.
     The whole ``[n, beam, K]`` score block is materialised: chunk large inputs (:func:`encode_rvq_chunked`).
     All inputs on one device; the codes come back there, and nothing syncs with the host.
     """
@@ -417,25 +419,36 @@ def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = 
         def weigh(r: Tensor) -> Tensor:  # r [n, d] or [n, b, d]
             return r * (wt if r.dim() == 2 else wt[:, None, :])
 
+    if beam > 1 and stages == 2:  # the search contains the greedy path: no separate greedy pass
+        return _beam_search(x, codebooks, beam, word_norms, weigh)[0]
     greedy = torch.empty(n, stages, dtype=torch.long, device=x.device)
     r = x
     for s in range(stages):
         if k > BLOCKED_ABOVE:  # 2**16-entry codebooks: tile by tile, nothing of size n * k
             idx = nearest_blocked(r, codebooks[s], wt)
         else:
-            idx = (word_norms(s) - 2.0 * weigh(r) @ codebooks[s].T).argmin(1)
+            idx = torch.addmm(word_norms(s), weigh(r), codebooks[s].T, alpha=-2.0).argmin(1)
         greedy[:, s] = idx
         r = r - codebooks[s][idx]
     if beam <= 1 or stages == 1:
         return greedy
     greedy_err = (weigh(r) * r).sum(-1)
+    codes, best_err = _beam_search(x, codebooks, beam, word_norms, weigh)
+    return torch.where((best_err <= greedy_err)[:, None], codes, greedy)
+
+
+def _beam_search(x: Tensor, codebooks: Tensor, beam: int, word_norms, weigh) -> tuple[Tensor, Tensor]:
+    """The beam search of :func:`encode_rvq`: ``(codes [n, S] int64, their errors [n])`` of the best beam."""
+    n = x.shape[0]
+    stages, k, _ = codebooks.shape
     # beams: residuals [n, B, d], their (weighted) squared norms [n, B], their codes [n, B, s]
     res = x[:, None, :]
     err = (weigh(x) * x).sum(-1, keepdim=True)
     codes = torch.zeros(n, 1, 0, dtype=torch.long, device=x.device)
     for s in range(stages):
         b = res.shape[1]
-        total = err[:, :, None] + word_norms(s)[:, None, :] - 2.0 * weigh(res) @ codebooks[s].T  # [n, b, K]
+        # [n, b, K]: err + |c|^2 - 2 r.c, in place on the product
+        total = (weigh(res) @ codebooks[s].T).mul_(-2.0).add_(word_norms(s)[:, None, :]).add_(err[:, :, None])
         if s + 1 < stages:
             best, flat = total.reshape(n, b * k).topk(min(beam, b * k), dim=1, largest=False)
         else:  # the last stage only needs the best one (min is much cheaper than topk)
@@ -445,7 +458,7 @@ def encode_rvq(x: Tensor, codebooks: Tensor, beam: int = 1, wt: Tensor | None = 
         err = best
         codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, s)), word[..., None]], dim=2)
     best_err = (weigh(res[:, 0]) * res[:, 0]).sum(-1)  # topk is sorted: beam 0 is the best
-    return torch.where((best_err <= greedy_err)[:, None], codes[:, 0], greedy)
+    return codes[:, 0], best_err
 
 
 def encode_rvq_chunked(
