@@ -7,6 +7,7 @@ time (process time, so other load on the machine does not count).
 
     python scripts/bench_layer_techniques.py [--blocks 3 7] [--threads 1] [--sharing [--big]]
     python scripts/bench_layer_techniques.py --trellis [--trellis-bits 12 14 16] [--trellis-luts 5 8]
+    python scripts/bench_layer_techniques.py --beams 1 2 4 8 [--repeats 3]
 """
 
 from __future__ import annotations
@@ -194,6 +195,33 @@ def trellis_rows(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], state_bit
         print(f"| {name} | {mean:.5f} | {mean / base:.3f} | {bits / weights:.3f} | {cpu:.1f} |", flush=True)
 
 
+#: the 2bit-fast preset's coding (light k-means), whose beam width --beams varies
+FAST_KW = dict(vector_dim=8, stages=2, bits=8, kmeans_iters=10, kmeans_points=16, error_feedback=True, rotate=True,
+               damp=0.1)
+
+
+def beam_rows(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], beams: list[int], repeats: int) -> None:
+    """`2bit-fast`'s coding (:data:`FAST_KW`) at each beam width: mean relative output error and CPU seconds
+    for all layers, the fastest of ``repeats`` timed passes after one untimed warm-up pass."""
+    for w, h in layers.values():  # warm-up: first calls of each op, allocator
+        quantize_weight(w, h, beam=beams[0], **FAST_KW)
+    print(f"{len(layers)} layers; `2bit-fast`'s coding (10 k-means iterations on 16 points per codeword, rotation, "
+          f"error feedback, damp 0.1); CPU s = fastest of {repeats}\n")
+    print("| beam | rel. output error | vs beam 1 | CPU s | vs beam 1 |")
+    print("|---|---|---|---|---|")
+    base = None
+    for beam in beams:
+        cpu = float("inf")
+        for _ in range(repeats):
+            errs, t0 = [], time.process_time()
+            for w, h in layers.values():
+                errs.append(_rel_error(w, h, quantize_weight(w, h, beam=beam, **FAST_KW)))
+            cpu = min(cpu, time.process_time() - t0)
+        mean = sum(errs) / len(errs)
+        base = base or (mean, cpu)
+        print(f"| {beam} | {mean:.5f} | {mean / base[0]:.3f} | {cpu:.1f} | {cpu / base[1]:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, nargs="+", default=[3, 7])
@@ -211,9 +239,15 @@ def main() -> None:
     ap.add_argument("--trellis-gains", type=float, nargs="+", default=[1.0], help="factors on its codewords")
     ap.add_argument("--trellis-luts", type=int, nargs="*", default=[],
                     help="also codewords from 2**Q-entry tables of Gaussian quantiles, for each Q given")
+    ap.add_argument("--beams", type=int, nargs="+", default=[],
+                    help="only `2bit-fast`'s coding at these beam widths (error and CPU time)")
+    ap.add_argument("--repeats", type=int, default=3, help="with --beams: timed passes per width (fastest kept)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = capture(args.blocks)
+    if args.beams:
+        beam_rows(layers, args.beams, args.repeats)
+        return
     if args.sharing:
         sharing(layers, args.big, args.big_points, args.big_iters)
         return

@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", nargs="+", default=["kjv"], help="calibration sources passed to rvqllm quantize "
                     "(default: the offline reference KJV; a .txt file works where the reference is not installed)")
     ap.add_argument("--calib-sequences", type=int, default=None, help="override the preset's calibration sequences "
-                    "(default: the preset's, 64 for 2bit, 16 for 2bit-fast)")
+                    "(default: the preset's: 256 for 2bit, 48 for 2bit-fast)")
     ap.add_argument("--calib-seq-len", type=int, default=None, help="override the preset's tokens per sequence (512)")
     ap.add_argument("--vocab", choices=("real", "small"), default="real",
                     help="real: the model's own vocabulary (embeddings and lm_head at full size; default); small: the "
