@@ -137,9 +137,8 @@ def _init_plus_plus(x: Tensor, w: Tensor, k: int, gen: torch.Generator) -> Tenso
     first = int(torch.randint(m, (1,), generator=gen))  # a CPU tensor: no device sync
     centers[0] = xs[first]
     best = ((xs - centers[0]) ** 2 * ws).sum(1)
-    batch = _DRAW_BATCH
-    for i0 in range(1, k, batch):
-        steps = range(i0, min(k, i0 + batch))
+    for i0 in range(1, k, _DRAW_BATCH):
+        steps = range(i0, min(k, i0 + _DRAW_BATCH))
         states, draws = [], []
         for _ in steps:
             states.append(gen.get_state())
