@@ -36,6 +36,7 @@ from .kernels.cpu_build import warn_once
 from .nn import TRELLIS_KEY, QuantizedLinear, TrellisLinear
 from .placement import Placement
 from .rvq import pack, rotation, unpack
+from .rvq.lookup import lookup_sum
 from .rvq.residual import encode_rvq_chunked
 
 
@@ -56,9 +57,6 @@ class _TrainableRVQ(nn.Module):
         self.log_gain = nn.Parameter(torch.zeros(layer.out_features, device=layer.scales.device))
         self.bias = nn.Parameter(layer.bias.detach().float().clone()) if layer.bias is not None else None
         self.register_buffer("base_scales", layer.scales.detach().float().clone(), persistent=False)
-        stages, k = layer.codebooks.shape[0], layer.codebooks.shape[1]
-        # stage s's codes index codebooks.reshape(S*K, d) from s*K on
-        self.register_buffer("offsets", torch.arange(stages, device=layer.codes.device) * k, persistent=False)
         # a trellis layer: its table index per weight [out * in, 1], decoded from the walks once (uint8: the
         # walks never change during tuning, and 1 byte a weight for one layer's wrapper at a time)
         self.indices = (layer.table_indices().to(torch.uint8).reshape(-1, 1)
@@ -73,14 +71,14 @@ class _TrainableRVQ(nn.Module):
     def vectors(self) -> Tensor:
         """``[out*G, d]`` float32: every group's decoded vector (before its row's scale)."""
         if self.indices is not None:
-            return self._decode(self.indices.long())
+            return self._decode(self.indices)
         # int64 codes [out*G, S] made here, not kept: 8x the stored codes' bytes, for one layer at a time
         return self._decode(unpack(self._layer[0].codes).reshape(-1, self.codebooks.shape[0]))
 
     def _decode(self, codes: Tensor) -> Tensor:
-        """``codes [n, S]`` int64 → their vectors ``[n, d]`` under the current codebooks."""
-        stages, k, d = self.codebooks.shape
-        return self.codebooks.reshape(stages * k, d)[codes + self.offsets].sum(1)
+        """``codes [n, S]`` integer → their vectors ``[n, d]`` under the current codebooks (differentiable in
+        them: :func:`rvqllm.rvq.lookup.lookup_sum`)."""
+        return lookup_sum(self.codebooks, codes)
 
     def coded_weight(self) -> Tensor:
         """``[out, in_features]`` float32 (the coded basis: ``W R`` in a rotated layer), differentiable in
