@@ -73,8 +73,9 @@ class HessianCollector:
 
     Use as a context manager around forward passes; read :attr:`hessians` and :attr:`tokens` after.
     Each ``H`` lives on the device of the layer's inputs (a GPU for a model on a GPU) and is accumulated
-    there: ``x^T x`` is formed in float32 and added into the float64 sum in place, with no float64 copy
-    of the product and no trip to the host.
+    there: ``x^T x`` is formed in float32 (or, inside ``torch.autocast``, as autocast multiplies: bfloat16
+    inputs with float32 accumulation, as ``calib_dtype: bfloat16`` runs it) and added into the float64 sum
+    in place, with no float64 copy of the product and no trip to the host.
     """
 
     def __init__(self, layers: dict[str, nn.Module]):
@@ -118,7 +119,7 @@ class HessianCollector:
             if name not in self.hessians:
                 self.hessians[name] = torch.zeros(in_features, in_features, dtype=torch.float64, device=x.device)
                 self.tokens[name] = 0
-            self.hessians[name].add_(flat.T @ flat)  # fp32 product, widened exactly inside the fp64 add
+            self.hessians[name].add_(flat.T @ flat)  # fp32 (bf16 under autocast) product, widened inside the fp64 add
             self.tokens[name] += flat.shape[0]
 
         return hook

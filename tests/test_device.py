@@ -16,6 +16,7 @@ Because the code sees a device other than the CPU, its non-CPU branches run too 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -501,6 +502,24 @@ def test_hessian_collector_accumulates_on_the_input_device():
     h = col.hessians["p"]
     assert isinstance(h, _Sim) and h.dtype == torch.float64 and col.tokens["p"] == 30
     assert torch.equal(from_sim(h), ref.hessians["p"])
+
+
+def test_hessian_products_are_float32_or_what_autocast_multiplies_in():
+    """What the docs say of ``calib_dtype``: outside autocast each pass's ``xᵀx`` is a float32 product; under
+    bfloat16 autocast it is autocast's product (bfloat16 inputs, float32 accumulation, a bfloat16 result),
+    summed in float64 either way."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(64, 12, generator=g) for _ in range(3)]
+    want32 = sum((x.T @ x).double() for x in xs)
+    want16 = sum((x.bfloat16().T @ x.bfloat16()).double() for x in xs)
+    for ctx, want in ((contextlib.nullcontext(), want32), (torch.autocast("cpu", dtype=torch.bfloat16), want16)):
+        with ctx, HessianCollector({"p": _Probe()}) as col:
+            for x in xs:
+                col.new_pass()
+                col.layers["p"](x)
+        assert col.hessians["p"].dtype == torch.float64
+        assert torch.equal(col.hessians["p"], want)
+    assert not torch.equal(want32, want16)
 
 
 def test_no_out_by_in_by_codewords_blocks():
