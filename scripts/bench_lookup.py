@@ -19,11 +19,6 @@ import time
 import torch
 
 
-def _indexed(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    stages, k, d = table.shape
-    return table.reshape(stages * k, d)[codes.long() + torch.arange(stages, device=codes.device) * k].sum(1)
-
-
 def _layer_ms(fn, table, codes, grad, n: int = 7) -> tuple[float, float]:
     fwd, bwd = [], []
     for _ in range(n + 1):
@@ -43,13 +38,13 @@ def main() -> None:
     ap.add_argument("--layer-only", action="store_true", help="time the single layer and stop")
     args = ap.parse_args()
 
-    from rvqllm.rvq.lookup import lookup_sum
+    from rvqllm.rvq.lookup import indexed_sum, lookup_sum
 
     gen = torch.Generator().manual_seed(0)
     table = torch.randn(2, 256, 8, generator=gen, requires_grad=True)
     codes = torch.randint(0, 256, (1536 * 576 // 8, 2), generator=gen)
     grad = torch.randn(codes.shape[0], 8, generator=gen)
-    old, new = _layer_ms(_indexed, table, codes, grad), _layer_ms(lookup_sum, table, codes, grad)
+    old, new = _layer_ms(indexed_sum, table, codes, grad), _layer_ms(lookup_sum, table, codes, grad)
     print(f"one 1536 x 576 layer, {torch.get_num_threads()} threads: indexing {old[0]:.2f} ms forward, "
           f"{old[1]:.2f} ms backward; sparse {new[0]:.2f} / {new[1]:.2f} ms: "
           f"x{old[0] / new[0]:.1f} / x{old[1] / new[1]:.1f}", flush=True)
@@ -73,7 +68,7 @@ def main() -> None:
     start = copy.deepcopy(model.state_dict())
     autocast = torch.bfloat16 if finetune.native_bf16(torch.device("cpu")) else None
     rows = []
-    for name, fn in (("indexing", _indexed), ("sparse", lookup_sum)):
+    for name, fn in (("indexing", indexed_sum), ("sparse", lookup_sum)):
         model.load_state_dict(start)
         finetune.lookup_sum = fn  # what _TrainableRVQ decodes with
         t0 = time.perf_counter()

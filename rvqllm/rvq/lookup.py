@@ -11,10 +11,10 @@ another few per cent. Here both directions are sparse products instead:
   so each codeword sums its vectors' gradients in one fixed order on every run).
 
 ``scripts/bench_lookup.py`` times both ways in one run: per 1536 x 576 layer (8-dim vectors, 2 stages x
-256, 2 CPU threads) about x4-7 faster forward and x3-4 backward; a whole distillation epoch of the
-reference model x1.2 faster (docs/RESULTS.md, session 27). Nothing is kept between calls: ``Aᵀ`` is built in backward from the codes
-saved by forward (in the smallest integer dtype that holds them: a byte each at 256 codewords, where
-indexing saves 8), so codes that change between steps need nothing.
+256, 2 CPU threads) about x4 faster forward and x3-4 backward; a whole distillation epoch of the reference
+model x1.16-1.21 (docs/RESULTS.md, session 27). Nothing is kept between calls: ``Aᵀ`` is built in backward
+from the codes saved by forward (in the smallest integer dtype that holds them: a byte each at 256
+codewords, where indexing saves 8), so codes that change between steps need nothing.
 
 The sparse products are CPU-only here (a GPU keeps indexing, whose gradient there is already a sorted
 parallel reduction, and this path has not been measured on one).
@@ -87,10 +87,14 @@ def lookup_sum(table: Tensor, codes: Tensor) -> Tensor:
     float32: ``sum_s table[s, codes[:, s]]``, differentiable in ``table``. On a CPU tensor the sparse
     products of the module docstring; elsewhere indexing (the same values; gradients equal up to the order
     of float addition)."""
-    stages, k, d = table.shape
     if table.dtype != torch.float32:
         raise TypeError(f"lookup_sum needs a float32 table, got {table.dtype}")
     if table.device.type != "cpu":
-        offsets = torch.arange(stages, device=codes.device) * k
-        return table.reshape(stages * k, d)[codes.long() + offsets].sum(1)
+        return indexed_sum(table, codes)
     return _LookupSum.apply(table, codes)
+
+
+def indexed_sum(table: Tensor, codes: Tensor) -> Tensor:
+    """:func:`lookup_sum` by plain indexing (what a GPU uses, and what the CPU used before session 27)."""
+    stages, k, d = table.shape
+    return table.reshape(stages * k, d)[codes.long() + torch.arange(stages, device=codes.device) * k].sum(1)
