@@ -7,7 +7,7 @@ code and no distillation, then distilled one epoch from that same state with eac
 autocast as the presets tune on a CPU with it natively), on the same batches against the same teacher.
 Printed: seconds, their ratio and the KL each reached (they differ only by the order of float additions).
 
-    OMP_NUM_THREADS=2 python scripts/bench_lookup.py --sequences 16
+    OMP_NUM_THREADS=2 python scripts/bench_lookup.py --sequences 16 [--profile]
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sequences", type=int, default=16, help="calibration sequences of 512 tokens (default 16)")
     ap.add_argument("--layer-only", action="store_true", help="time the single layer and stop")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed epochs, one more epoch of each under torch.profiler: its top operators by CPU time "
+                         "(the profiler's overhead inflates small operators)")
     args = ap.parse_args()
 
     from rvqllm.rvq.lookup import indexed_sum, lookup_sum
@@ -75,6 +78,14 @@ def main() -> None:
         before, after = finetune.distill_model(model, list(blocks), batches, teacher, epochs=1, lr=cfg.distill_lr,
                                                autocast=autocast)
         rows.append((name, time.perf_counter() - t0, before, after))
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            model.load_state_dict(start)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                finetune.distill_model(model, list(blocks), batches, teacher, epochs=1, lr=cfg.distill_lr,
+                                       autocast=autocast)
+            print(f"\n{name}, profiled epoch:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     finetune.lookup_sum = lookup_sum
     print(f"\nwhole-model distillation, {args.sequences} sequences, one epoch, "
           f"{'bfloat16 autocast' if autocast else 'float32'}, {torch.get_num_threads()} threads:")
