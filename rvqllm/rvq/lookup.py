@@ -2,7 +2,7 @@
 
 Decoding an RVQ weight is ``out[i] = sum_s table[s, codes[i, s]]``. Indexing does that, but on a CPU
 its gradient (an accumulating ``index_put``: every vector's gradient added into its codeword one row at
-a time) took about a sixth of a whole-model distillation step on the reference model, and the gather
+a time) took 14 % of a whole-model distillation epoch on the reference model, and the gather
 another few per cent. Here both directions are sparse products instead:
 
 - forward: ``A @ table`` with ``A [n, S*K]`` the 0/1 matrix of the codes (``S`` ones per row), which is
