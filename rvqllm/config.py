@@ -59,6 +59,7 @@ class RVQConfig:
     distill_lr: float | str = "auto"  #: Adam learning rate of the distillation, or "auto": from the code's bits per weight b, 1e-3 x 10^(-(b-2)/2) (1e-3 at 2 bits, 3.2e-4 at 3, 1e-4 at 4: rvqllm.finetune.distill_rate)
     distill_sequences: int = 0  #: distil on the first this many calibration sequences only (0: all); the Hessians use all
     distill_lr_decay: bool = False  #: epochs after the first decay the learning rate to 0 (cosine); off: constant
+    distill_lr_tail: float = 0.0  #: the last this share of all distillation steps decays the learning rate to 0 (cosine), one epoch too; 0: constant
     distill_code_fraction: float = 0.0  #: codes move in distillation: share of each layer's groups re-encoded per update (0 = frozen; costs 3 fp32 copies of the weights)
     distill_code_every: int = 8  #: Adam steps between those code updates
     distill_code_lr: float = 1e-2  #: Adam learning rate of the float shadows the moving codes follow
@@ -122,6 +123,12 @@ class RVQConfig:
              f"finetune_sequences={self.finetune_sequences!r} must be a non-negative integer (0: every calibration sequence)")
         need(isinstance(self.distill_lr_decay, bool),
              f"distill_lr_decay={self.distill_lr_decay!r} must be true or false")
+        need(isinstance(self.distill_lr_tail, int | float) and not isinstance(self.distill_lr_tail, bool)
+             and 0 <= self.distill_lr_tail <= 1,
+             f"distill_lr_tail={self.distill_lr_tail!r} is out of range: use 0 (constant rate) to 1 (a cosine over "
+             "the whole distillation); 0.3 decays over the last 30% of the steps")
+        need(not (self.distill_lr_decay and self.distill_lr_tail > 0),
+             "distill_lr_decay and distill_lr_tail are two schedules: set one of them")
         need(isinstance(self.distill_code_fraction, int | float) and 0 <= self.distill_code_fraction <= 1,
              f"distill_code_fraction={self.distill_code_fraction!r} is out of range: use 0 (codes frozen) to 1 "
              "(0.01 re-encodes 1% of each layer's groups per update)")

@@ -236,8 +236,8 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
           storage_dtype: torch.dtype | None, evaluate_after: Callable[[], float] | None = None,
           placement: Placement | None = None, code_fraction: float = 0.0,
           code_every: int = RVQConfig.distill_code_every, code_lr: float = RVQConfig.distill_code_lr,
-          stats: dict | None = None, lr_decay: bool = False,
-          autocast: torch.dtype | None = None) -> tuple[float, float, bool]:
+          stats: dict | None = None, lr_decay: bool = False, lr_tail: float = 0.0,
+          total_steps: int = 0, autocast: torch.dtype | None = None) -> tuple[float, float, bool]:
     """Adam on every :class:`QuantizedLinear` under ``root`` (codebooks, scale gains, biases) and on
     ``float_params``, one step per loss that ``losses()`` yields, ``epochs`` times; then round to the
     stored precision and keep the result only if ``evaluate_after()`` (default ``evaluate``; lower is
@@ -258,6 +258,9 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
     With ``lr_decay`` the first epoch runs at the full learning rates and the later ones decay them to zero
     along a cosine (a warm-stable-decay schedule: the first epoch counts the steps an epoch takes, so
     nothing needs to know it in advance); with one epoch the rates stay constant.
+    With ``lr_tail`` in (0, 1] the last that share of ``total_steps`` (every step of every epoch, the same
+    count on every rank) decays the learning rates to zero along a cosine, the steps before it at the full
+    rates; it works within a single epoch.
     With ``autocast`` (``torch.bfloat16``) the training steps' forward passes (and so their backward)
     multiply in that dtype (``torch.autocast``; :func:`_warn_if_emulated`); parameters, Adam's state, the losses' reductions and the
     evaluations that decide what is kept stay float32.
@@ -305,6 +308,11 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
                         break
                     if lr_decay and epoch > 0 and per_epoch > 0:
                         done = (step - per_epoch) / (per_epoch * (epochs - 1))  # of the decay phase, in [0, 1)
+                        for g, base in zip(opt.param_groups, base_lrs, strict=True):
+                            g["lr"] = base * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+                    if lr_tail > 0 and total_steps > 0:
+                        start = total_steps * (1.0 - lr_tail)
+                        done = max(step - start, 0.0) / (total_steps - start)  # of the tail, in [0, 1)
                         for g, base in zip(opt.param_groups, base_lrs, strict=True):
                             g["lr"] = base * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
                     opt.zero_grad(set_to_none=True)
@@ -659,6 +667,7 @@ def distill_model(
     code_lr: float = RVQConfig.distill_code_lr,
     stats: dict | None = None,
     lr_decay: bool = False,
+    lr_tail: float = 0.0,
     autocast: torch.dtype | None = None,
 ) -> tuple[float, float]:
     """Tune every quantized layer and the blocks' float parameters (norms) of ``model`` at once so its
@@ -675,6 +684,7 @@ def distill_model(
     ``code_fraction`` / ``code_every`` / ``code_lr``: codes that move during the distillation (PV-style,
     see :func:`_tune`; fraction 0 keeps them frozen); ``stats`` gets the code-change figures.
     ``lr_decay``: the epochs after the first decay the learning rates to zero (:func:`_tune`).
+    ``lr_tail``: the last that share of all steps decays them to zero, within one epoch too (:func:`_tune`).
     ``autocast``: ``torch.bfloat16`` to train in it (:func:`_tune`; the KL itself is float32).
     """
     _check_chunk(chunk_tokens)
@@ -705,8 +715,21 @@ def distill_model(
         before, after, _ = _tune(model, float_params, evaluate, losses, epochs=epochs, lr=lr,
                                  storage_dtype=storage_dtype, placement=placement, code_fraction=code_fraction,
                                  code_every=code_every, code_lr=code_lr, stats=stats, lr_decay=lr_decay,
+                                 lr_tail=lr_tail,
+                                 total_steps=epochs * _steps_per_epoch(batches, micro_batch, placement) if lr_tail > 0 else 0,
                                  autocast=autocast)
     return before, after
+
+
+def _steps_per_epoch(batches: list[Tensor], micro_batch: int, placement: Placement | None) -> int:
+    """Adam steps one epoch of :func:`distill_model` takes: the most micro-batches any rank has (the ranks
+    step together until the last one runs out)."""
+    mine = sum(-(-ids.shape[0] // micro_batch) for ids in batches)
+    if placement is None or placement.world <= 1:
+        return mine
+    counts = torch.zeros(placement.world, dtype=torch.float64, device=placement.device)
+    counts[placement.rank] = mine
+    return int(placement.all_reduce_sum(counts).max().item())
 
 
 def distill_rate(code_bpw: float) -> float:

@@ -684,7 +684,8 @@ class _Walk:
                                           storage_dtype=self._storage_dtype(), chunk_tokens=cfg.distill_chunk_tokens,
                                           placement=self.place, code_fraction=cfg.distill_code_fraction,
                                           code_every=cfg.distill_code_every, code_lr=cfg.distill_code_lr,
-                                          stats=codes, lr_decay=cfg.distill_lr_decay, autocast=self._autocast())
+                                          stats=codes, lr_decay=cfg.distill_lr_decay,
+                                          lr_tail=cfg.distill_lr_tail, autocast=self._autocast())
             self.report.distill = {"kl_before": before, "kl_after": after, "lr": lr,
                                    "seconds": round(time.perf_counter() - t0, 3),
                                    **codes, **{k: v for k, v in meter.result().items() if k.startswith("peak")}}

@@ -793,3 +793,47 @@ def test_lr_decay_keeps_the_first_epoch_and_then_decays_along_a_cosine(calib_ids
     assert all(a > b for a, b in zip(decay, decay[1:], strict=False)) and (not decay or decay[-1] < 3e-4)
     assert all(lrs[0] == lrs[1] for lrs in seen)  # every parameter group follows the same schedule
     assert after < before
+
+
+@pytest.mark.parametrize(("epochs", "tail"), [(1, 1.0), (1, 0.5), (2, 0.25)])
+def test_lr_tail_decays_the_last_share_of_all_steps(calib_ids, monkeypatch, epochs, tail):
+    """``lr_tail``: the steps before the last ``tail`` share of all steps (across epochs) at the full rate,
+    the tail from the full rate towards zero along ``0.5 (1 + cos(pi t / n))``, within one epoch too (which
+    ``lr_decay`` cannot do). The rates are read off the optimizer at each step."""
+    import math
+
+    from rvqllm.finetune import distill_model, teacher_topk
+
+    batches = [calib_ids[:4], calib_ids[4:]]  # 8 sequences, micro-batch 2: 4 steps per epoch
+    teacher = teacher_topk(tiny_llama(), batches, k=16)
+    model = tiny_llama()
+    rvqllm.quantize(model, rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3), calib_ids)
+    seen, real_step = [], torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    before, after = distill_model(model, list(model.model.layers), batches, teacher, epochs=epochs, lr=3e-3,
+                                  micro_batch=2, lr_tail=tail)
+    total = 4 * epochs
+    flat = total - round(tail * total)
+    assert len(seen) == total
+    assert all(lrs == [3e-3, 3e-3] for lrs in seen[:flat])
+    n = total - flat
+    assert [lrs[0] for lrs in seen[flat:]] == pytest.approx(
+        [3e-3 * 0.5 * (1 + math.cos(math.pi * t / n)) for t in range(n)])
+    assert seen[-1][0] <= 3e-3 * 0.5  # really decayed by the last step
+    assert all(lrs[0] == lrs[1] for lrs in seen)
+    assert after < before
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"distill_lr_tail": 1.5}, "distill_lr_tail=1.5 is out of range"),
+    ({"distill_lr_tail": True}, "distill_lr_tail=True is out of range"),
+    ({"distill_lr_tail": 0.3, "distill_lr_decay": True}, "two schedules: set one of them"),
+])
+def test_lr_tail_config_errors_name_the_fix(fields, message):
+    with pytest.raises(rvqllm.RVQError, match=message):
+        rvqllm.RVQConfig(**fields)
