@@ -362,6 +362,12 @@ def _scenarios(p: Placement) -> dict:
     p.all_reduce_grads([a, b, c])
     out["grads"] = [a.grad.clone(), b.grad.clone(), c.grad.clone()]
 
+    # the distillation's steps per epoch: the most micro-batches any rank has (rank 0: 2 + 2, rank 1: 1)
+    from rvqllm.finetune import _steps_per_epoch
+
+    mine = [torch.zeros(4, 8), torch.zeros(3, 8)] if p.rank == 0 else [torch.zeros(2, 8)]
+    out["steps_per_epoch"] = _steps_per_epoch(mine, 2, p)
+
     t = torch.tensor([1.0, 2.0]) * (p.rank + 1)
     out["sum_is_same"] = p.all_reduce_sum(t) is t
     out["sum"] = t
@@ -384,6 +390,14 @@ def test_two_ranks_basics(two_ranks):
     assert seconds < 30
     assert (r0["rank"], r0["is_main"], r1["rank"], r1["is_main"]) == (0, True, 1, False)
     assert (r0["batches"], r1["batches"]) == ([0, 1, 2], [3, 4])
+
+
+@pytest.mark.integration
+def test_every_rank_counts_the_same_distillation_steps(two_ranks):
+    """``distill_lr_tail`` schedules by the total step count: every rank must see the largest one, or the
+    ranks would step the same parameters at different rates."""
+    (r0, r1), _ = two_ranks
+    assert r0["steps_per_epoch"] == r1["steps_per_epoch"] == 4
 
 
 @pytest.mark.integration
