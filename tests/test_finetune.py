@@ -763,16 +763,12 @@ def test_a_kill_during_the_distilled_commit_resumes_to_the_same_model(calib_ids,
         assert n == m and torch.equal(a, b), n
 
 
-@pytest.mark.parametrize("epochs", [1, 3])
-def test_lr_decay_keeps_the_first_epoch_and_then_decays_along_a_cosine(calib_ids, monkeypatch, epochs):
-    """``lr_decay``: every Adam step of the first epoch at the full rate; the later epochs from the full
-    rate down to near zero along ``0.5 (1 + cos(pi t / T))``; one epoch stays constant. The schedule is
-    read off the optimizer at each step; the decayed run still lowers the KL."""
-    import math
-
+def _distill_rates(calib_ids, monkeypatch, epochs: int, **schedule) -> tuple[list[list[float]], float, float]:
+    """Distil a 3-bit tiny model over 8 sequences (micro-batch 2: 4 steps per epoch) at 3e-3 with ``schedule``;
+    the learning rates of each Adam step's parameter groups, read off the optimizer, and the KL before / after."""
     from rvqllm.finetune import distill_model, teacher_topk
 
-    batches = [calib_ids[:4], calib_ids[4:]]  # 8 sequences, micro-batch 2: 4 steps per epoch
+    batches = [calib_ids[:4], calib_ids[4:]]
     teacher = teacher_topk(tiny_llama(), batches, k=16)
     model = tiny_llama()
     rvqllm.quantize(model, rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3), calib_ids)
@@ -784,7 +780,18 @@ def test_lr_decay_keeps_the_first_epoch_and_then_decays_along_a_cosine(calib_ids
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     before, after = distill_model(model, list(model.model.layers), batches, teacher, epochs=epochs, lr=3e-3,
-                                  micro_batch=2, lr_decay=True)
+                                  micro_batch=2, **schedule)
+    return seen, before, after
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_lr_decay_keeps_the_first_epoch_and_then_decays_along_a_cosine(calib_ids, monkeypatch, epochs):
+    """``lr_decay``: every Adam step of the first epoch at the full rate; the later epochs from the full
+    rate down to near zero along ``0.5 (1 + cos(pi t / T))``; one epoch stays constant. The schedule is
+    read off the optimizer at each step; the decayed run still lowers the KL."""
+    import math
+
+    seen, before, after = _distill_rates(calib_ids, monkeypatch, epochs, lr_decay=True)
     assert len(seen) == 4 * epochs
     assert all(lrs == [3e-3, 3e-3] for lrs in seen[:4])
     decay = [lrs[0] for lrs in seen[4:]]
@@ -802,21 +809,7 @@ def test_lr_tail_decays_the_last_share_of_all_steps(calib_ids, monkeypatch, epoc
     ``lr_decay`` cannot do). The rates are read off the optimizer at each step."""
     import math
 
-    from rvqllm.finetune import distill_model, teacher_topk
-
-    batches = [calib_ids[:4], calib_ids[4:]]  # 8 sequences, micro-batch 2: 4 steps per epoch
-    teacher = teacher_topk(tiny_llama(), batches, k=16)
-    model = tiny_llama()
-    rvqllm.quantize(model, rvqllm.RVQConfig(vector_dim=8, stages=1, bits=3, kmeans_iters=3), calib_ids)
-    seen, real_step = [], torch.optim.Adam.step
-
-    def step(self, *a, **k):
-        seen.append([g["lr"] for g in self.param_groups])
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
-    before, after = distill_model(model, list(model.model.layers), batches, teacher, epochs=epochs, lr=3e-3,
-                                  micro_batch=2, lr_tail=tail)
+    seen, before, after = _distill_rates(calib_ids, monkeypatch, epochs, lr_tail=tail)
     total = 4 * epochs
     flat = total - round(tail * total)
     assert len(seen) == total
