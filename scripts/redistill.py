@@ -61,6 +61,9 @@ def _branch(model: str, source: Path, config: str, out: Path, rest: list[str]) -
     from rvqllm.config import RVQConfig
 
     run = json.loads((source / "run.json").read_text())
+    progress = json.loads((source / "progress.json").read_text())
+    if progress != {"blocks_done": len(run["layers"]), "distilled": False}:
+        sys.exit(f"redistill: {source} is not stopped before its distillation ({progress}): prepare one first")
     old, new, defaults = run["config"], RVQConfig.load(config).to_dict(), RVQConfig().to_dict()
     changed = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k))
     allowed = DISTILL_ONLY | (TUNING if new["finetune_epochs"] == 0 else set())
@@ -87,11 +90,16 @@ def main() -> int:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args, rest = ap.parse_args(argv[:cut]), argv[cut + 1 :]
-    if args.action == "prepare":
-        return _prepare(args.model, args.config, args.out, rest)
-    if args.source is None or not (args.source / "run.json").is_file():
-        sys.exit(f"redistill: branch needs a prepared run folder (with run.json), got {args.source}")
-    return _branch(args.model, args.source, args.config, args.out, rest)
+    from rvqllm.errors import RVQError
+
+    try:
+        if args.action == "prepare":
+            return _prepare(args.model, args.config, args.out, rest)
+        if args.source is None or not (args.source / "run.json").is_file():
+            sys.exit(f"redistill: branch needs a prepared run folder (with run.json), got {args.source}")
+        return _branch(args.model, args.source, args.config, args.out, rest)
+    except RVQError as err:  # a config that does not load: its one-line message
+        sys.exit(f"redistill: {err}")
 
 
 if __name__ == "__main__":

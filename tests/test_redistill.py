@@ -4,6 +4,7 @@ checkpoint a fresh run of the variant writes; a variant that would need re-codin
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,10 @@ def test_a_branched_run_equals_a_fresh_run_of_the_variant(tmp_path):
     res = _run(SCRIPT, "branch", str(partial), "--model", model, "--config", coded, "--out", str(tmp_path / "c"), *COMMON)
     assert res.returncode != 0 and "differs from the prepared run in ['beam_width']" in res.stderr
     assert res.stderr.count("\n") == 1 and not (tmp_path / "c.partial").exists() and not (tmp_path / "c").exists()
+
+    done = tmp_path / "done.partial"  # a run folder already distilled (or not yet coded) is not a base to branch
+    shutil.copytree(partial, done)
+    (done / "progress.json").write_text(json.dumps({"blocks_done": 2, "distilled": True}))
+    res = _run(SCRIPT, "branch", str(done), "--model", model, "--config", variant, "--out", str(tmp_path / "d"), *COMMON)
+    assert res.returncode != 0 and "is not stopped before its distillation" in res.stderr
+    assert not (tmp_path / "d.partial").exists()
