@@ -306,13 +306,13 @@ def _tune(root: nn.Module, float_params: list[nn.Parameter], evaluate: Callable[
                     active = placement.all_reduce_float(float(loss is not None)) if ranks else float(loss is not None)
                     if active == 0:
                         break
+                    done = None  # of the decay phase, in [0, 1)
                     if lr_decay and epoch > 0 and per_epoch > 0:
-                        done = (step - per_epoch) / (per_epoch * (epochs - 1))  # of the decay phase, in [0, 1)
-                        for g, base in zip(opt.param_groups, base_lrs, strict=True):
-                            g["lr"] = base * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
-                    if lr_tail > 0 and total_steps > 0:
+                        done = (step - per_epoch) / (per_epoch * (epochs - 1))
+                    elif lr_tail > 0 and total_steps > 0:
                         start = total_steps * (1.0 - lr_tail)
-                        done = max(step - start, 0.0) / (total_steps - start)  # of the tail, in [0, 1)
+                        done = max(step - start, 0.0) / (total_steps - start)
+                    if done is not None:
                         for g, base in zip(opt.param_groups, base_lrs, strict=True):
                             g["lr"] = base * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
                     opt.zero_grad(set_to_none=True)

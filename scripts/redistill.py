@@ -24,10 +24,21 @@ import shutil
 import sys
 from pathlib import Path
 
+from rvqllm.resume import run_dir_for
+
 #: config fields used only by the whole-model distillation (with no block fine-tuning, also these two)
 DISTILL_ONLY = {"description", "distill_epochs", "distill_lr", "distill_lr_tail", "distill_lr_decay",
                 "distill_code_fraction", "distill_code_every", "distill_code_lr", "distill_chunk_tokens"}
 TUNING = {"finetune_batch", "tune_dtype"}
+
+
+def _stopped_before_distillation(folder: Path) -> bool:
+    """Whether run folder ``folder`` has every block committed and is not distilled yet."""
+    progress, run = folder / "progress.json", folder / "run.json"
+    if not (progress.is_file() and run.is_file()):
+        return False
+    blocks = len(json.loads(run.read_text())["layers"])
+    return json.loads(progress.read_text()) == {"blocks_done": blocks, "distilled": False}
 
 
 class _Stop(KeyboardInterrupt):
@@ -47,10 +58,8 @@ def _prepare(model: str, config: str, out: Path, rest: list[str]) -> int:
 
     pipeline.distill_model = stop
     main(["quantize", model, "--config", config, "--out", str(out), *rest])
-    partial = out.with_name(out.name + ".partial")
-    progress, run = partial / "progress.json", partial / "run.json"
-    blocks = len(json.loads(run.read_text())["layers"]) if run.is_file() else -1
-    if not progress.is_file() or json.loads(progress.read_text()).get("blocks_done") != blocks:
+    partial = run_dir_for(out)
+    if not _stopped_before_distillation(partial):
         sys.exit(f"redistill: the run did not reach its distillation; see the message above ({partial})")
     print(f"redistill: every block coded, distillation targets on disk: {partial}")
     return 0
@@ -60,17 +69,17 @@ def _branch(model: str, source: Path, config: str, out: Path, rest: list[str]) -
     from rvqllm.cli import main
     from rvqllm.config import RVQConfig
 
+    if not _stopped_before_distillation(source):
+        sys.exit(f"redistill: {source} is not stopped before its distillation (a block not committed, already "
+                 "distilled, or no run folder): prepare one first")
     run = json.loads((source / "run.json").read_text())
-    progress = json.loads((source / "progress.json").read_text())
-    if progress != {"blocks_done": len(run["layers"]), "distilled": False}:
-        sys.exit(f"redistill: {source} is not stopped before its distillation ({progress}): prepare one first")
     old, new, defaults = run["config"], RVQConfig.load(config).to_dict(), RVQConfig().to_dict()
     changed = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k))
     allowed = DISTILL_ONLY | (TUNING if new["finetune_epochs"] == 0 else set())
     if not set(changed) <= allowed or new["distill_epochs"] <= 0:
         sys.exit(f"redistill: {config} differs from the prepared run in {sorted(set(changed) - allowed)} "
                  f"(distill_epochs {new['distill_epochs']}): only {sorted(allowed)} may change, with distill_epochs > 0")
-    target = out.with_name(out.name + ".partial")
+    target = run_dir_for(out)
     if target.exists() or out.exists():
         sys.exit(f"redistill: {target if target.exists() else out} exists: remove it or choose another --out")
     shutil.copytree(source, target)
@@ -95,8 +104,8 @@ def main() -> int:
     try:
         if args.action == "prepare":
             return _prepare(args.model, args.config, args.out, rest)
-        if args.source is None or not (args.source / "run.json").is_file():
-            sys.exit(f"redistill: branch needs a prepared run folder (with run.json), got {args.source}")
+        if args.source is None:
+            sys.exit("redistill: branch needs the prepared run folder (<out>.partial) as its first argument")
         return _branch(args.model, args.source, args.config, args.out, rest)
     except RVQError as err:  # a config that does not load: its one-line message
         sys.exit(f"redistill: {err}")
