@@ -73,7 +73,7 @@ class RVQConfig:
     calib_sequences: int = 64  #: calibration sequences
     calib_seq_len: int = 512  #: tokens per calibration sequence
     calib_batch_size: int = 8  #: sequences per forward pass during calibration
-    calib_dtype: str = "float32"  #: what the calibration's passes through the blocks being quantized multiply in (the Hessians' pass and the quantized block's pass that feeds the next block; each batch's Hessian product x^T x runs under the same autocast, bfloat16 inputs with float32 accumulation, and is summed in float64; the float model's teacher pass stays float32): "float32", "bfloat16" (autocast) or "auto" (bfloat16 where the device has it natively and the model computes in float32, else as the model computes)
+    calib_dtype: str = "float32"  #: what the calibration's passes multiply in: the Hessians' pass, the quantized block's pass that feeds the next block, and the float model's own pass that gives block fine-tuning's targets and the distillation's teacher (its top-k head included); each batch's Hessian product x^T x runs under the same autocast, bfloat16 inputs with float32 accumulation, and is summed in float64. "float32", "bfloat16" (autocast) or "auto" (bfloat16 where the device has it natively and the model computes in float32, else as the model computes)
     seed: int = 0
     description: str = ""  #: one line shown by ``rvqllm quantize --help``
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,9 +438,10 @@ class _Walk:
             if self.fp is not None:  # the float block on the float model's inputs: the next fp inputs
                 fp_next = MemoryActivations() if last or self.run is None else self.run.inputs(i + 1, "fp")
                 fp_kwargs = {j: self.kwargs[j] for j in self._fp_batches()}
-                _forward(block, self.fp, fp_kwargs, fp_next, self.device)
+                with calib_context():
+                    _forward(block, self.fp, fp_kwargs, fp_next, self.device)
                 if last and self.teacher is not None:
-                    self._teacher(fp_next)
+                    self._teacher(fp_next, calib_context)
             targets, tuned = None, set(self._finetuned_batches())
             if cfg.finetune_epochs > 0:
                 targets = fp_next if cfg.finetune_target == "model" else MemoryActivations()
@@ -580,8 +581,10 @@ class _Walk:
         if self.progress is not None:
             self.progress(name, self.done, self.total)
 
-    def _teacher(self, final: object) -> None:
-        """Top-k next-token log-probabilities of the float model from its last block's outputs."""
+    def _teacher(self, final: object, context: Callable[[], AbstractContextManager]) -> None:
+        """Top-k next-token log-probabilities of the float model from its last block's outputs, computed
+        under ``context()`` (the calibration's autocast); the check that the head is the model's runs as the
+        model computes."""
         blocks = self.source.blocks
         head = lm_head_fn(self.model)
         chosen = self._distilled_batches()
@@ -591,8 +594,10 @@ class _Walk:
                                                  final.get(j)[:1, :16].to(self.device), with_logits=True)
             check_lm_head_fn(self.model, None, head, normed, logits)
         for j in chosen:
-            normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j).to(self.device))
-            self.teacher.put(j, teacher_topk_from_hidden(normed, head, TEACHER_TOP_K, self.config.distill_chunk_tokens))
+            with context():
+                normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j).to(self.device))
+                top = teacher_topk_from_hidden(normed, head, TEACHER_TOP_K, self.config.distill_chunk_tokens)
+            self.teacher.put(j, top)
 
     def _distilled_batches(self) -> list[int]:
         """Indices of this rank's batches the distillation uses: those holding the first

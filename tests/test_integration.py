@@ -122,3 +122,56 @@ def test_calib_dtype_reaches_the_calibration_passes_and_stays_close_to_float32(c
     assert [s[1] for s in seen] == [False, False, False], seen
     with pytest.raises(rvqllm.RVQError, match="calib_dtype='fp16' is unknown"):
         rvqllm.RVQConfig(calib_dtype="fp16")
+
+
+def test_calib_dtype_reaches_the_float_models_pass_and_the_teachers_head(calib_ids, monkeypatch):
+    """With a teacher to compute (distillation), ``calib_dtype`` also covers the float model's own pass and
+    the teacher's top-k head; the check that the head is the model's runs as the model computes. The
+    teacher under bfloat16 stays close to the float32 one (the same top-1 word almost everywhere)."""
+    import rvqllm.pipeline as P
+
+    seen: list[tuple[str, bool]] = []
+    tops: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    real_forward, real_top, real_check = P._forward, P.teacher_topk_from_hidden, P.check_lm_head_fn
+    real_collector = P.HessianCollector
+
+    class Spy(real_collector):
+        def new_pass(self):
+            if not self._seen and not self.hessians:
+                seen.append(("hessians", torch.is_autocast_enabled("cpu")))
+            super().new_pass()
+
+    def forward(block, *a, **kw):
+        seen.append(("forward", torch.is_autocast_enabled("cpu")))
+        return real_forward(block, *a, **kw)
+
+    def top(*a, **kw):
+        seen.append(("teacher", torch.is_autocast_enabled("cpu")))
+        result = real_top(*a, **kw)
+        tops[dtype].append(result)
+        return result
+
+    def check(*a, **kw):
+        seen.append(("check", torch.is_autocast_enabled("cpu")))
+        return real_check(*a, **kw)
+
+    monkeypatch.setattr(P, "HessianCollector", Spy)
+    monkeypatch.setattr(P, "_forward", forward)
+    monkeypatch.setattr(P, "teacher_topk_from_hidden", top)
+    monkeypatch.setattr(P, "check_lm_head_fn", check)
+    monkeypatch.setattr(P, "native_bf16", lambda device: True)
+    for dtype in ("float32", "bfloat16"):
+        seen.clear()
+        tops[dtype] = []
+        rvqllm.quantize(tiny_llama(), CFG.replace(calib_dtype=dtype, distill_epochs=1), calib_ids)
+        bf16 = dtype == "bfloat16"
+        # block 0: the float model's pass, the Hessians' pass, the coded block's pass feeding block 1;
+        # block 1 (the last): the float model's pass, then the teacher of every batch, then the Hessians
+        teacher = [("teacher", bf16)] * len(tops[dtype])
+        assert seen == [("forward", bf16), ("hessians", bf16), ("forward", bf16), ("forward", bf16),
+                        ("check", False), *teacher, ("hessians", bf16)], seen
+        assert len(tops[dtype]) == 2  # 8 calibration sequences, 4 to a batch
+    for (lp32, i32), (lp16, i16) in zip(tops["float32"], tops["bfloat16"], strict=True):
+        assert not torch.equal(lp32, lp16)  # the head really ran in bfloat16 ...
+        assert (i32[..., 0] == i16[..., 0]).float().mean() > 0.9  # ... and picks the same top word
+        assert (lp32[..., 0] - lp16[..., 0]).abs().mean() < 0.05
