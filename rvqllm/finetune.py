@@ -629,16 +629,20 @@ def _kl_sum(hidden: Tensor, head: Callable[[Tensor], Tensor], t_logp: Tensor, id
             chunk_tokens: int) -> Tensor:
     """Per-token KL (:func:`_token_kl`) summed over all tokens of ``hidden [batch, seq, hidden]`` against
     the teacher's ``[batch, seq, k]`` (moved to ``hidden``'s device), with the logits of at most
-    ``chunk_tokens`` tokens at once. Under autograd each chunk is checkpointed (recomputed in backward)."""
+    ``chunk_tokens`` tokens at once. Under autograd every chunk but the last is checkpointed (recomputed in
+    backward); the last one's backward runs first, so keeping its logits costs no more memory than
+    recomputing them would, and a step of one chunk runs its LM head once forward, not twice."""
     width, k = hidden.shape[-1], t_logp.shape[-1]
     flat = hidden.reshape(-1, width)
     t_logp = t_logp.reshape(-1, k).to(flat.device)
     idx = idx.reshape(-1, k).to(flat.device)
     grad = torch.is_grad_enabled() and flat.requires_grad
     total = None
-    for a in range(0, flat.shape[0], chunk_tokens):
+    starts = range(0, flat.shape[0], chunk_tokens)
+    for a in starts:
         args = (head, flat[a : a + chunk_tokens], t_logp[a : a + chunk_tokens], idx[a : a + chunk_tokens])
-        part = checkpoint(_chunk_kl_sum, *args, use_reentrant=False) if grad else _chunk_kl_sum(*args)
+        recompute = grad and a != starts[-1]
+        part = checkpoint(_chunk_kl_sum, *args, use_reentrant=False) if recompute else _chunk_kl_sum(*args)
         total = part if total is None else total + part
     return total
 

@@ -552,12 +552,19 @@ def test_chunked_kl_and_its_gradient_equal_the_full_logits_ones(calib_ids):
             p.add_(0.2 * torch.randn_like(p))
     params = list(student.model.layers.parameters())
 
+    head_calls = []
+
+    def head(hidden):
+        head_calls.append(hidden.shape[0])
+        return lm_head_fn(student)(hidden)
+
     def loss_and_grads(chunk):
         student.zero_grad(set_to_none=True)
+        head_calls.clear()
         if chunk is None:
             loss = _topk_kl(student(input_ids=ids).logits, teacher)
         else:
-            loss = _distill_kl(student.get_decoder(), lm_head_fn(student), ids, *teacher, chunk)
+            loss = _distill_kl(student.get_decoder(), head, ids, *teacher, chunk)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in params]
 
@@ -565,6 +572,9 @@ def test_chunked_kl_and_its_gradient_equal_the_full_logits_ones(calib_ids):
     assert float(full) > 1e-3
     for chunk in (5, 10_000):
         loss, grads = loss_and_grads(chunk)
+        # every chunk's head forward, then again in backward every chunk's but the last one's
+        chunks = [min(chunk, 96 - a) for a in range(0, 96, chunk)]
+        assert head_calls == chunks + chunks[-2::-1], head_calls
         torch.testing.assert_close(loss, full, rtol=1e-5, atol=0)
         for g, fg in zip(grads, full_grads, strict=True):
             assert float(fg.abs().max()) > 0
