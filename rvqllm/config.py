@@ -67,6 +67,7 @@ class RVQConfig:
     # --- mixed precision (rvqllm.mixed) ----------------------------------------------------------------
     bpw_budget: float | None = None  #: all-in bpw for the whole model; layers get candidate shapes by sensitivity
     mixed_candidates: list[dict] = field(default_factory=list)  #: code shapes {vector_dim, stages, bits} to pick from
+    layer_shapes: dict[str, dict] = field(default_factory=dict)  #: fixed code shapes by layer name, e.g. {".k_proj": {vector_dim: 6}}: a layer takes the fields of the first key its qualified name contains (any of vector_dim, stages, bits); the other layers, and the fields not named, keep the ones above
     # --- what to quantize ------------------------------------------------------------------------
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  #: name substrings never quantized
     # --- calibration -----------------------------------------------------------------------------
@@ -165,6 +166,23 @@ class RVQConfig:
              "bpw_budget needs mixed_candidates: list the code shapes the layers may use")
         for c in self.mixed_candidates:
             RVQConfig(vector_dim=c["vector_dim"], stages=c["stages"], bits=c["bits"])  # same range checks
+        need(isinstance(self.layer_shapes, dict) and all(
+            isinstance(k, str) and k != "" and isinstance(v, dict) and v and set(v) <= {"vector_dim", "stages", "bits"}
+            for k, v in self.layer_shapes.items()),
+             "layer_shapes must map layer-name substrings to one or more of vector_dim, stages, bits, "
+             "e.g. {.k_proj: {vector_dim: 6}}")
+        keys = list(self.layer_shapes)
+        for n, key in enumerate(keys):
+            try:  # the same range checks as the fields themselves
+                RVQConfig(**{"vector_dim": self.vector_dim, "stages": self.stages, "bits": self.bits,
+                             **self.layer_shapes[key]})
+            except RVQError as err:
+                raise RVQError(f"layer_shapes[{key!r}]: {err}") from None
+            earlier = next((k for k in keys[:n] if k in key), None)
+            need(earlier is None, f"layer_shapes key {key!r} can never apply: every name containing it also "
+                 f"contains the earlier key {earlier!r}, and the first key found wins; list {key!r} first")
+        need(not (self.layer_shapes and self.bpw_budget is not None),
+             "layer_shapes and bpw_budget both choose layers' code shapes: drop one of the two")
         need(self.shared_codebook is None or (isinstance(self.shared_codebook, str) and self.shared_codebook != ""),
              f"shared_codebook={self.shared_codebook!r} must be a built-in codebook name or a .safetensors path (or null)")
         if self.shared_codebook is not None:
@@ -175,8 +193,8 @@ class RVQConfig:
                 raise RVQError(f"shared_codebook {self.shared_codebook!r} is {shape[0]} stage(s) of 2**{shape[1]} "
                                f"entries of dimension {shape[2]}: set stages: {shape[0]}, bits: {shape[1]} and "
                                f"vector_dim: {shape[2]}")
-            need(self.bpw_budget is None, "shared_codebook cannot be combined with bpw_budget (mixed precision "
-                 "gives layers different code shapes): drop one of the two")
+            need(self.bpw_budget is None and not self.layer_shapes, "shared_codebook cannot be combined with "
+                 "bpw_budget or layer_shapes (they give layers different code shapes): drop one of the two")
             need(self.finetune_epochs == 0, "shared_codebook cannot be combined with block fine-tuning (each block "
                  "would move the codebook the earlier blocks were tuned against): set finetune_epochs: 0 and "
                  "use distill_epochs, which tunes the shared codebook with the whole model")
@@ -199,11 +217,21 @@ class RVQConfig:
             need(self.rotate is True, "coder: trellis codes the rotated weight: set rotate: true")
             need(self.shared_codebook is None, "coder: trellis has a table per layer, not a shared codebook: drop "
                  "shared_codebook")
-            need(self.bpw_budget is None, "coder: trellis cannot be combined with bpw_budget (mixed precision picks "
-                 "among RVQ code shapes): drop one of the two")
+            need(self.bpw_budget is None and not self.layer_shapes, "coder: trellis cannot be combined with "
+                 "bpw_budget or layer_shapes (they pick RVQ code shapes): drop one of the two")
             need(self.distill_code_fraction == 0, "coder: trellis keeps its walks as coded: set distill_code_fraction: 0")
         need(isinstance(self.skip, list) and all(isinstance(s, str) for s in self.skip),
              "skip must be a list of module-name substrings, e.g. [lm_head]")
+
+    def shape_for(self, name: str) -> dict[str, int]:
+        """``{vector_dim, stages, bits}`` of the layer called ``name``: the config's, with the fields of the
+        first ``layer_shapes`` key that ``name`` contains."""
+        shape = {"vector_dim": self.vector_dim, "stages": self.stages, "bits": self.bits}
+        for key, fields_ in self.layer_shapes.items():
+            if key in name:
+                shape.update(fields_)
+                break
+        return shape
 
     @property
     def code_bits_per_weight(self) -> float:

@@ -352,8 +352,20 @@ class _Walk:
     def prepare(self, run_dir, resume: bool) -> None:
         cfg, source = self.config, self.source
         widths = {n: s[1] for shapes in self.shapes for n, s in shapes.items()}
-        for c in cfg.mixed_candidates if cfg.bpw_budget is not None else [cfg.to_dict()] * (cfg.coder == "rvq"):
-            check_vector_dim_fits(c["vector_dim"], widths)
+        if cfg.bpw_budget is not None:
+            for c in cfg.mixed_candidates:
+                check_vector_dim_fits(c["vector_dim"], widths)
+        elif cfg.coder == "rvq":  # each vector_dim against the widths of the layers that take it
+            by_dim: dict[int, dict[str, int]] = {}
+            for n, w in widths.items():
+                by_dim.setdefault(cfg.shape_for(n)["vector_dim"], {})[n] = w
+            for d, ws in by_dim.items():
+                check_vector_dim_fits(d, ws)
+            unused = [k for k in cfg.layer_shapes if not any(k in n for n in widths)]
+            if unused and self.place.is_main:
+                warn_once(f"layer-shapes-{unused}", f"layer_shapes: no layer of this model has {', '.join(map(repr, unused))} "
+                          f"in its name (e.g. {next(iter(widths))}), so those rules change nothing here: the layers "
+                          "they were meant for keep the config's code shape")
         if not source.streaming:  # an in-memory model: check all of it up front (cheap at that size)
             for i in range(len(source)):
                 for name, module in find_linears(source.blocks[i], f"{source.prefix}.{i}", cfg.skip).items():
@@ -466,7 +478,7 @@ class _Walk:
                     continue
                 t0 = time.perf_counter()
                 bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-                shape = self.plan.get(name, {"vector_dim": cfg.vector_dim, "stages": cfg.stages, "bits": cfg.bits})
+                shape = self.plan.get(name) or cfg.shape_for(name)
                 q = quantize_weight(
                     linear_weight(module).detach(), hessians.get(name), vector_dim=shape["vector_dim"],
                     stages=shape["stages"], bits=shape["bits"], kmeans_iters=cfg.kmeans_iters,

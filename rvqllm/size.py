@@ -83,7 +83,8 @@ def estimate_run_bytes(layers: dict[str, tuple[int, int]], other_bytes: int, con
                        ) -> dict[str, int]:
     """Disk a quantization run needs, before it starts: ``{"checkpoint", "run", "total"}`` bytes.
 
-    ``layers``: ``{name: (out, in)}`` of the layers to quantize, at the config's code shape;
+    ``layers``: ``{name: (out, in)}`` of the layers to quantize, at the config's code shape (``layer_shapes``'s
+    where it names them);
     ``other_bytes``: the unquantized tensors as stored; ``tokens``: calibration tokens; ``hidden``: the
     blocks' width. The run folder holds, at its peak, two blocks' worth of float32 activations per stream
     (the quantized model's, plus the float model's when fine-tuning aims at it or distillation needs it),
@@ -98,8 +99,9 @@ def estimate_run_bytes(layers: dict[str, tuple[int, int]], other_bytes: int, con
         widest = max(config.mixed_candidates, key=lambda c: c["stages"] * c["bits"] / c["vector_dim"])
         shape.update(widest)
     quantized = 0
-    for out, inp in layers.values():
-        parts = layer_bits({**shape, "out_features": out, "in_features": inp})
+    for name, (out, inp) in layers.items():
+        own = config.shape_for(name) if config.layer_shapes else {}
+        parts = layer_bits({**shape, **own, "out_features": out, "in_features": inp})
         quantized += (parts["codes"] + parts["codebooks"] + parts["scales"] + parts["signs"]) // 8 + 2 * out
     streams = 2 if config.distill_epochs > 0 or (config.finetune_epochs > 0 and config.finetune_target == "model") else 1
     run = 2 * streams * tokens * hidden * 4

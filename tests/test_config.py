@@ -52,3 +52,36 @@ def test_every_config_takes_the_kernel_benchmarks_cheap_fields():
     for path in paths:
         cfg = bench.cheap_config(str(path))
         assert cfg.beam_width == 1 and cfg.calib_sequences == 4, path
+
+
+def test_layer_shapes_give_named_layers_their_own_code_shape():
+    """``layer_shapes``: the first key a layer's qualified name contains supplies the fields it names; every
+    other layer (and every field not named) keeps the config's own."""
+    cfg = rvqllm.RVQConfig(bits=8, layer_shapes={".k_proj": {"vector_dim": 6}, "mlp": {"vector_dim": 9, "stages": 3}})
+    assert cfg.shape_for("model.layers.3.self_attn.k_proj") == {"vector_dim": 6, "stages": 2, "bits": 8}
+    assert cfg.shape_for("model.layers.3.mlp.down_proj") == {"vector_dim": 9, "stages": 3, "bits": 8}
+    assert cfg.shape_for("model.layers.3.self_attn.o_proj") == {"vector_dim": 8, "stages": 2, "bits": 8}
+    assert rvqllm.RVQConfig().shape_for("anything") == {"vector_dim": 8, "stages": 2, "bits": 8}
+    # the first key found wins, in the order written
+    both = rvqllm.RVQConfig(layer_shapes={"mlp.up": {"bits": 4}, "mlp": {"bits": 6}})
+    assert both.shape_for("x.mlp.up_proj")["bits"] == 4 and both.shape_for("x.mlp.gate_proj")["bits"] == 6
+
+
+@pytest.mark.parametrize(("shapes", "extra", "message"), [
+    (["k_proj"], {}, "layer_shapes must map layer-name substrings"),
+    ({"k_proj": 6}, {}, "layer_shapes must map layer-name substrings"),
+    ({"k_proj": {}}, {}, "layer_shapes must map layer-name substrings"),
+    ({"k_proj": {"dim": 6}}, {}, "layer_shapes must map layer-name substrings"),
+    ({"": {"vector_dim": 6}}, {}, "layer_shapes must map layer-name substrings"),
+    ({"k_proj": {"vector_dim": 0}}, {}, r"layer_shapes\['k_proj'\]: vector_dim=0 is out of range"),
+    ({"k_proj": {"bits": 17}}, {}, r"layer_shapes\['k_proj'\]: bits=17 is out of range"),
+    ({"proj": {"bits": 6}, ".k_proj": {"bits": 4}}, {}, "'.k_proj' can never apply.*earlier key 'proj'.*list '.k_proj' first"),
+    ({"k_proj": {"bits": 6}}, {"bpw_budget": 2.0, "mixed_candidates": [{"vector_dim": 8, "stages": 2, "bits": 8}]},
+     "layer_shapes and bpw_budget both choose"),
+    ({"k_proj": {"bits": 6}}, {"shared_codebook": "gaussian-65536", "vector_dim": 8, "stages": 1, "bits": 16},
+     "shared_codebook cannot be combined with bpw_budget or layer_shapes"),
+    ({"k_proj": {"bits": 6}}, {"coder": "trellis", "rotate": True}, "trellis cannot be combined with bpw_budget or layer_shapes"),
+])
+def test_bad_layer_shapes_are_one_line_naming_the_fix(shapes, extra, message):
+    with pytest.raises(RVQError, match=message):
+        rvqllm.RVQConfig(layer_shapes=shapes, **extra)

@@ -8,7 +8,7 @@ from rvqllm.arch import find_blocks, find_linears
 from rvqllm.errors import RVQError
 from rvqllm.mixed import allocate, fisher_sensitivity
 from rvqllm.size import summarize
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.unit
 
@@ -82,3 +82,62 @@ def test_budget_without_candidates_is_refused():
     with pytest.raises(RVQError, match="mixed_candidates"):
         rvqllm.RVQConfig(bpw_budget=2.0)
 
+
+
+# ------------------------------------------------------------------------------------------ layer_shapes
+def test_layer_shapes_code_each_layer_at_its_shape_and_round_trip(calib_ids, tmp_path):
+    """Fixed shapes by layer name (``layer_shapes``, no sensitivity pass): each layer is coded, stored and
+    sized at the shape its name asks for, and the checkpoint decodes to the same logits."""
+    model = tiny_llama()  # widths 64 (attention, gate/up inputs) and 96 (down_proj's)
+    cfg = rvqllm.RVQConfig(bits=4, kmeans_iters=2, rotate=True,
+                           layer_shapes={".k_proj": {"vector_dim": 4}, ".down_proj": {"vector_dim": 6, "stages": 1}})
+    rvqllm.quantize(model, cfg, calib_ids)
+    specs = model.rvq_layers
+    assert len(specs) == 14
+    for name, spec in specs.items():
+        want = {"k_proj": (4, 2, 4), "down_proj": (6, 1, 4)}.get(name.rsplit(".", 1)[1], (8, 2, 4))
+        assert (spec["vector_dim"], spec["stages"], spec["bits"]) == want, name
+    uniform = {n: {**s, "vector_dim": 8, "stages": 2} for n, s in specs.items()}
+    assert summarize(specs)["bpw"] != summarize(uniform)["bpw"]  # the size counts each layer's own shape
+    loaded = rvqllm.load(rvqllm.save(model, tmp_path / "q"))
+    assert {n: (s["vector_dim"], s["stages"]) for n, s in loaded.rvq_layers.items()} == \
+        {n: (s["vector_dim"], s["stages"]) for n, s in specs.items()}
+    with torch.no_grad():
+        assert torch.equal(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits)
+
+
+def test_a_layer_shapes_key_no_layer_has_is_said_once(calib_ids):
+    """A rule written for another architecture's names (GPT-2 has no ``k_proj``) changes nothing and is said
+    once, naming the key and one of the model's layer names; the run goes on at the config's shape."""
+    from rvqllm.kernels import cpu_build
+
+    cpu_build._warned.discard("layer-shapes-['.k_proj']")
+    model = tiny_gpt2()
+    cfg = rvqllm.RVQConfig(bits=4, kmeans_iters=2, layer_shapes={".k_proj": {"vector_dim": 4}, "mlp.c_fc": {"stages": 1}})
+    with pytest.warns(UserWarning, match=r"no layer of this model has '.k_proj' in its name \(e.g. transformer.h.0"):
+        rvqllm.quantize(model, cfg, calib_ids)
+    stages = {n.split(".", 3)[3]: s["stages"] for n, s in model.rvq_layers.items() if n.startswith("transformer.h.0.")}
+    assert stages == {"attn.c_attn": 2, "attn.c_proj": 2, "mlp.c_fc": 1, "mlp.c_proj": 2}
+
+
+def test_a_layer_shapes_vector_dim_that_fits_none_of_its_layers_is_refused(calib_ids):
+    """Each vector_dim is checked against the widths of the layers that take it (``down_proj`` reads 96
+    wide): 7 divides none of them and is refused before any coding, naming the widths and a fit."""
+    model = tiny_llama()
+    cfg = rvqllm.RVQConfig(bits=4, layer_shapes={".down_proj": {"vector_dim": 7}})
+    with pytest.raises(RVQError, match=r"vector_dim=7 divides no layer's input width \(widths \[96\]\)"):
+        rvqllm.quantize(model, cfg, calib_ids)
+    assert not hasattr(model, "rvq_layers") or not model.rvq_layers
+
+
+def test_the_disk_estimate_counts_each_layers_own_shape():
+    """``rvqllm.size.estimate_run_bytes`` (the CLI's free-disk check) sizes a layer at its layer_shapes shape."""
+    from rvqllm.size import estimate_run_bytes
+
+    layers = {"b.0.self_attn.k_proj": (256, 512), "b.0.mlp.up_proj": (1024, 512)}
+    base = rvqllm.RVQConfig()
+    more = base.replace(layer_shapes={"up_proj": {"stages": 4}})
+    same = base.replace(layer_shapes={"up_proj": {"stages": 2}})
+    a, b, c = (estimate_run_bytes(layers, 0, x, tokens=64, hidden=512)["checkpoint"] for x in (base, more, same))
+    assert c == a
+    assert b - a == 1024 * 512 * 2 // 8 + 2 * 256 * 8 * 2  # two more 8-bit codes per 8 weights + two fp16 codebooks

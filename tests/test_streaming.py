@@ -64,13 +64,15 @@ def _small_model(folder: Path, blocks: int = 3) -> Path:
 
 # ------------------------------------------------------------------------------------------ same checkpoint
 @pytest.mark.integration
-@pytest.mark.parametrize("recipe", ["cheap", "tuned", "shared"])
+@pytest.mark.parametrize("recipe", ["cheap", "tuned", "shared", "shapes"])
 def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, recipe):
     """CLI (streams the bf16 shards block by block) vs. the library on the whole model in memory + save:
     every tensor identical, config identical. ``tuned`` adds rotation, block fine-tuning towards the float
     model's activations and whole-model distillation (teacher followed block by block, on disk); ``shared``
-    codes every layer against one shared codebook (stored once) and distils it."""
-    fields = {"cheap": CHEAP, "tuned": TUNED, "shared": None}[recipe]
+    codes every layer against one shared codebook (stored once) and distils it; ``shapes`` gives layers their
+    own code shapes by name (``layer_shapes``)."""
+    fields = {"cheap": CHEAP, "tuned": TUNED, "shared": None,
+              "shapes": {**CHEAP, "rotate": True, "layer_shapes": {".k_proj": {"vector_dim": 8}, "mlp": {"stages": 2}}}}[recipe]
     if recipe == "shared":
         fields = {**CHEAP, "vector_dim": 8, "bits": 9, "rotate": True, "distill_epochs": 1, "distill_chunk_tokens": 16,
                   "shared_codebook": str(_shared_codebook_file(tmp_path))}
@@ -86,7 +88,7 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, recipe):
     for b in report["blocks"]:
         assert set(b["seconds"]) >= {"load", "calibrate", "code", "tune", "forward", "write"}
         assert b["peak_rss_mib"] > 0 and b["peak_device_mib"] is None  # CPU: no device memory to report
-    assert bool(report["distill"]) == (recipe != "cheap")
+    assert bool(report["distill"]) == (recipe in ("tuned", "shared"))
 
     torch.set_num_threads(1)
     model, tok = load_model(str(model_dir))
@@ -100,6 +102,9 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, recipe):
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     assert json.loads((streamed / "config.json").read_text()) == json.loads((in_memory / "config.json").read_text())
+    if recipe == "shapes":
+        dims = {(s["vector_dim"], s["stages"]) for n, s in rvqllm.load(streamed).rvq_layers.items() if ".mlp." in n}
+        assert dims == {(4, 2)} and rvqllm.load(streamed).rvq_layers["model.layers.1.self_attn.k_proj"]["vector_dim"] == 8
     assert len(list(streamed.glob("model-*-of-*.safetensors"))) == 4  # one shard per block + the rest
     ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
