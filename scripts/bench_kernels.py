@@ -47,8 +47,9 @@ from rvqllm.kernels import dispatch, rvq_linear, trellis_op  # noqa: E402
 from rvqllm.kernels.trellis_op import trellis_linear  # noqa: E402
 from rvqllm.rvq.trellis import walk_bytes  # noqa: E402
 
-MODEL_SHAPES = [(576, 576), (1536, 576), (576, 1536)]
-BIG_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+#: (out, in, a layer of that shape): the name picks the code shape of a config with ``layer_shapes``
+MODEL_SHAPES = [(576, 576, "self_attn.q_proj"), (1536, 576, "mlp.up_proj"), (576, 1536, "mlp.down_proj")]
+BIG_SHAPES = [(4096, 4096, "self_attn.q_proj"), (11008, 4096, "mlp.up_proj"), (4096, 11008, "mlp.down_proj")]
 
 
 def llc_bytes() -> int:
@@ -147,13 +148,18 @@ def kernel_table(args) -> None:
         header = f"| shape (out x in) | preset | {' | '.join(f'T={t}' for t in args.tokens)} | impl by T |"
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
-        for out, inf in shapes:
+        for out, inf, layer in shapes:
             gen = torch.Generator().manual_seed(0)
             # copies so that one sweep through them exceeds the LLC by 2x (cold), or one copy (hot)
             n_copies = max(1, -(-2 * llc // (out * inf * 4))) if cache == "cold" else 1
             weights = [torch.randn(out, inf, generator=gen).to(device=device, dtype=base_dtype)
                        for _ in range(n_copies)]
-            for pname, cfg in presets:
+            for pname, preset_cfg in presets:
+                cfg, label = preset_cfg, pname
+                if preset_cfg.layer_shapes:  # this layer's own shape, named in the table
+                    own = preset_cfg.shape_for(f"model.layers.0.{layer}")
+                    cfg = preset_cfg.replace(layer_shapes={}, **own)
+                    label = f"{pname} ({layer.rsplit('.', 1)[1]}: d={own['vector_dim']} S={own['stages']} b={own['bits']})"
                 layers = [tuple(t.to(device) for t in random_layer(cfg, out, inf, gen)) for _ in range(n_copies)]
                 cells, impls = [], []
                 for t in args.tokens:
@@ -163,7 +169,7 @@ def kernel_table(args) -> None:
                         ta, tb = bench_pair(fa, fb, device, args.reps, max(args.warmup, n_copies))
                     cells.append(f"{ta / tb:.2f}" + (f" ({ta * 1e6:.0f} / {tb * 1e6:.0f} us)" if args.times else ""))
                     impls.append(impl_name(cfg, device, t, out))
-                print(f"| {out}x{inf} | {pname} | {' | '.join(cells)} | {','.join(dict.fromkeys(impls))} |",
+                print(f"| {out}x{inf} | {label} | {' | '.join(cells)} | {','.join(dict.fromkeys(impls))} |",
                       flush=True)
             del weights, layers
 
