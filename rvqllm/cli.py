@@ -152,8 +152,7 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
     if resume and not (run_dir / "run.json").is_file():
         _say(args, f"no interrupted run in {run_dir}: starting from the first block")
     _say(args, f"loading {args.model} ...")
-    source, tokenizer = open_source(args.model, tokenizer=args.tokenizer, in_memory=cfg.bpw_budget is not None,
-                                    say=lambda m: _say(args, m))
+    source, tokenizer = open_source(args.model, tokenizer=args.tokenizer, say=lambda m: _say(args, m))
     calib = _calibration(args, tokenizer, cfg)
     _say(args, f"calibration: {calib.shape[0]} sequences x {calib.shape[1]} tokens from {', '.join(args.calib)}; "
                f"device {placement.device}" + (f", {placement.world} ranks" if placement.world > 1 else ""))

@@ -4,6 +4,11 @@ Sensitivity of a layer is measured on the calibration text with the float model:
 empirical Fisher of the language-model loss, ``F = sum_batches (dL/dW)^2``, weighted by the weight
 itself, ``S = sum_ij F_ij W_ij^2``: to second order, coding ``W`` with relative error ``rho`` raises the
 loss by about ``S * rho / 2`` (HAWQ-style; the Fisher stands in for the loss Hessian's diagonal).
+:func:`fisher_sensitivity` measures it on a model in memory; :func:`blockwise_sensitivity` measures the
+same quantity with one float decoder block in memory at a time (the pipeline's way, for models of any
+size): the batch runs forward block by block (each block's input kept), the loss gradient comes from the
+model's own head and loss (:func:`rvqllm.standin.loss_grad`), and the backward then walks the blocks in
+reverse, each one loaded again and recomputed from its kept input.
 
 A candidate code shape ``c`` (vector_dim, stages, bits) is expected to leave relative error
 ``rho(c) = 2 ** (-2 * code_bits_per_weight(c))`` (the Gaussian rate-distortion law; only ratios between
@@ -18,7 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import RVQError
+from .finetune import _slice
 from .size import layer_bits
+from .standin import loss_grad
 
 
 def code_shape_key(c: dict) -> tuple[int, int, int]:
@@ -31,9 +38,7 @@ def fisher_sensitivity(model: nn.Module, layers: dict[str, nn.Module], batches: 
     Only the named layers' weights get gradients (everything else is frozen for the pass); the
     model's ``requires_grad`` flags are restored afterwards.
     """
-    from .arch import linear_weight
-
-    weights = {name: linear_weight(m) for name, m in layers.items()}
+    weights = {name: m.weight for name, m in layers.items()}  # as stored: a Conv1D's is [in, out], like its grad
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
@@ -47,16 +52,84 @@ def fisher_sensitivity(model: nn.Module, layers: dict[str, nn.Module], batches: 
                 model.zero_grad(set_to_none=True)
                 out = model(input_ids=ids, labels=ids, use_cache=False)
                 out.loss.backward()
-                for name, w in weights.items():
+                for name in weights:
                     g = layers[name].weight.grad
                     if g is not None:
-                        g = g.T if g.shape != w.shape else g
                         fisher[name] += g.float().pow(2)
     finally:
         model.zero_grad(set_to_none=True)
         for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
     return {name: float((fisher[name] * weights[name].detach().float().pow(2)).sum()) for name in weights}
+
+
+def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor, kwargs: dict,
+                          device: torch.device, skip: list[str], store, micro_batch: int) -> dict[str, float]:
+    """``{layer name: S}`` of every quantizable linear layer, as :func:`fisher_sensitivity` measures it on
+    the one token batch ``ids [batch, seq]``, but holding one float decoder block at a time.
+
+    Args:
+        model: the model (its blocks may be empty skeletons: only ``source`` fills them).
+        source: a :mod:`rvqllm.source` source of ``model``'s blocks (``load_block``/``release_block``).
+        ids: the token batch, on ``device``.
+        hidden, kwargs: block 0's input ``[batch, seq, hidden_size]`` for ``ids`` and its other arguments
+            (:func:`rvqllm.calibration.capture_block_inputs`).
+        device: where the blocks run.
+        skip: layer-name patterns not quantized (config ``skip``).
+        store: where each block's input is kept between the two passes (``put(k, t)``/``get(k)``: memory,
+            or a run folder's disk store for a model too large for that).
+        micro_batch: sequences per backward step (activations for the backward of that many sequences
+            exist at once; the result does not depend on it beyond float rounding).
+    """
+    from .arch import find_linears
+
+    n = len(source)
+    batch = ids.shape[0]
+    with torch.no_grad():
+        h = hidden
+        for k in range(n):
+            store.put(k, h)
+            block = source.load_block(k, device)
+            h = _output(block(h.to(device), **kwargs)).detach()
+            source.release_block(k)
+    _, grad = loss_grad(model, source.blocks, ids, h, micro_batch)
+    del h
+    sens: dict[str, float] = {}
+    for k in reversed(range(n)):
+        block = source.load_block(k, device)
+        layers = find_linears(block, f"{source.prefix}.{k}", skip)
+        params = list(block.parameters())
+        flags = [p.requires_grad for p in params]
+        x_all = store.get(k).to(device)
+        grad_in = torch.empty_like(x_all) if k > 0 else None
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            for m in layers.values():
+                m.weight.requires_grad_(True)
+            with torch.enable_grad():
+                for a in range(0, batch, micro_batch):
+                    b = min(a + micro_batch, batch)
+                    x = x_all[a:b].detach().requires_grad_(k > 0)
+                    out = _output(block(x, **{key: _slice(v, a, b, batch) for key, v in kwargs.items()}))
+                    if out.requires_grad:
+                        out.backward(grad[a:b])
+                    if grad_in is not None:
+                        grad_in[a:b] = x.grad if x.grad is not None else 0
+            for name, m in layers.items():
+                g = m.weight.grad
+                sens[name] = 0.0 if g is None else float((g.float().pow(2) * m.weight.detach().float().pow(2)).sum())
+        finally:
+            for p, f in zip(params, flags, strict=True):
+                p.grad = None
+                p.requires_grad_(f)
+        source.release_block(k)
+        grad = grad_in
+    return {name: sens[name] for k in range(n) for name in source.layers(k, skip)}
+
+
+def _output(out: object) -> Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
 
 
 def expected_error(c: dict) -> float:

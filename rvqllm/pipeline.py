@@ -21,8 +21,8 @@ For each block::
 - **write**: the block is committed (:mod:`rvqllm.resume`: one safetensors shard per block, the shards
   of the final checkpoint) and given back to the source (a streamed block goes back to the meta device).
 
-Optionally first (``bpw_budget``, in-memory models only): each layer's code shape from its measured loss
-sensitivity (:mod:`rvqllm.mixed`). Optionally last (``distill_epochs``): all quantized layers and norms
+Optionally first (``bpw_budget``): each layer's code shape from its measured loss sensitivity
+(:mod:`rvqllm.mixed`: one float block in memory at a time, like the walk). Optionally last (``distill_epochs``): all quantized layers and norms
 tuned together towards the float model's next-token distribution; the teacher's top-k log-probabilities
 come from the fp stream after the last block (chunked over tokens, kept on disk in a run folder).
 
@@ -61,7 +61,7 @@ from .finetune import (
 )
 from .kernels.cpu_build import warn_once
 from .meter import Meter, trim_host_memory
-from .mixed import allocate, fisher_sensitivity
+from .mixed import allocate, blockwise_sensitivity
 from .nn import (
     QuantizedLinear,
     SharedCodebooks,
@@ -76,6 +76,7 @@ from .rvq import quantize_weight, trellis
 from .rvq.residual import to_fp16_exact
 from .rvq.trellis_layer import quantize_weight_trellis
 from .source import MemorySource, ShardSource
+from .standin import final_normed_hidden
 from .validate import (
     check_causal_behaviour,
     check_causal_first_block,
@@ -143,62 +144,6 @@ def _forward(block: nn.Module, inputs, kwargs: dict[int, dict], outputs, device:
             outputs.put(j, _hidden(block(inputs.get(j).to(device), **kw)).detach())
 
 
-class _Injector(nn.Module):
-    """Stands in for a decoder block: returns a stored hidden state (first block) or its input unchanged.
-
-    Plain attributes of the block it replaces (e.g. ``attention_type``) are copied so model code that
-    reads them still works."""
-
-    def __init__(self, like: nn.Module, value: Tensor | None) -> None:
-        super().__init__()
-        for k, v in vars(like).items():
-            if not k.startswith("_") and not isinstance(v, nn.Module | Tensor):
-                setattr(self, k, v)
-        self.value = value
-
-    def forward(self, hidden: Tensor, *args, **kwargs) -> Tensor:
-        return hidden if self.value is None else self.value
-
-
-class _StopAtHead(Exception):
-    pass
-
-
-def final_normed_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor,
-                        with_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """What the model feeds its LM head when its last block outputs ``hidden [batch, seq, hidden]`` on
-    token batch ``ids``: the final norm (and whatever else the model does after its blocks), run by the
-    model's own code with every block replaced by a stand-in, stopped at the head. ``with_logits``: run
-    on to the end and also return the model's logits ``[batch, seq, vocab]`` (keep the batch small)."""
-    head = model.get_output_embeddings()
-    saved = list(blocks)
-    captured: list[Tensor] = []
-
-    def grab(_m, args):
-        captured.append(args[0].detach())
-        if not with_logits:
-            raise _StopAtHead
-
-    handle = head.register_forward_pre_hook(grab)
-    logits = None
-    try:
-        for k, b in enumerate(saved):
-            blocks[k] = _Injector(b, hidden if k == 0 else None)
-        with torch.no_grad():
-            try:
-                logits = model(input_ids=ids, use_cache=False).logits
-            except _StopAtHead:
-                pass
-    finally:
-        handle.remove()
-        for k, b in enumerate(saved):
-            blocks[k] = b
-    if not captured:
-        raise RVQError(f"{type(model).__name__}: could not find what its LM head is fed; distillation is not "
-                       "supported for this architecture (set distill_epochs: 0)")
-    return (captured[0], logits) if with_logits else captured[0]
-
-
 class _TeacherStore:
     """The teacher's top-k log-probabilities per batch: in memory, or on disk in a run folder."""
 
@@ -213,16 +158,6 @@ class _TeacherStore:
         t = self.store.get(j)
         k = t.shape[-1] // 2
         return t[..., :k], t[..., k:].long()
-
-
-def _mixed_plan(model: nn.Module, config: RVQConfig, layers: dict[str, nn.Module], batches: list[Tensor]
-                ) -> dict[str, dict]:
-    """Code shape per layer for ``config.bpw_budget`` (:mod:`rvqllm.mixed`), from the loss sensitivity
-    measured on the first calibration batch with the float model, before any layer is replaced (a
-    resumed run measures it again on the same float model and data, so it gets the same plan)."""
-    sens = fisher_sensitivity(model, layers, batches[:1])
-    shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
-    return allocate(shapes, sens, config.mixed_candidates, float(config.bpw_budget), rotate=config.rotate)
 
 
 def _hessian_groups(layers: dict[str, nn.Module], hessians: dict[str, Tensor]) -> list[list[str]]:
@@ -288,9 +223,6 @@ def run(
     _check_token_ids(source.model, calibration)
     if source.streaming and run_dir is None:
         raise RVQError("a streamed model needs a run folder for its finished blocks (run_dir)")
-    if source.streaming and config.bpw_budget is not None:
-        raise RVQError("bpw_budget (mixed precision) measures every layer's sensitivity on the whole float model: "
-                       "load the model in memory for it (rvqllm.quantize(model, ...)) or use a uniform preset")
     start = time.perf_counter()
     walk = _Walk(source, config, calibration, placement, progress, on_block, reset_host_peak)
     walk.prepare(run_dir, resume)
@@ -407,9 +339,33 @@ class _Walk:
         if cfg.distill_epochs > 0:
             self.teacher = _TeacherStore(self.run.inputs(len(source), "teacher") if self.run else MemoryActivations())
         if cfg.bpw_budget is not None:
-            layers = {n: m for i in range(len(source))
-                      for n, m in find_linears(source.blocks[i], f"{source.prefix}.{i}", cfg.skip).items()}
-            self.plan = _mixed_plan(self.model, cfg, layers, [self.all_batches[0].to(self.device)])
+            self.plan = self._mixed_plan()
+
+    def _mixed_plan(self) -> dict[str, dict]:
+        """Code shape per layer for ``config.bpw_budget`` (:mod:`rvqllm.mixed`), from each layer's loss
+        sensitivity measured on the first calibration batch with the float model, block by block, before
+        any layer is replaced. Rank 0 measures and every rank gets its plan; a run folder keeps it, so a
+        resumed run reads it instead of measuring again."""
+        cfg, source = self.config, self.source
+        saved = self.run.plan() if self.run is not None else None
+        if saved is not None:
+            return saved
+        plan = None
+        if self.place.is_main:
+            ids = self.all_batches[0].to(self.device)
+            (inp,) = capture_block_inputs(self.model, source.blocks[0], [ids])
+            store = self.run.scratch("sens") if self.run is not None else MemoryActivations()
+            try:
+                sens = blockwise_sensitivity(self.model, source, ids, inp.hidden, inp.kwargs, self.device, cfg.skip,
+                                             store, cfg.finetune_batch)
+            finally:
+                if self.run is not None:
+                    self.run.drop(store)
+            shapes = {n: s for block in self.shapes for n, s in block.items()}
+            plan = allocate(shapes, sens, cfg.mixed_candidates, float(cfg.bpw_budget), rotate=cfg.rotate)
+            if self.run is not None:
+                self.run.save_plan(plan)
+        return self.place.broadcast_object(plan, src=0)
 
     # -- one block ---------------------------------------------------------------------------------
     def block(self, i: int) -> None:

@@ -276,6 +276,16 @@ class Placement:
                 offset += n
         return layer
 
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself with ``world == 1``)."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, device=self._object_device())
+        return box[0]
+
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """Sum ``t`` (any shape, on :attr:`device`) over ranks, in place; returns ``t``."""
         if self.distributed:

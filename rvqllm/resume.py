@@ -12,6 +12,9 @@ Layout of ``<out>.partial/`` (written by :class:`RunDir`)::
     in-000k/00000.safetensors the inputs (hidden states) of block k, one file per calibration batch
     fp-000k/...               the float model's inputs of block k (fine-tuning towards them, distillation)
     teacher-000N/...          the float model's top-k next-token log-probabilities (distillation)
+    plan.json                 the code shape of each layer (config bpw_budget), chosen before block 0
+    sens-0000/...
+                              block k's input while the sensitivity of the layers is measured (removed after)
     shared-codebook.safetensors
                               the shared codebook as the distillation tuned it (config shared_codebook),
                               written before progress.json says distilled
@@ -49,6 +52,7 @@ from .validate import TENSOR_SUMS_KEY, read_checksummed, tensor_digest, write_sa
 
 RUN_VERSION = 1
 STREAMS = ("in", "fp", "teacher")  #: activation streams a run folder may hold per block
+PLAN_FILE = "plan.json"  #: the code shape per layer (config bpw_budget)
 
 
 # ------------------------------------------------------------------------------------------ atomic files
@@ -206,7 +210,8 @@ class RunDir:
         return self.path / f"{stream}-{i:04d}"
 
     def _remove_uncommitted(self) -> None:
-        keep = {"run.json", "progress.json"} | {self._inputs_path(self.blocks_done, s).name for s in STREAMS}
+        keep = {"run.json", "progress.json", PLAN_FILE}
+        keep |= {self._inputs_path(self.blocks_done, s).name for s in STREAMS}
         keep |= {self.shard_path(i).name for i in range(self.blocks_done)}
         if self.distilled:
             self._rename_distilled()
@@ -236,6 +241,33 @@ class RunDir:
             raise RVQError(f"the run folder {self.path} lacks the inputs of block {self.blocks_done}: "
                            "delete it (or pass --overwrite) to start over")
         return store
+
+    def scratch(self, name: str) -> DiskActivations:
+        """A store for tensors that live only while one step runs (e.g. ``"sens"``); remove it with
+        :meth:`drop`. Not committed: a resume removes what a killed step left."""
+        return DiskActivations(self._inputs_path(0, name))
+
+    def drop(self, store: DiskActivations) -> None:
+        shutil.rmtree(store.folder, ignore_errors=True)
+
+    # -- mixed precision ------------------------------------------------------------------------------
+    def save_plan(self, plan: dict[str, dict]) -> None:
+        """Keep the code shape chosen for each layer (``bpw_budget``), so a resumed run need not measure again."""
+        write_json_atomic(self.path / PLAN_FILE, plan)
+
+    def plan(self) -> dict[str, dict] | None:
+        """The saved plan (:meth:`save_plan`), or ``None`` when there is none yet."""
+        path = self.path / PLAN_FILE
+        if not path.is_file():
+            return None
+        try:
+            plan = json.loads(path.read_text())
+        except (OSError, ValueError):
+            plan = None
+        names = {n for block in self.fingerprint["layers"] for n in block}
+        if not isinstance(plan, dict) or set(plan) != names or not all(isinstance(v, dict) for v in plan.values()):
+            raise RVQError(f"{path} is damaged: delete the run folder {self.path} (or pass --overwrite) to start over")
+        return plan
 
     # -- blocks ------------------------------------------------------------------------------------
     def commit_block(self, i: int, model: nn.Module, dtype: torch.dtype | None, *, write: bool = True) -> None:

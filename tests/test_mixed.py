@@ -1,13 +1,18 @@
 """Mixed precision (rvqllm.mixed): the budget holds, and bits go where the loss is most sensitive."""
 
+import json
+
 import pytest
 import torch
 
 import rvqllm
 from rvqllm.arch import find_blocks, find_linears
+from rvqllm.calibration import capture_block_inputs
 from rvqllm.errors import RVQError
-from rvqllm.mixed import allocate, fisher_sensitivity
+from rvqllm.mixed import allocate, blockwise_sensitivity, fisher_sensitivity
+from rvqllm.resume import MemoryActivations
 from rvqllm.size import summarize
+from rvqllm.source import MemorySource
 from tests.conftest import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.unit
@@ -58,6 +63,77 @@ def test_fisher_sensitivity_is_zero_exactly_where_the_loss_cannot_see_the_layer(
     dead = {f"{cut}.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     assert all(after[n] == 0 for n in dead), {n: after[n] for n in dead}
     assert all(after[n] > 0 for n in after if n not in dead)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_blockwise_sensitivity_equals_the_whole_model_measurement(make):
+    """One block in memory at a time (forward storing each block's input, the model's own head and loss for
+    the top gradient, then the blocks again in reverse) gives the whole-model Fisher sensitivity of every
+    layer, whatever the backward's micro-batch (3 does not divide the batch of 4). GPT-2's Conv1D stores its
+    weight transposed: the sum is the same either way."""
+    torch.manual_seed(0)
+    model = make()
+    source = MemorySource(model)
+    layers = {n: m for i, b in enumerate(source.blocks)
+              for n, m in find_linears(b, f"{source.prefix}.{i}", ["lm_head"]).items()}
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    want = fisher_sensitivity(model, layers, [ids])
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    (inp,) = capture_block_inputs(model, source.blocks[0], [ids])
+    for micro in (1, 3, 4):
+        got = blockwise_sensitivity(model, source, ids, inp.hidden, inp.kwargs, torch.device("cpu"), ["lm_head"],
+                                    MemoryActivations(), micro)
+        assert list(got) == list(want)
+        for n in want:
+            assert got[n] == pytest.approx(want[n], rel=1e-4), (micro, n)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_resumed_budget_run_reads_its_plan_instead_of_measuring_again(calib_ids, tmp_path, monkeypatch):
+    """The plan is chosen once, kept in the run folder, and a resumed run uses it as kept: killed in block 1,
+    resumed with the measurement made to fail, the model equals an uninterrupted run's."""
+    from rvqllm import pipeline
+
+    low, high = {**LOW, "bits": 4}, {**HIGH, "bits": 4}
+    ref = tiny_llama()
+    shapes = _shapes(ref)
+    budget = (_bpw(dict.fromkeys(shapes, low), shapes) + _bpw(dict.fromkeys(shapes, high), shapes)) / 2
+    cfg = rvqllm.RVQConfig(bpw_budget=budget, mixed_candidates=[low, high], kmeans_iters=2)
+    rvqllm.quantize(ref, cfg, calib_ids)
+    run = tmp_path / "run"
+
+    class Kill(BaseException):
+        pass
+
+    def die_in_block_1(name, done, total):
+        if name.startswith("model.layers.1."):
+            raise Kill
+
+    with pytest.raises(Kill):
+        rvqllm.quantize(tiny_llama(), cfg, calib_ids, die_in_block_1, run_dir=run)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("sens")) == []  # the scratch store is gone
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan == {n: {k: ref.rvq_layers[n][k] for k in ("vector_dim", "stages", "bits")} for n in shapes}
+    assert {v["stages"] for v in plan.values()} == {1, 2}
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(pipeline, "blockwise_sensitivity", no_measuring)
+    resumed = tiny_llama()
+    rvqllm.quantize(resumed, cfg, calib_ids, run_dir=run, resume=True)
+    for (n, a), (m, b) in zip(ref.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert n == m and torch.equal(a, b), n
+    (run / "plan.json").write_text("{}")
+    with pytest.raises(RVQError, match="plan.json is damaged"):
+        rvqllm.quantize(tiny_llama(), cfg, calib_ids, run_dir=run, resume=True)
+
+
+def _shapes(model) -> dict[str, tuple[int, int]]:
+    prefix, blocks = find_blocks(model)
+    return {n: tuple(m.weight.shape) for i, b in enumerate(blocks)
+            for n, m in find_linears(b, f"{prefix}.{i}", ["lm_head"]).items()}
 
 
 def test_pipeline_with_a_budget_mixes_shapes_and_round_trips(calib_ids, tmp_path):

@@ -19,7 +19,8 @@ import rvqllm
 from rvqllm.cli import main
 from rvqllm.data import calibration_tokens, load_text
 from rvqllm.models import load_model
-from rvqllm.synthetic import write_synthetic_llama
+from rvqllm.size import summarize
+from rvqllm.synthetic import block_shapes, write_synthetic_llama
 from rvqllm.validate import read_checksummed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,16 +63,28 @@ def _small_model(folder: Path, blocks: int = 3) -> Path:
     return write_synthetic_llama(folder, hidden=64, intermediate=128, heads=4, kv_heads=2, blocks=blocks)
 
 
+def _mixed_fields() -> dict:
+    """CHEAP with a bpw budget halfway between one and two stages on :func:`_small_model`'s layers."""
+    shapes = [s for n, s in block_shapes(64, 128, 4, 2).items() if n.endswith("proj.weight")] * 3
+    low, high = ({"vector_dim": 4, "stages": k, "bits": 4} for k in (1, 2))
+
+    def bpw(c: dict) -> float:
+        return summarize({str(i): {"out_features": o, "in_features": n, **c} for i, (o, n) in enumerate(shapes)})["bpw"]
+
+    return {**CHEAP, "bpw_budget": (bpw(low) + bpw(high)) / 2, "mixed_candidates": [low, high]}
+
+
 # ------------------------------------------------------------------------------------------ same checkpoint
 @pytest.mark.integration
-@pytest.mark.parametrize("recipe", ["cheap", "tuned", "shared", "shapes"])
+@pytest.mark.parametrize("recipe", ["cheap", "tuned", "shared", "shapes", "mixed"])
 def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, recipe):
     """CLI (streams the bf16 shards block by block) vs. the library on the whole model in memory + save:
     every tensor identical, config identical. ``tuned`` adds rotation, block fine-tuning towards the float
     model's activations and whole-model distillation (teacher followed block by block, on disk); ``shared``
     codes every layer against one shared codebook (stored once) and distils it; ``shapes`` gives layers their
-    own code shapes by name (``layer_shapes``)."""
-    fields = {"cheap": CHEAP, "tuned": TUNED, "shared": None,
+    own code shapes by name (``layer_shapes``); ``mixed`` spends a bpw budget by measured loss sensitivity (the
+float model's gradients taken block by block from the shards: no whole model in memory)."""
+    fields = {"cheap": CHEAP, "tuned": TUNED, "shared": None, "mixed": _mixed_fields(),
               "shapes": {**CHEAP, "rotate": True, "layer_shapes": {".k_proj": {"vector_dim": 8}, "mlp": {"stages": 2}}}}[recipe]
     if recipe == "shared":
         fields = {**CHEAP, "vector_dim": 8, "bits": 9, "rotate": True, "distill_epochs": 1, "distill_chunk_tokens": 16,
@@ -102,6 +115,9 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, recipe):
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     assert json.loads((streamed / "config.json").read_text()) == json.loads((in_memory / "config.json").read_text())
+    if recipe == "mixed":
+        specs = rvqllm.load(streamed).rvq_layers
+        assert {s["stages"] for s in specs.values()} == {1, 2} and summarize(specs)["bpw"] <= fields["bpw_budget"]
     if recipe == "shapes":
         dims = {(s["vector_dim"], s["stages"]) for n, s in rvqllm.load(streamed).rvq_layers.items() if ".mlp." in n}
         assert dims == {(4, 2)} and rvqllm.load(streamed).rvq_layers["model.layers.1.self_attn.k_proj"]["vector_dim"] == 8
@@ -170,14 +186,19 @@ def _one_and_two_ranks(tmp_path: Path, fields: dict, *flags: str):
 
 
 @pytest.mark.integration
-def test_two_ranks_under_torchrun_equal_one(tmp_path):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_two_ranks_under_torchrun_equal_one(tmp_path, mixed):
     """``torchrun --nproc-per-node 2 --no-python rvqllm quantize`` (gloo, CPU) against one process.
 
     Each rank runs its own calibration batches; the Hessians are summed across ranks in float64, in a
     different order than one process sums them, so equality is up to that rounding: in practice every
     code and every codebook comes out the same (asserted exactly here, with no fine-tuning whose DDP
-    steps average several ranks' micro-batches at once: see docs/SCALE.md)."""
-    _, _, one, two = _one_and_two_ranks(tmp_path, {**CHEAP, "rotate": True, "beam_width": 2}, "--quiet")
+    steps average several ranks' micro-batches at once: see docs/SCALE.md). ``mixed``: a bpw budget, whose
+    plan rank 0 measures and sends to the other rank."""
+    fields = {**(_mixed_fields() if mixed else CHEAP), "rotate": True, "beam_width": 2}
+    _, _, one, two = _one_and_two_ranks(tmp_path, fields, "--quiet")
+    if mixed:
+        assert {s["stages"] for s in rvqllm.load(two).rvq_layers.values()} == {1, 2}
     a, b = _tensors(one), _tensors(two)
     assert a.keys() == b.keys()
     for name in a:
