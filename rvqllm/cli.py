@@ -239,7 +239,7 @@ def _check_disk(source, cfg: RVQConfig, calib, out: Path) -> None:
     layers = {n: s for i in range(len(source)) for n, s in source.layers(i, cfg.skip).items()}
     hidden = max((s[1] for s in layers.values()), default=0)
     hidden = getattr(source.model.config.get_text_config(), "hidden_size", hidden) or hidden
-    need = estimate_run_bytes(layers, source.other_bytes(), cfg, int(calib.numel()), int(hidden))
+    need = estimate_run_bytes(layers, source.other_bytes(), cfg, int(calib.numel()), int(hidden), blocks=len(source))
     where = out.resolve().parent
     while not where.exists():
         where = where.parent

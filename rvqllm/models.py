@@ -160,12 +160,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, cache_dir: Path | 
     return model.eval(), tokenizer
 
 
-def open_source(spec: str, *, tokenizer=None, in_memory: bool = False,
-                say=lambda *_: None, cache_dir: Path | None = None):
+def open_source(spec: str, *, tokenizer=None, say=lambda *_: None, cache_dir: Path | None = None):
     """``(source, tokenizer)`` for quantizing model ``spec`` (:mod:`rvqllm.source`).
 
     A folder (or hub snapshot) of safetensors weights is streamed block by block (:class:`ShardSource`);
-    a GGUF file, a folder without safetensors, or ``in_memory`` loads the whole model in float32
+    a GGUF file or a folder without safetensors loads the whole model in float32
     (:class:`MemorySource`), and ``say`` is told so with the memory that takes.
     """
     from .source import INDEX_NAME, SINGLE_NAME, MemorySource, ShardSource
@@ -177,10 +176,10 @@ def open_source(spec: str, *, tokenizer=None, in_memory: bool = False,
     if not gguf:
         check_not_checkpoint(spec, where)
     streamable = not gguf and ((folder / INDEX_NAME).is_file() or (folder / SINGLE_NAME).is_file())
-    if streamable and not in_memory:
+    if streamable:
         tok = tokenizer_for(spec, tokenizer, cache_dir) if tokenizer is not None else load_tokenizer(folder)
         return ShardSource(folder, spec), tok
-    why = "it is a GGUF file" if gguf else "it was asked for" if in_memory else "it has no safetensors weights"
+    why = "it is a GGUF file" if gguf else "it has no safetensors weights"
     model, model_tok = load_model(spec, cache_dir=cache_dir, tokenizer=tokenizer)
     gib = sum(p.numel() for p in model.parameters()) * 4 / 2**30
     say(f"note: {spec} is loaded whole in memory in float32 ({gib:.1f} GiB) because {why}; "

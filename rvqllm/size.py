@@ -80,7 +80,7 @@ def folder_bytes(path: str | Path) -> int:
 
 
 def estimate_run_bytes(layers: dict[str, tuple[int, int]], other_bytes: int, config, tokens: int, hidden: int,
-                       ) -> dict[str, int]:
+                       blocks: int = 0) -> dict[str, int]:
     """Disk a quantization run needs, before it starts: ``{"checkpoint", "run", "total"}`` bytes.
 
     ``layers``: ``{name: (out, in)}`` of the layers to quantize, at the config's code shape (``layer_shapes``'s
@@ -89,6 +89,8 @@ def estimate_run_bytes(layers: dict[str, tuple[int, int]], other_bytes: int, con
     blocks' width. The run folder holds, at its peak, two blocks' worth of float32 activations per stream
     (the quantized model's, plus the float model's when fine-tuning aims at it or distillation needs it),
     the teacher's top-k (distillation) and the shards (counted once: the checkpoint is made of them).
+    With ``bpw_budget``, before any of that, the sensitivity pass keeps the input of each of the ``blocks``
+    decoder blocks for one calibration batch beside block 0's inputs (:mod:`rvqllm.mixed`).
     """
     shape = {"vector_dim": config.vector_dim, "stages": config.stages, "bits": config.bits,
              "bias": False, "hadamard_block": 1 if config.rotate else 0}
@@ -107,5 +109,8 @@ def estimate_run_bytes(layers: dict[str, tuple[int, int]], other_bytes: int, con
     run = 2 * streams * tokens * hidden * 4
     if config.distill_epochs > 0:  # the teacher, and the distilled shards written beside the first ones
         run += tokens * 64 * 2 * 4 + quantized
+    if config.bpw_budget is not None:
+        batch_tokens = min(tokens, config.calib_batch_size * config.calib_seq_len)
+        run = max(run, (blocks * batch_tokens + streams * tokens) * hidden * 4)
     checkpoint = quantized + other_bytes
     return {"checkpoint": checkpoint, "run": run, "total": checkpoint + run}

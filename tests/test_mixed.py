@@ -217,3 +217,17 @@ def test_the_disk_estimate_counts_each_layers_own_shape():
     a, b, c = (estimate_run_bytes(layers, 0, x, tokens=64, hidden=512)["checkpoint"] for x in (base, more, same))
     assert c == a
     assert b - a == 1024 * 512 * 2 // 8 + 2 * 256 * 8 * 2  # two more 8-bit codes per 8 weights + two fp16 codebooks
+
+
+def test_the_disk_estimate_counts_the_sensitivity_pass_of_a_budget():
+    """With ``bpw_budget`` the run folder first keeps every block's input for one calibration batch (the
+    streamed sensitivity pass): 80 blocks x 4,096 tokens x 512 wide in float32, 640 MiB, where the walk itself
+    peaks at two blocks' inputs of all 16,384 tokens, 64 MiB."""
+    from rvqllm.size import estimate_run_bytes
+
+    layers = {"b.0.mlp.up_proj": (1024, 512)}
+    plain = rvqllm.RVQConfig(calib_batch_size=8, calib_seq_len=512)
+    budget = plain.replace(bpw_budget=2.2, mixed_candidates=[HIGH])
+    a, b = (estimate_run_bytes(layers, 0, c, tokens=16_384, hidden=512, blocks=80)["run"] for c in (plain, budget))
+    assert a == 2 * 16_384 * 512 * 4
+    assert b == (80 * 4096 + 16_384) * 512 * 4
