@@ -22,9 +22,10 @@ For each block::
   of the final checkpoint) and given back to the source (a streamed block goes back to the meta device).
 
 Optionally first (``bpw_budget``): each layer's code shape from its measured loss sensitivity
-(:mod:`rvqllm.mixed`: one float block in memory at a time, like the walk). Optionally last (``distill_epochs``): all quantized layers and norms
-tuned together towards the float model's next-token distribution; the teacher's top-k log-probabilities
-come from the fp stream after the last block (chunked over tokens, kept on disk in a run folder).
+(:mod:`rvqllm.mixed`: one float block in memory at a time, like the walk). Optionally last
+(``distill_epochs``): all quantized layers and norms tuned together towards the float model's next-token
+distribution; the teacher's top-k log-probabilities come from the fp stream after the last block (chunked
+over tokens, kept on disk in a run folder).
 
 Where the work runs (device, rank) is one :class:`~rvqllm.placement.Placement`; where weights come from
 is one source; where finished blocks and activations go is one run folder (or memory): the loop below has

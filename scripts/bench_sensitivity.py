@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from rvqllm.arch import find_linears
+    from rvqllm.arch import find_linears, linear_weight
     from rvqllm.calibration import capture_block_inputs
     from rvqllm.config import RVQConfig
     from rvqllm.data import calibration_tokens, load_text
@@ -53,7 +53,7 @@ def main() -> None:
     blockwise = blockwise_sensitivity(model, source, ids, inp.hidden, inp.kwargs, torch.device("cpu"), cfg.skip,
                                       MemoryActivations(), cfg.finetune_batch)
     t_block = time.perf_counter() - t0
-    shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
     plans = [allocate(shapes, s, cfg.mixed_candidates, float(cfg.bpw_budget), rotate=cfg.rotate) for s in (whole, blockwise)]
     result = {
         "tokens": int(ids.numel()), "threads": torch.get_num_threads(),
