@@ -27,6 +27,9 @@ the module, unless ``skip`` names it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -340,3 +343,21 @@ def check_causal_lm(model: nn.Module) -> None:
 
 def first_param(model: nn.Module) -> torch.Tensor:
     return next(model.parameters())
+
+
+@contextmanager
+def only_weight_grads(root: nn.Module, layers: Iterable[nn.Module] = ()) -> Iterator[None]:
+    """Within: of ``root``'s parameters only the ``weight`` of each of ``layers`` takes gradients. After:
+    every parameter's ``requires_grad`` as it was, and no ``.grad`` left on any."""
+    params = list(root.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m in layers:
+            m.weight.requires_grad_(True)
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.grad = None
+            p.requires_grad_(f)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .arch import find_linears, only_weight_grads
 from .errors import RVQError
 from .finetune import _slice
 from .size import layer_bits
@@ -39,27 +40,16 @@ def fisher_sensitivity(model: nn.Module, layers: dict[str, nn.Module], batches: 
     model's ``requires_grad`` flags are restored afterwards.
     """
     weights = {name: m.weight for name, m in layers.items()}  # as stored: a Conv1D's is [in, out], like its grad
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for m in layers.values():
-            m.weight.requires_grad_(True)
-        with torch.enable_grad():
-            for ids in batches:
-                model.zero_grad(set_to_none=True)
-                out = model(input_ids=ids, labels=ids, use_cache=False)
-                out.loss.backward()
-                for name in weights:
-                    g = layers[name].weight.grad
-                    if g is not None:
-                        fisher[name] += g.float().pow(2)
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, f in zip(params, flags, strict=True):
-            p.requires_grad_(f)
+    with only_weight_grads(model, layers.values()), torch.enable_grad():
+        for ids in batches:
+            model.zero_grad(set_to_none=True)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            out.loss.backward()
+            for name in weights:
+                g = layers[name].weight.grad
+                if g is not None:
+                    fisher[name] += g.float().pow(2)
     return {name: float((fisher[name] * weights[name].detach().float().pow(2)).sum()) for name in weights}
 
 
@@ -81,8 +71,6 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
         micro_batch: sequences per backward step (activations for the backward of that many sequences
             exist at once; the result does not depend on it beyond float rounding).
     """
-    from .arch import find_linears
-
     n = len(source)
     batch = ids.shape[0]
     with torch.no_grad():
@@ -98,31 +86,20 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
     for k in reversed(range(n)):
         block = source.load_block(k, device)
         layers = find_linears(block, f"{source.prefix}.{k}", skip)
-        params = list(block.parameters())
-        flags = [p.requires_grad for p in params]
         x_all = store.get(k).to(device)
         grad_in = torch.empty_like(x_all) if k > 0 else None
-        try:
-            for p in params:
-                p.requires_grad_(False)
-            for m in layers.values():
-                m.weight.requires_grad_(True)
-            with torch.enable_grad():
-                for a in range(0, batch, micro_batch):
-                    b = min(a + micro_batch, batch)
-                    x = x_all[a:b].detach().requires_grad_(k > 0)
-                    out = _output(block(x, **{key: _slice(v, a, b, batch) for key, v in kwargs.items()}))
-                    if out.requires_grad:
-                        out.backward(grad[a:b])
-                    if grad_in is not None:
-                        grad_in[a:b] = x.grad if x.grad is not None else 0
+        with only_weight_grads(block, layers.values()), torch.enable_grad():
+            for a in range(0, batch, micro_batch):
+                b = min(a + micro_batch, batch)
+                x = x_all[a:b].detach().requires_grad_(k > 0)
+                out = _output(block(x, **{key: _slice(v, a, b, batch) for key, v in kwargs.items()}))
+                if out.requires_grad:
+                    out.backward(grad[a:b])
+                if grad_in is not None:
+                    grad_in[a:b] = x.grad if x.grad is not None else 0
             for name, m in layers.items():
                 g = m.weight.grad
                 sens[name] = 0.0 if g is None else float((g.float().pow(2) * m.weight.detach().float().pow(2)).sum())
-        finally:
-            for p, f in zip(params, flags, strict=True):
-                p.grad = None
-                p.requires_grad_(f)
         source.release_block(k)
         grad = grad_in
     return {name: sens[name] for k in range(n) for name in source.layers(k, skip)}

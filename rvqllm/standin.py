@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .arch import only_weight_grads
 from .errors import RVQError
 
 
@@ -95,14 +96,10 @@ def loss_grad(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tens
     at once; the pieces are weighted by their share of the batch, so the result is the whole batch's.
     No parameter of ``model`` gets a gradient (their ``requires_grad`` flags are restored afterwards).
     """
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
     batch = ids.shape[0]
     grad = torch.empty_like(hidden)
     total = 0.0
-    try:
-        for p in params:
-            p.requires_grad_(False)
+    with only_weight_grads(model):
         for a in range(0, batch, micro_batch):
             b = min(a + micro_batch, batch)
             h = hidden[a:b].detach().requires_grad_(True)
@@ -115,7 +112,4 @@ def loss_grad(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tens
                 loss.backward()
             grad[a:b] = h.grad
             total += float(loss.detach())
-    finally:
-        for p, f in zip(params, flags, strict=True):
-            p.requires_grad_(f)
     return total, grad
