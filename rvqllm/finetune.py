@@ -199,9 +199,17 @@ def _hidden(out: object) -> Tensor:
 
 def _slice(value: object, start: int, stop: int, batch: int) -> object:
     """``value`` cut to sequences ``start:stop`` where it has a batch dimension (dim 0 == ``batch``);
-    tensors broadcast over the batch (dim 0 == 1) and non-tensors pass through."""
+    tensors broadcast over the batch (dim 0 == 1) and non-tensors pass through. A tensor of 3 or more
+    dimensions whose dim 0 is ``k * batch`` (``k > 1``) has the batch folded with another dimension, batch
+    first (BLOOM's and Falcon's ALiBi biases, ``[batch * heads, 1, seq]``): its rows ``start * k:stop * k``."""
     if isinstance(value, Tensor):
-        return value[start:stop] if value.dim() > 0 and value.shape[0] == batch else value
+        n = value.shape[0] if value.dim() > 0 else 0
+        if n == batch:
+            return value[start:stop]
+        if value.dim() >= 3 and batch > 1 and n > batch and n % batch == 0:
+            k = n // batch
+            return value[start * k : stop * k]
+        return value
     if isinstance(value, tuple | list):
         return type(value)(_slice(v, start, stop, batch) for v in value)
     return value

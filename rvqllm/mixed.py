@@ -73,14 +73,17 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
     """
     n = len(source)
     batch = ids.shape[0]
+    as_tuple = False
     with torch.no_grad():
         h = hidden
         for k in range(n):
             store.put(k, h)
             block = source.load_block(k, device)
-            h = _output(block(h.to(device), **kwargs)).detach()
+            out = block(h.to(device), **kwargs)
+            as_tuple = isinstance(out, tuple | list)
+            h = _output(out).detach()
             source.release_block(k)
-    _, grad = loss_grad(model, source.blocks, ids, h, micro_batch)
+    _, grad = loss_grad(model, source.blocks, ids, h, micro_batch, as_tuple)
     del h
     sens: dict[str, float] = {}
     for k in reversed(range(n)):

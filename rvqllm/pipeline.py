@@ -137,12 +137,17 @@ def _capture(model: nn.Module, first_block: nn.Module, batches: dict[int, Tensor
     return kwargs
 
 
-def _forward(block: nn.Module, inputs, kwargs: dict[int, dict], outputs, device: torch.device) -> None:
+def _forward(block: nn.Module, inputs, kwargs: dict[int, dict], outputs, device: torch.device) -> bool:
     """Run every batch of ``inputs`` through ``block`` on ``device``; its outputs go to ``outputs`` (one
-    batch in memory; a disk store hands batches back on the host)."""
+    batch in memory; a disk store hands batches back on the host). Returns whether the block returns a
+    tuple (hidden state first) rather than the hidden state itself."""
+    as_tuple = False
     with torch.no_grad():
         for j, kw in kwargs.items():
-            outputs.put(j, _hidden(block(inputs.get(j).to(device), **kw)).detach())
+            out = block(inputs.get(j).to(device), **kw)
+            as_tuple = isinstance(out, tuple | list)
+            outputs.put(j, _hidden(out).detach())
+    return as_tuple
 
 
 class _TeacherStore:
@@ -408,9 +413,9 @@ class _Walk:
                 fp_next = MemoryActivations() if last or self.run is None else self.run.inputs(i + 1, "fp")
                 fp_kwargs = {j: self.kwargs[j] for j in self._fp_batches()}
                 with calib_context():
-                    _forward(block, self.fp, fp_kwargs, fp_next, self.device)
+                    as_tuple = _forward(block, self.fp, fp_kwargs, fp_next, self.device)
                 if last and self.teacher is not None:
-                    self._teacher(fp_next, calib_context)
+                    self._teacher(fp_next, calib_context, bool(as_tuple))
             targets, tuned = None, set(self._finetuned_batches())
             if cfg.finetune_epochs > 0:
                 targets = fp_next if cfg.finetune_target == "model" else MemoryActivations()
@@ -550,21 +555,22 @@ class _Walk:
         if self.progress is not None:
             self.progress(name, self.done, self.total)
 
-    def _teacher(self, final: object, context: Callable[[], AbstractContextManager]) -> None:
+    def _teacher(self, final: object, context: Callable[[], AbstractContextManager], as_tuple: bool) -> None:
         """Top-k next-token log-probabilities of the float model from its last block's outputs, computed
         under ``context()`` (the calibration's autocast); the check that the head is the model's runs as the
-        model computes."""
+        model computes. ``as_tuple``: the blocks return tuples (:class:`rvqllm.standin._Injector`)."""
         blocks = self.source.blocks
         head = lm_head_fn(self.model)
         chosen = self._distilled_batches()
         if chosen:  # the head must give what the model gives, on a few tokens
             j = chosen[0]
             normed, logits = final_normed_hidden(self.model, blocks, self.batches[j][:1, :16],
-                                                 final.get(j)[:1, :16].to(self.device), with_logits=True)
+                                                 final.get(j)[:1, :16].to(self.device), True, as_tuple)
             check_lm_head_fn(self.model, None, head, normed, logits)
         for j in chosen:
             with context():
-                normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j).to(self.device))
+                normed = final_normed_hidden(self.model, blocks, self.batches[j], final.get(j).to(self.device),
+                                             as_tuple=as_tuple)
                 top = teacher_topk_from_hidden(normed, head, TEACHER_TOP_K, self.config.distill_chunk_tokens)
             self.teacher.put(j, top)
 

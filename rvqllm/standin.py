@@ -23,20 +23,24 @@ from .errors import RVQError
 
 
 class _Injector(nn.Module):
-    """Stands in for a decoder block: returns a stored hidden state (first block) or its input unchanged.
+    """Stands in for a decoder block: returns a stored hidden state (first block) or its input unchanged,
+    as a one-element tuple where the real blocks return tuples (``as_tuple``: Falcon, BLOOM), since the
+    model's code then takes element 0 of what a block returns.
 
     Plain attributes of the block it replaces (e.g. ``attention_type``) are copied so model code that
     reads them still works."""
 
-    def __init__(self, like: nn.Module, value: Tensor | None) -> None:
+    def __init__(self, like: nn.Module, value: Tensor | None, as_tuple: bool = False) -> None:
         super().__init__()
         for k, v in vars(like).items():
             if not k.startswith("_") and not isinstance(v, nn.Module | Tensor):
                 setattr(self, k, v)
         self.value = value
+        self.as_tuple = as_tuple
 
-    def forward(self, hidden: Tensor, *args, **kwargs) -> Tensor:
-        return hidden if self.value is None else self.value
+    def forward(self, hidden: Tensor, *args, **kwargs) -> Tensor | tuple[Tensor]:
+        out = hidden if self.value is None else self.value
+        return (out,) if self.as_tuple else out
 
 
 class _StopAtHead(Exception):
@@ -44,11 +48,12 @@ class _StopAtHead(Exception):
 
 
 def final_normed_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor,
-                        with_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                        with_logits: bool = False, as_tuple: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """What the model feeds its LM head when its last block outputs ``hidden [batch, seq, hidden]`` on
     token batch ``ids``: the final norm (and whatever else the model does after its blocks), run by the
     model's own code with every block replaced by a stand-in, stopped at the head. ``with_logits``: run
-    on to the end and also return the model's logits ``[batch, seq, vocab]`` (keep the batch small)."""
+    on to the end and also return the model's logits ``[batch, seq, vocab]`` (keep the batch small).
+    ``as_tuple``: the model's blocks return tuples (see :class:`_Injector`)."""
     head = model.get_output_embeddings()
     captured: list[Tensor] = []
 
@@ -60,7 +65,7 @@ def final_normed_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hi
     handle = head.register_forward_pre_hook(grab)
     logits = None
     try:
-        with _stand_ins(blocks, hidden), torch.no_grad():
+        with _stand_ins(blocks, hidden, as_tuple), torch.no_grad():
             try:
                 logits = model(input_ids=ids, use_cache=False).logits
             except _StopAtHead:
@@ -74,20 +79,20 @@ def final_normed_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hi
 
 
 @contextmanager
-def _stand_ins(blocks: nn.ModuleList, hidden: Tensor):
+def _stand_ins(blocks: nn.ModuleList, hidden: Tensor, as_tuple: bool):
     """``blocks`` replaced by stand-ins for the duration: the first returns ``hidden``."""
     saved = list(blocks)
     try:
         for k, b in enumerate(saved):
-            blocks[k] = _Injector(b, hidden if k == 0 else None)
+            blocks[k] = _Injector(b, hidden if k == 0 else None, as_tuple)
         yield
     finally:
         for k, b in enumerate(saved):
             blocks[k] = b
 
 
-def loss_grad(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor, micro_batch: int
-              ) -> tuple[float, Tensor]:
+def loss_grad(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tensor, micro_batch: int,
+              as_tuple: bool = False) -> tuple[float, Tensor]:
     """The model's next-token loss on ``ids [batch, seq]`` when its last block outputs ``hidden [batch, seq,
     hidden_size]``, and the loss's gradient with respect to ``hidden`` (same shape and dtype).
 
@@ -95,6 +100,7 @@ def loss_grad(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tens
     tokens), computed ``micro_batch`` sequences at a time so that only that many sequences' logits exist
     at once; the pieces are weighted by their share of the batch, so the result is the whole batch's.
     No parameter of ``model`` gets a gradient (their ``requires_grad`` flags are restored afterwards).
+    ``as_tuple``: the model's blocks return tuples (see :class:`_Injector`).
     """
     batch = ids.shape[0]
     grad = torch.empty_like(hidden)
@@ -103,7 +109,7 @@ def loss_grad(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, hidden: Tens
         for a in range(0, batch, micro_batch):
             b = min(a + micro_batch, batch)
             h = hidden[a:b].detach().requires_grad_(True)
-            with _stand_ins(blocks, h), torch.enable_grad():
+            with _stand_ins(blocks, h, as_tuple), torch.enable_grad():
                 out = model(input_ids=ids[a:b], labels=ids[a:b], use_cache=False)
                 if getattr(out, "loss", None) is None:
                     raise RVQError(f"{type(model).__name__} computes no loss from labels: mixed precision "
