@@ -196,7 +196,8 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
     result = {"out": str(out), "config": cfg.to_dict(), "quantize_seconds": round(seconds, 1),
               "device": str(placement.device), "ranks": placement.world, "calib_tokens": report.calib_tokens,
               "resumed_layers": sum(1 for r in report.layers.values() if r.get("resumed")),
-              "blocks": [{"block": i, **b} for i, b in sorted(report.blocks.items())], "distill": report.distill}
+              "blocks": [{"block": i, **b} for i, b in sorted(report.blocks.items())], "distill": report.distill,
+              **({"mixed": report.mixed} if report.mixed else {})}
     if not placement.is_main:
         return result
     publish(run_dir, out, model=model, tokenizer=tokenizer, overwrite=args.overwrite)
@@ -215,6 +216,9 @@ def _quantize(args: argparse.Namespace, cfg: RVQConfig, out: Path, placement) ->
         _say(args, f"block fine-tuning: {result['finetune_seconds']:.0f} s; block output error x"
                    f"{sum(gain) / len(gain):.2f} on average; {retried} blocks retried at a lower rate, "
                    f"{undone} kept as coded (tuning made them worse)")
+    if report.mixed:
+        _say(args, f"mixed precision: code shapes chosen by sensitivity in {report.mixed['seconds']:.0f} s: "
+                   + ", ".join(f"{n} layers {k}" for k, n in report.mixed["shapes"].items()))
     if report.distill:
         _say(args, f"distillation at learning rate {report.distill['lr']:.2g}: {report.distill['seconds']:.0f} s; "
                    f"KL {report.distill['kl_before']:.4f} -> "

@@ -96,6 +96,9 @@ class QuantizeReport:
     #: "finetune_lr" (the last attempt's rate) and "finetune_kept" (False: every attempt was undone)
     blocks: dict[int, dict] = field(default_factory=dict)
     distill: dict = field(default_factory=dict)  #: whole-model distillation: KL before/after, time, memory
+    #: mixed precision (``bpw_budget``): {"seconds": the sensitivity pass (0 when a resumed run read its plan),
+    #: "shapes": {"d6 s2 b8": layers given that code shape, ...}}
+    mixed: dict = field(default_factory=dict)
     seconds: float = 0.0
     calib_tokens: int = 0
 
@@ -352,10 +355,20 @@ class _Walk:
         sensitivity measured on the first calibration batch with the float model, block by block, before
         any layer is replaced. Rank 0 measures and every rank gets its plan; a run folder keeps it, so a
         resumed run reads it instead of measuring again."""
+        t0 = time.perf_counter()
+        plan = self.run.plan() if self.run is not None else None
+        if plan is None:
+            plan = self.place.broadcast_object(self._measure_plan(), src=0)
+        counts: dict[str, int] = {}
+        for c in plan.values():
+            key = f"d{c['vector_dim']} s{c['stages']} b{c['bits']}"
+            counts[key] = counts.get(key, 0) + 1
+        self.report.mixed = {"seconds": round(time.perf_counter() - t0, 3), "shapes": dict(sorted(counts.items()))}
+        return plan
+
+    def _measure_plan(self) -> dict[str, dict] | None:
+        """Rank 0's plan (``None`` on the other ranks): see :meth:`_mixed_plan`."""
         cfg, source = self.config, self.source
-        saved = self.run.plan() if self.run is not None else None
-        if saved is not None:
-            return saved
         plan = None
         if self.place.is_main:
             ids = self.all_batches[0].to(self.device)
@@ -371,7 +384,7 @@ class _Walk:
             plan = allocate(shapes, sens, cfg.mixed_candidates, float(cfg.bpw_budget), rotate=cfg.rotate)
             if self.run is not None:
                 self.run.save_plan(plan)
-        return self.place.broadcast_object(plan, src=0)
+        return plan
 
     # -- one block ---------------------------------------------------------------------------------
     def block(self, i: int) -> None:

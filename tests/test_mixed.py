@@ -144,10 +144,12 @@ def test_pipeline_with_a_budget_mixes_shapes_and_round_trips(calib_ids, tmp_path
               for n, m in find_linears(b, f"{prefix}.{i}", ["lm_head"]).items()}
     budget = (_bpw(dict.fromkeys(shapes, low), shapes) + _bpw(dict.fromkeys(shapes, high), shapes)) / 2
     cfg = rvqllm.RVQConfig(bpw_budget=budget, mixed_candidates=[low, high], kmeans_iters=3)
-    rvqllm.quantize(model, cfg, calib_ids)
+    report = rvqllm.quantize(model, cfg, calib_ids)
     specs = model.rvq_layers
     used = {(s["vector_dim"], s["stages"], s["bits"]) for s in specs.values()}
     assert used == {(8, 1, 4), (8, 2, 4)}
+    assert report.mixed["shapes"] == {f"d8 s{k} b4": sum(s["stages"] == k for s in specs.values()) for k in (1, 2)}
+    assert report.mixed["seconds"] > 0
     assert summarize(specs)["bpw"] <= budget
     loaded = rvqllm.load(rvqllm.save(model, tmp_path / "q"))
     with torch.no_grad():
