@@ -65,7 +65,7 @@ class RVQConfig:
     distill_code_lr: float = 1e-2  #: Adam learning rate of the float shadows the moving codes follow
     distill_chunk_tokens: int = 1024  #: tokens whose full-vocabulary logits exist at once in distillation (memory ~ chunk x vocab x 16 B)
     # --- mixed precision (rvqllm.mixed) ----------------------------------------------------------------
-    bpw_budget: float | None = None  #: all-in bpw for the whole model; layers get candidate shapes by sensitivity
+    bpw_budget: float | str | None = None  #: all-in bpw for the whole model; layers get candidate shapes by sensitivity; "auto": what the code shape above would cost on every layer of this model (a uniform preset's size)
     mixed_candidates: list[dict] = field(default_factory=list)  #: code shapes {vector_dim, stages, bits} to pick from
     layer_shapes: dict[str, dict] = field(default_factory=dict)  #: fixed code shapes by layer name, e.g. {".k_proj": {vector_dim: 6}}: a layer takes the fields of the first key its qualified name contains (any of vector_dim, stages, bits); the other layers, and the fields not named, keep the ones above
     # --- what to quantize ------------------------------------------------------------------------
@@ -157,8 +157,10 @@ class RVQConfig:
              f"calib_seq_len={self.calib_seq_len!r} must be an integer of at least 2")
         need(isinstance(self.calib_batch_size, int) and self.calib_batch_size >= 1,
              f"calib_batch_size={self.calib_batch_size!r} must be a positive integer")
-        need(self.bpw_budget is None or (isinstance(self.bpw_budget, int | float) and self.bpw_budget > 0),
-             f"bpw_budget={self.bpw_budget!r} must be a positive number of bits per weight (or null for off)")
+        need(self.bpw_budget is None or self.bpw_budget == "auto" or (
+            isinstance(self.bpw_budget, int | float) and not isinstance(self.bpw_budget, bool) and self.bpw_budget > 0),
+             f"bpw_budget={self.bpw_budget!r} must be a positive number of bits per weight, 'auto' (what vector_dim, "
+             "stages and bits cost on every layer) or null for off")
         need(isinstance(self.mixed_candidates, list) and all(
             isinstance(c, dict) and set(c) == {"vector_dim", "stages", "bits"} for c in self.mixed_candidates),
              "mixed_candidates must be a list of {vector_dim, stages, bits} mappings")

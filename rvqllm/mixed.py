@@ -118,6 +118,25 @@ def expected_error(c: dict) -> float:
     return 2.0 ** (-2.0 * s * b / d)
 
 
+def layer_cost(out: int, inp: int, c: dict, rotate: bool = False) -> int:
+    """Stored bits of an ``[out, inp]`` layer coded with shape ``c`` (codes, codebooks, scales, rotation
+    signs: all of it, as :mod:`rvqllm.size` counts it)."""
+    spec = {"out_features": out, "in_features": inp, "vector_dim": c["vector_dim"], "stages": c["stages"],
+            "bits": c["bits"], **({"hadamard_block": 1} if rotate else {})}
+    p = layer_bits(spec)
+    return p["codes"] + p["codebooks"] + p["scales"] + p["signs"]
+
+
+def budget_bpw(config, shapes: dict[str, tuple[int, int]]) -> float:
+    """The all-in bpw ``config.bpw_budget`` allows over layers ``shapes`` (``{name: (out, in)}``): the number,
+    or for ``"auto"`` what the config's own ``vector_dim``/``stages``/``bits`` would cost on every layer, so
+    the mixed model is no larger than the uniform one on any model."""
+    if config.bpw_budget != "auto":
+        return float(config.bpw_budget)
+    own = {"vector_dim": config.vector_dim, "stages": config.stages, "bits": config.bits}
+    return sum(layer_cost(o, i, own, config.rotate) for o, i in shapes.values()) / sum(o * i for o, i in shapes.values())
+
+
 def allocate(
     shapes: dict[str, tuple[int, int]],
     sensitivity: dict[str, float],
@@ -142,11 +161,7 @@ def allocate(
         raise RVQError("mixed precision needs at least one candidate code shape in `mixed_candidates`")
 
     def bits(name: str, c: dict) -> int:
-        out, inp = shapes[name]
-        spec = {"out_features": out, "in_features": inp, "vector_dim": c["vector_dim"], "stages": c["stages"],
-                "bits": c["bits"], **({"hadamard_block": 1} if rotate else {})}
-        p = layer_bits(spec)
-        return p["codes"] + p["codebooks"] + p["scales"] + p["signs"]
+        return layer_cost(*shapes[name], c, rotate)
 
     weights = sum(o * i for o, i in shapes.values())
     budget = budget_bpw * weights

@@ -62,7 +62,7 @@ from .finetune import (
 )
 from .kernels.cpu_build import warn_once
 from .meter import Meter, trim_host_memory
-from .mixed import allocate, blockwise_sensitivity
+from .mixed import allocate, blockwise_sensitivity, budget_bpw
 from .nn import (
     QuantizedLinear,
     SharedCodebooks,
@@ -293,10 +293,9 @@ class _Walk:
     def prepare(self, run_dir, resume: bool) -> None:
         cfg, source = self.config, self.source
         widths = {n: s[1] for shapes in self.shapes for n, s in shapes.items()}
-        if cfg.bpw_budget is not None:
-            for c in cfg.mixed_candidates:
-                check_vector_dim_fits(c["vector_dim"], widths)
-        elif cfg.coder == "rvq":  # each vector_dim against the widths of the layers that take it
+        # bpw_budget: a candidate vector_dim need not divide any width (d 6 and 9 on 4096-wide layers): a layer
+        # it does not divide is zero-padded, and the allocator counts the padded codes against the budget
+        if cfg.bpw_budget is None and cfg.coder == "rvq":  # each vector_dim against the widths of the layers that take it
             by_dim: dict[int, dict[str, int]] = {}
             for n, w in widths.items():
                 by_dim.setdefault(cfg.shape_for(n)["vector_dim"], {})[n] = w
@@ -381,7 +380,7 @@ class _Walk:
                 if self.run is not None:
                     self.run.drop(store)
             shapes = {n: s for block in self.shapes for n, s in block.items()}
-            plan = allocate(shapes, sens, cfg.mixed_candidates, float(cfg.bpw_budget), rotate=cfg.rotate)
+            plan = allocate(shapes, sens, cfg.mixed_candidates, budget_bpw(cfg, shapes), rotate=cfg.rotate)
             if self.run is not None:
                 self.run.save_plan(plan)
         return plan

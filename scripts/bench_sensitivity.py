@@ -31,7 +31,7 @@ def main() -> None:
     from rvqllm.calibration import capture_block_inputs
     from rvqllm.config import RVQConfig
     from rvqllm.data import calibration_tokens, load_text
-    from rvqllm.mixed import allocate, blockwise_sensitivity, fisher_sensitivity
+    from rvqllm.mixed import allocate, blockwise_sensitivity, budget_bpw, fisher_sensitivity
     from rvqllm.models import load_model
     from rvqllm.reference import CALIB_TEXTS
     from rvqllm.resume import MemoryActivations
@@ -54,12 +54,13 @@ def main() -> None:
                                       MemoryActivations(), cfg.finetune_batch)
     t_block = time.perf_counter() - t0
     shapes = {n: tuple(linear_weight(m).shape) for n, m in layers.items()}
-    plans = [allocate(shapes, s, cfg.mixed_candidates, float(cfg.bpw_budget), rotate=cfg.rotate) for s in (whole, blockwise)]
+    budget = budget_bpw(cfg, shapes)
+    plans = [allocate(shapes, s, cfg.mixed_candidates, budget, rotate=cfg.rotate) for s in (whole, blockwise)]
     result = {
         "tokens": int(ids.numel()), "threads": torch.get_num_threads(),
         "whole_model_s": round(t_whole, 1), "blockwise_s": round(t_block, 1), "ratio": round(t_block / t_whole, 2),
         "max_relative_difference": max(abs(blockwise[n] / whole[n] - 1) for n in whole if whole[n]),
-        "same_plan": plans[0] == plans[1],
+        "budget_bpw": budget, "same_plan": plans[0] == plans[1],
         "differing_layers": [n for n in plans[0] if plans[0][n] != plans[1][n]],
         "vector_dims": {f"{k} d{d}": c for (k, d), c in sorted(Counter(
             (n.rsplit(".", 1)[-1], p["vector_dim"]) for n, p in plans[1].items()).items())},

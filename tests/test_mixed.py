@@ -233,3 +233,33 @@ def test_the_disk_estimate_counts_the_sensitivity_pass_of_a_budget():
     a, b = (estimate_run_bytes(layers, 0, c, tokens=16_384, hidden=512, blocks=80)["run"] for c in (plain, budget))
     assert a == 2 * 16_384 * 512 * 4
     assert b == (80 * 4096 + 16_384) * 512 * 4
+
+
+def test_an_auto_budget_with_vector_dims_that_pad_stays_at_the_uniform_size(calib_ids, tmp_path):
+    """``bpw_budget: auto`` on power-of-two widths (64 and 128, like 4096 and 14336: 6 and 9 divide neither):
+    layers zero-pad to a multiple of their vector length, the padded codes count against the budget, and the
+    whole stays within what the config's own d 8 costs on every layer; the checkpoint round-trips."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         max_position_embeddings=64)).eval()
+    cands = [{"vector_dim": d, "stages": 2, "bits": 4} for d in (6, 8, 9)]
+    cfg = rvqllm.RVQConfig(vector_dim=8, stages=2, bits=4, rotate=True, bpw_budget="auto", mixed_candidates=cands,
+                           kmeans_iters=2)
+    shapes = _shapes(model)
+    uniform = _bpw(dict.fromkeys(shapes, {**cands[1], "hadamard_block": 1}), shapes)
+    rvqllm.quantize(model, cfg, calib_ids)
+    specs = model.rvq_layers
+    assert summarize(specs)["bpw"] <= uniform
+    assert {s["vector_dim"] for s in specs.values()} - {8}  # some layer took a vector length that pads
+    loaded = rvqllm.load(rvqllm.save(model, tmp_path / "q"))
+    with torch.no_grad():
+        assert torch.equal(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits)
+
+
+@pytest.mark.parametrize("value", ["automatic", 0, -1.0, True])
+def test_a_bad_budget_is_one_line(value):
+    with pytest.raises(RVQError, match="must be a positive number of bits per weight, 'auto'"):
+        rvqllm.RVQConfig(bpw_budget=value, mixed_candidates=[HIGH])
