@@ -134,6 +134,21 @@ def impl_name(cfg, device: str, tokens: int, out: int) -> str:
     return dispatch.choose(device, tokens, cfg.stages, 1 << cfg.bits, cfg.vector_dim, out)
 
 
+def _variants(name: str, config: RVQConfig, layer: str) -> list[tuple[RVQConfig, str]]:
+    """The code shapes ``config`` may give a layer named ``layer``, each with its table label: its own shape;
+    with ``layer_shapes``, the one its rule gives; with ``bpw_budget``, every candidate (which one a layer
+    gets depends on the model's measured sensitivity)."""
+    def label(c: dict, where: str = "") -> str:
+        return f"{name} ({where}d={c['vector_dim']} S={c['stages']} b={c['bits']})"
+
+    if config.bpw_budget is not None:
+        return [(config.replace(bpw_budget=None, mixed_candidates=[], **c), label(c)) for c in config.mixed_candidates]
+    if config.layer_shapes:
+        own = config.shape_for(f"model.layers.0.{layer}")
+        return [(config.replace(layer_shapes={}, **own), label(own, f"{layer.rsplit('.', 1)[1]}: "))]
+    return [(config, name)]
+
+
 def kernel_table(args) -> None:
     device = args.device
     base_dtype = torch.float16 if device == "cuda" else torch.float32
@@ -154,12 +169,7 @@ def kernel_table(args) -> None:
             n_copies = max(1, -(-2 * llc // (out * inf * 4))) if cache == "cold" else 1
             weights = [torch.randn(out, inf, generator=gen).to(device=device, dtype=base_dtype)
                        for _ in range(n_copies)]
-            for pname, preset_cfg in presets:
-                cfg, label = preset_cfg, pname
-                if preset_cfg.layer_shapes:  # this layer's own shape, named in the table
-                    own = preset_cfg.shape_for(f"model.layers.0.{layer}")
-                    cfg = preset_cfg.replace(layer_shapes={}, **own)
-                    label = f"{pname} ({layer.rsplit('.', 1)[1]}: d={own['vector_dim']} S={own['stages']} b={own['bits']})"
+            for cfg, label in (v for pname, preset_cfg in presets for v in _variants(pname, preset_cfg, layer)):
                 layers = [tuple(t.to(device) for t in random_layer(cfg, out, inf, gen)) for _ in range(n_copies)]
                 cells, impls = [], []
                 for t in args.tokens:

@@ -37,9 +37,7 @@ def test_finetune_retries_takes_a_non_negative_integer():
             rvqllm.RVQConfig(finetune_retries=bad)
 
 
-def test_every_config_takes_the_kernel_benchmarks_cheap_fields():
-    """scripts/bench_kernels.py --e2e quantizes a preset with cheap fields (speed does not depend on quality):
-    every shipped config must still validate with them (a rotated preset needs its error feedback)."""
+def _bench_kernels():
     import importlib.util
     from pathlib import Path
 
@@ -47,11 +45,32 @@ def test_every_config_takes_the_kernel_benchmarks_cheap_fields():
     spec = importlib.util.spec_from_file_location("bench_kernels", root / "scripts" / "bench_kernels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench, root
+
+
+def test_every_config_takes_the_kernel_benchmarks_cheap_fields():
+    """scripts/bench_kernels.py --e2e quantizes a preset with cheap fields (speed does not depend on quality):
+    every shipped config must still validate with them (a rotated preset needs its error feedback)."""
+    bench, root = _bench_kernels()
     paths = sorted((root / "configs").glob("*.yaml")) + sorted((root / "configs" / "experiments").glob("*.yaml"))
     assert len(paths) > 4
     for path in paths:
         cfg = bench.cheap_config(str(path))
         assert cfg.beam_width == 1 and cfg.calib_sequences == 4, path
+
+
+def test_the_kernel_table_times_every_code_shape_a_preset_may_give_a_layer():
+    """A ``bpw_budget`` preset is timed at each candidate (the model's sensitivity picks among them), a
+    ``layer_shapes`` one at the layer's own shape, any other at its one shape."""
+    bench, _ = _bench_kernels()
+    two = rvqllm.RVQConfig.load("2bit")
+    got = bench._variants("2bit", two, "self_attn.q_proj")
+    assert [(c.vector_dim, c.stages, c.bits, c.bpw_budget) for c, _ in got] == [(d, 2, 8, None) for d in (6, 8, 9)]
+    assert [label for _, label in got] == [f"2bit (d={d} S=2 b=8)" for d in (6, 8, 9)]
+    ruled = rvqllm.RVQConfig(layer_shapes={".k_proj": {"vector_dim": 6}})
+    ((c, label),) = bench._variants("x", ruled, "self_attn.k_proj")
+    assert c.vector_dim == 6 and not c.layer_shapes and label == "x (k_proj: d=6 S=2 b=8)"
+    assert bench._variants("3bit", rvqllm.RVQConfig.load("3bit"), "mlp.up_proj")[0][1] == "3bit"
 
 
 def test_layer_shapes_give_named_layers_their_own_code_shape():
