@@ -77,17 +77,15 @@ def test_2bit_preset_quality_regression_bound(baseline_ppl, reference_2bit_ppl):
     # The 2-bit preset on this quick protocol (16x256 calibration from kjv+shakespeare+fortunes+code+wiki; two
     # distillation epochs over the 16 sequences, as the preset had until session 16: its one pass, meant for 256
     # sequences, measured worse on all but KJV here with half the steps; 6 k-means iterations since session 23;
-    # conftest.reference_2bit) measured 29.76 / 68.27 / 38.59 / 68.10 / 93.17 / 87.01 on the first 4 windows
-    # (x2.77 / x1.71 / x2.52 / x2.85 / x3.02 / x2.34 of the baseline's 10.76 / 39.91 / 15.34 / 23.88 / 30.89 /
-    # 37.23 for KJV / Shakespeare / django / wiki / news / usenet), x3.02 / x1.66 / x2.58 / x2.76 / x3.07 / x2.25
-    # on the first 8 (session 24, the same calls in a throwaway script; the 7th and 8th KJV windows are hard for
-    # it). Session 26's coder (new k-means++ draws, float rounding) measured 30.17 / 76.30 / 39.29 / 67.07 / 91.23 /
-    # 90.31 (x2.80 / x1.91 / x2.56 / x2.81 / x2.95 / x2.43; a throwaway script making the fixture's calls): the same
-    # within 4 % but Shakespeare, +12 % on this quick calibration of 16 x 256 tokens, where the full protocol's run of
-    # the preset on the same code moved it +1.9 % (mean ln 0.615 against 0.627 before; docs/RESULTS.md "Session
-    # 26"). The bounds sit 8-10 % above the higher of the two runs. Without its distillation, without error feedback
-    # or as the session-1 preset it measured far worse (docs/RESULTS.md has the ablation).
-    bounds = {"kjv": 3.04, "shakespeare": 2.08, "django": 2.77, "wiki": 3.13, "news": 3.32, "usenet": 2.65}
+    # conftest.reference_2bit). Since session 32 the preset gives each layer vectors of 6, 8 or 9 weights by measured
+    # sensitivity (bpw_budget auto): 30.31 / 67.79 / 36.02 / 56.43 / 89.89 / 79.60 on the first 4 windows (x2.82 /
+    # x1.70 / x2.35 / x2.36 / x2.91 / x2.14 of the baseline's 10.76 / 39.91 / 15.34 / 23.88 / 30.89 / 37.23 for KJV /
+    # Shakespeare / django / wiki / news / usenet; the fixture's calls in a throwaway script, one thread). The
+    # uniform d-8 preset before it measured 30.17 / 76.30 / 39.29 / 67.07 / 91.23 / 90.31 (session 26): the new one is
+    # 0.5 % worse on KJV and 1.5-16 % better on the rest. The bounds sit 8 % above (they were 8-10 % above the uniform
+    # preset). Without its distillation, without error feedback or as the session-1 preset it measured far worse
+    # (docs/RESULTS.md has the ablation).
+    bounds = {"kjv": 3.04, "shakespeare": 1.83, "django": 2.54, "wiki": 2.55, "news": 3.14, "usenet": 2.31}
     for name in TEXTS:
         assert math.isfinite(ppl[name])
         assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
@@ -110,13 +108,14 @@ def test_trellis_coder_quality_regression_bound(texts, baseline_ppl, reference_2
     # Session 24 (the same calls in a throwaway script) measured 26.48 / 63.38 / 31.07 / 56.25 / 78.53 / 76.17 on
     # the first 4 windows (x2.46 / x1.59 / x2.03 / x2.36 / x2.54 / x2.05 of the baseline's 10.76 / 39.91 / 15.34 /
     # 23.88 / 30.89 / 37.23 for KJV / Shakespeare / django / wiki / news / usenet; x2.56 / x1.55 / x2.08 / x2.36 /
-    # x2.55 / x2.04 on the first 8), 0.81 to 0.93 of the 2bit fixture's (geometric mean 0.86, the same on 8
-    # windows). The bounds sit ~10 % above; the trellis must beat 2bit on every text (by 2 %) and by 8 % on the
-    # geometric mean over the texts.
+    # x2.55 / x2.04 on the first 8), 0.81 to 0.93 of the uniform 2bit fixture's (geometric mean 0.86). Session 32:
+    # 26.00 / 63.50 / 30.00 / 54.05 / 76.50 / 77.86, 0.83 to 0.98 of the sensitivity-allocated 2bit fixture's
+    # (geometric mean 0.90; Usenet 0.978). The bounds sit ~10 % above; the trellis must not lose to 2bit on any
+    # text and must beat it by 6 % on the geometric mean over the texts (8 % against the uniform 2bit before).
     bounds = {"kjv": 2.71, "shakespeare": 1.75, "django": 2.23, "wiki": 2.59, "news": 2.8, "usenet": 2.25}
     for name in TEXTS:
         assert math.isfinite(ppl[name])
         assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
-        assert ppl[name] < 0.98 * rvq[name], (name, ppl[name], rvq[name])
+        assert ppl[name] < rvq[name], (name, ppl[name], rvq[name])
     gain = math.exp(sum(math.log(ppl[name] / rvq[name]) for name in TEXTS) / len(TEXTS))
-    assert gain < 0.92, (gain, ppl, rvq)
+    assert gain < 0.94, (gain, ppl, rvq)
