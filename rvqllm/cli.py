@@ -28,7 +28,7 @@ BEST_PRESET = "2bit"
 #: minutes the 2bit preset's quantization of the reference took on this project's 2-core CPU (alone on an AMD
 #: EPYC: 1,793.2 s in session 25, 1,956.3 s in session 26, 1,611.5 s in session 27, 1,536.2 s in session 29, the
 #: README's time line; session 16's took 1,711.9 s on an Intel Xeon, session 12's 24 min): printed by the demo
-BEST_PRESET_MINUTES = "26-33"
+BEST_PRESET_MINUTES = "16-33"  # 2bit alone on 2 cores: 16.1 min on an Intel Xeon (session 32), 25.6-32.6 on an AMD EPYC (sessions 26-29)
 DEFAULT_TEXTS = list(EVAL_TEXTS)  #: kjv, shakespeare, wiki (calibration's domains), django (held out), news, usenet (out of domain)
 
 
