@@ -355,9 +355,12 @@ class _Walk:
         any layer is replaced. Rank 0 measures and every rank gets its plan; a run folder keeps it, so a
         resumed run reads it instead of measuring again."""
         t0 = time.perf_counter()
-        plan = self.run.plan() if self.run is not None else None
-        if plan is None:
-            plan = self.place.broadcast_object(self._measure_plan(), src=0)
+        plan = None
+        if self.place.is_main:  # the others only receive, so no rank can race rank 0 to the saved plan
+            plan = self.run.plan() if self.run is not None else None
+            if plan is None:
+                plan = self._measure_plan()
+        plan = self.place.broadcast_object(plan, src=0)
         counts: dict[str, int] = {}
         for c in plan.values():
             key = f"d{c['vector_dim']} s{c['stages']} b{c['bits']}"
@@ -365,24 +368,22 @@ class _Walk:
         self.report.mixed = {"seconds": round(time.perf_counter() - t0, 3), "shapes": dict(sorted(counts.items()))}
         return plan
 
-    def _measure_plan(self) -> dict[str, dict] | None:
-        """Rank 0's plan (``None`` on the other ranks): see :meth:`_mixed_plan`."""
+    def _measure_plan(self) -> dict[str, dict]:
+        """The plan measured (rank 0's work; see :meth:`_mixed_plan`), kept in the run folder if any."""
         cfg, source = self.config, self.source
-        plan = None
-        if self.place.is_main:
-            ids = self.all_batches[0].to(self.device)
-            (inp,) = capture_block_inputs(self.model, source.blocks[0], [ids])
-            store = self.run.scratch("sens") if self.run is not None else MemoryActivations()
-            try:
-                sens = blockwise_sensitivity(self.model, source, ids, inp.hidden, inp.kwargs, self.device, cfg.skip,
-                                             store, cfg.finetune_batch)
-            finally:
-                if self.run is not None:
-                    self.run.drop(store)
-            shapes = {n: s for block in self.shapes for n, s in block.items()}
-            plan = allocate(shapes, sens, cfg.mixed_candidates, budget_bpw(cfg, shapes), rotate=cfg.rotate)
+        ids = self.all_batches[0].to(self.device)
+        (inp,) = capture_block_inputs(self.model, source.blocks[0], [ids])
+        store = self.run.scratch("sens") if self.run is not None else MemoryActivations()
+        try:
+            sens = blockwise_sensitivity(self.model, source, ids, inp.hidden, inp.kwargs, self.device, cfg.skip,
+                                         store, cfg.finetune_batch)
+        finally:
             if self.run is not None:
-                self.run.save_plan(plan)
+                self.run.drop(store)
+        shapes = {n: s for block in self.shapes for n, s in block.items()}
+        plan = allocate(shapes, sens, cfg.mixed_candidates, budget_bpw(cfg, shapes), rotate=cfg.rotate)
+        if self.run is not None:
+            self.run.save_plan(plan)
         return plan
 
     # -- one block ---------------------------------------------------------------------------------
