@@ -220,8 +220,9 @@ def summarize(record: dict, others: list[dict] | tuple = ()) -> dict:
     ``distill_full = distill * P_full / P_run`` (:func:`distill_params`; calibration tokens unchanged), or,
     when runs of the same set-up at two or more block counts are at hand, the line through them at N
     (:func:`distill_fit`); ``distill_upper = distill * N / m`` is shown as an upper bound;
-    ``other = wall - sum(blocks.total) - distill`` (process start, opening the model, tokenizing, saving, and
-    whatever the CLI times outside its blocks) taken as measured; ``total_full = blocks_full + distill_full + other``.
+    ``mixed_full = mixed * N / m`` (``bpw_budget``'s sensitivity pass, before the blocks, visits each block);
+    ``other = wall - sum(blocks.total) - distill - mixed`` (process start, opening the model, tokenizing, saving, and
+    whatever the CLI times outside its blocks) taken as measured; ``total_full = blocks_full + distill_full + mixed_full + other``.
     Memory (MiB): ``block peak`` = max over blocks; ``distill_full = block peak + max(0, distill peak - block
     peak) * N / blocks measured`` (an upper bound: all of the rise is taken to grow with the blocks), or the
     fitted line at N;
@@ -260,9 +261,11 @@ def summarize(record: dict, others: list[dict] | tuple = ()) -> dict:
     fit = distill_fit(record, list(others), n_full)
     distill_pscaled = distill_s * scale
     distill_full = fit["seconds"]["full"] if fit and "seconds" in fit else distill_pscaled
-    other = wall - block_sum - distill_s
-    inside_other = cli["quantize_seconds"] - block_sum - distill_s
-    total_full = blocks_full + distill_full + other
+    mixed_s = float((cli.get("mixed") or {}).get("seconds", 0.0))  # bpw_budget's sensitivity pass: every block
+    mixed_full = mixed_s * mem_scale  # visits every block twice, so it scales with their number
+    other = wall - block_sum - distill_s - mixed_s
+    inside_other = cli["quantize_seconds"] - block_sum - distill_s - mixed_s
+    total_full = blocks_full + distill_full + mixed_full + other
 
     def mem(key: str, run_peak: float | None) -> dict:
         block_peak = _max(b[key] for b in blocks)
@@ -282,7 +285,8 @@ def summarize(record: dict, others: list[dict] | tuple = ()) -> dict:
         "middle_peak_rss_mib": _max(b["peak_rss_mib"] for b in middle),
         "middle_peak_device_mib": _max(b["peak_device_mib"] for b in middle),
         "first": _row(first), "last": _row(last),
-        "block_sum_s": block_sum, "distill_s": distill_s, "other_s": other, "other_inside_quantize_s": inside_other,
+        "block_sum_s": block_sum, "distill_s": distill_s, "mixed_s": mixed_s, "mixed_full_s": mixed_full,
+        "other_s": other, "other_inside_quantize_s": inside_other,
         "wall_s": wall, "params_run": p_run, "params_full": p_full, "scale": scale, "mem_scale": mem_scale,
         "blocks_full_s": blocks_full, "distill_full_s": distill_full, "total_full_s": total_full,
         "distill_pscaled_s": distill_pscaled, "distill_upper_s": distill_s * mem_scale, "distill_fit": fit,
@@ -422,8 +426,10 @@ def format_record(record: dict, others: list[dict] | tuple = ()) -> str:
         f"| part | measured ({m} block{'s' if m > 1 else ''}) | whole model | how |", "|---|---|---|---|",
         f"| decoder blocks | {_dur(sm['block_sum_s'])} | {_dur(sm['blocks_full_s'])} | {how} |",
         f"| distillation | {_dur(sm['distill_s'])} | {_dur(sm['distill_full_s'])} | {dist_how} |",
+        *([f"| sensitivity pass (bpw_budget) | {_dur(sm['mixed_s'])} | {_dur(sm['mixed_full_s'])} | x {n}/{m} blocks |"]
+          if sm.get("mixed_s") else []),
         f"| everything else | {_dur(sm['other_s'])} | {_dur(sm['other_s'])} | as measured: wall - blocks - "
-        f"distillation (of which {_s(sm['other_inside_quantize_s'])} s inside quantize_seconds) |",
+        f"distillation - sensitivity pass (of which {_s(sm['other_inside_quantize_s'])} s inside quantize_seconds) |",
         f"| total (wall) | {_dur(sm['wall_s'])} | **{_dur(sm['total_full_s'])}** | |",
         f"| peak device memory, MiB | {_mib(_max([dev['block_peak'], dev['distill_peak']]))} | "
         f"**{_mib(dev['full'])}** | a block's peak; distillation: {mem_how} |",
@@ -529,7 +535,7 @@ def _estimate(shape: str, blocks: int, vocab: int, done: list[dict]) -> float | 
     sm = ref["summary"]
     ratio = distill_params(shape, blocks, vocab) / sm["params_run"]
     write_ratio = model_params(**{**SHAPES[shape], "blocks": blocks, "vocab": vocab}) / max(1, ref["model_params"])
-    return (sm["block_sum_s"] + sm["distill_s"]) * ratio + max(0.0, sm["other_s"]) \
+    return (sm["block_sum_s"] + sm["distill_s"] + sm.get("mixed_s", 0.0)) * ratio + max(0.0, sm["other_s"]) \
         + (ref.get("write_seconds") or 0.0) * write_ratio
 
 

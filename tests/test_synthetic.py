@@ -204,6 +204,12 @@ def test_bench_scale_extrapolation_on_a_hand_made_sample():
     assert fitted["distill_fit"]["blocks"] == [2, 3]
     assert fitted["distill_full_s"] == pytest.approx(10.0 + 10.0 * 32)
     assert bench.summarize(rec3, [rec3])["distill_fit"] is None
+    # bpw_budget's sensitivity pass (before the blocks) visits every block: it scales with their number
+    with_mixed = {**record, "cli": {**cli, "mixed": {"seconds": 4.0, "shapes": {}}}}
+    mixed = bench.summarize(with_mixed)
+    assert mixed["mixed_full_s"] == pytest.approx(4.0 * 32 / 2) and mixed["other_s"] == pytest.approx(40.0)
+    assert mixed["total_full_s"] == pytest.approx(sm["total_full_s"] - 4.0 + 64.0)
+    assert "| sensitivity pass (bpw_budget) |" in bench.format_record({**with_mixed, "status": "ok"})
     del cli["blocks"][1]["seconds"]["tune"]
     with pytest.raises(bench.SpecError, match=r"blocks\[1\]\.seconds\.tune"):
         bench.summarize(record)
