@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .arch import find_linears, only_weight_grads
 from .errors import RVQError
-from .finetune import _slice
+from .finetune import _hidden, _slice
 from .size import layer_bits
 from .standin import loss_grad
 
@@ -81,7 +81,7 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
             block = source.load_block(k, device)
             out = block(h.to(device), **kwargs)
             as_tuple = isinstance(out, tuple | list)
-            h = _output(out).detach()
+            h = _hidden(out).detach()
             source.release_block(k)
     _, grad = loss_grad(model, source.blocks, ids, h, micro_batch, as_tuple)
     del h
@@ -95,7 +95,7 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
             for a in range(0, batch, micro_batch):
                 b = min(a + micro_batch, batch)
                 x = x_all[a:b].detach().requires_grad_(k > 0)
-                out = _output(block(x, **{key: _slice(v, a, b, batch) for key, v in kwargs.items()}))
+                out = _hidden(block(x, **{key: _slice(v, a, b, batch) for key, v in kwargs.items()}))
                 if out.requires_grad:
                     out.backward(grad[a:b])
                 if grad_in is not None:
@@ -106,10 +106,6 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
         source.release_block(k)
         grad = grad_in
     return {name: sens[name] for k in range(n) for name in source.layers(k, skip)}
-
-
-def _output(out: object) -> Tensor:
-    return out[0] if isinstance(out, tuple | list) else out
 
 
 def expected_error(c: dict) -> float:
