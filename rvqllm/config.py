@@ -67,6 +67,7 @@ class RVQConfig:
     # --- mixed precision (rvqllm.mixed) ----------------------------------------------------------------
     bpw_budget: float | str | None = None  #: all-in bpw for the whole model; layers get candidate shapes by sensitivity; "auto": what the code shape above would cost on every layer of this model (a uniform preset's size)
     mixed_candidates: list[dict] = field(default_factory=list)  #: code shapes {vector_dim, stages, bits} to pick from
+    sensitivity_sequences: int = 8  #: the first this many calibration sequences (all when there are fewer) measure each layer's loss sensitivity for bpw_budget, calib_batch_size at a time; that pass's time grows with it
     layer_shapes: dict[str, dict] = field(default_factory=dict)  #: fixed code shapes by layer name, e.g. {".k_proj": {vector_dim: 6}}: a layer takes the fields of the first key its qualified name contains (any of vector_dim, stages, bits); the other layers, and the fields not named, keep the ones above
     # --- what to quantize ------------------------------------------------------------------------
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  #: name substrings never quantized
@@ -164,6 +165,9 @@ class RVQConfig:
         need(isinstance(self.mixed_candidates, list) and all(
             isinstance(c, dict) and set(c) == {"vector_dim", "stages", "bits"} for c in self.mixed_candidates),
              "mixed_candidates must be a list of {vector_dim, stages, bits} mappings")
+        need(isinstance(self.sensitivity_sequences, int) and not isinstance(self.sensitivity_sequences, bool)
+             and self.sensitivity_sequences >= 1,
+             f"sensitivity_sequences={self.sensitivity_sequences!r} must be a positive integer")
         need(self.bpw_budget is None or len(self.mixed_candidates) > 0,
              "bpw_budget needs mixed_candidates: list the code shapes the layers may use")
         for c in self.mixed_candidates:

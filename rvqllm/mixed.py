@@ -1,8 +1,9 @@
 """Mixed precision: spend a whole-model bits-per-weight budget where quantization error hurts most.
 
 Sensitivity of a layer is measured on the calibration text with the float model: the diagonal
-empirical Fisher of the language-model loss, ``F = sum_batches (dL/dW)^2``, weighted by the weight
-itself, ``S = sum_ij F_ij W_ij^2``: to second order, coding ``W`` with relative error ``rho`` raises the
+empirical Fisher of the language-model loss, ``F = sum_sequences (dL_s/dW)^2`` (``L_s``: one sequence's
+mean token loss; each sequence's gradient squared on its own, not the batch's mean gradient, whose square
+is a noisier and smaller estimate), weighted by the weight itself, ``S = sum_ij F_ij W_ij^2``: to second order, coding ``W`` with relative error ``rho`` raises the
 loss by about ``S * rho / 2`` (HAWQ-style; the Fisher stands in for the loss Hessian's diagonal).
 :func:`fisher_sensitivity` measures it on a model in memory; :func:`blockwise_sensitivity` measures the
 same quantity with one float decoder block in memory at a time (the pipeline's way, for models of any
@@ -34,7 +35,8 @@ def code_shape_key(c: dict) -> tuple[int, int, int]:
 
 
 def fisher_sensitivity(model: nn.Module, layers: dict[str, nn.Module], batches: list[Tensor]) -> dict[str, float]:
-    """``{layer name: S}`` from the loss gradients of ``model`` on ``[batch, seq]`` token batches.
+    """``{layer name: S}`` from the loss gradients of ``model`` on ``[batch, seq]`` token batches, one
+    sequence at a time (see the module docstring).
 
     Only the named layers' weights get gradients (everything else is frozen for the pass); the
     model's ``requires_grad`` flags are restored afterwards.
@@ -42,14 +44,15 @@ def fisher_sensitivity(model: nn.Module, layers: dict[str, nn.Module], batches: 
     weights = {name: m.weight for name, m in layers.items()}  # as stored: a Conv1D's is [in, out], like its grad
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     with only_weight_grads(model, layers.values()), torch.enable_grad():
-        for ids in batches:
+        for seq in (row[None] for ids in batches for row in ids):
             model.zero_grad(set_to_none=True)
-            out = model(input_ids=ids, labels=ids, use_cache=False)
+            out = model(input_ids=seq, labels=seq, use_cache=False)
             out.loss.backward()
             for name in weights:
                 g = layers[name].weight.grad
                 if g is not None:
                     fisher[name] += g.float().pow(2)
+        model.zero_grad(set_to_none=True)
     return {name: float((fisher[name] * weights[name].detach().float().pow(2)).sum()) for name in weights}
 
 
@@ -68,8 +71,9 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
         skip: layer-name patterns not quantized (config ``skip``).
         store: where each block's input is kept between the two passes (``put(k, t)``/``get(k)``: memory,
             or a run folder's disk store for a model too large for that).
-        micro_batch: sequences per backward step (activations for the backward of that many sequences
-            exist at once; the result does not depend on it beyond float rounding).
+        micro_batch: sequences per step of the top gradient's pass through the head (that many sequences'
+            logits exist at once; the result does not depend on it beyond float rounding). The backward through
+            the blocks takes one sequence at a time: each sequence's weight gradient is squared on its own.
     """
     n = len(source)
     batch = ids.shape[0]
@@ -91,18 +95,22 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
         layers = find_linears(block, f"{source.prefix}.{k}", skip)
         x_all = store.get(k).to(device)
         grad_in = torch.empty_like(x_all) if k > 0 else None
+        for name in layers:
+            sens[name] = 0.0
         with only_weight_grads(block, layers.values()), torch.enable_grad():
-            for a in range(0, batch, micro_batch):
-                b = min(a + micro_batch, batch)
-                x = x_all[a:b].detach().requires_grad_(k > 0)
-                out = _hidden(block(x, **{key: _slice(v, a, b, batch) for key, v in kwargs.items()}))
+            for a in range(batch):
+                block.zero_grad(set_to_none=True)
+                x = x_all[a : a + 1].detach().requires_grad_(k > 0)
+                out = _hidden(block(x, **{key: _slice(v, a, a + 1, batch) for key, v in kwargs.items()}))
                 if out.requires_grad:
-                    out.backward(grad[a:b])
+                    # the batch loss's gradient at sequence a is its own mean loss's over the batch size
+                    out.backward(grad[a : a + 1] * batch)
                 if grad_in is not None:
-                    grad_in[a:b] = x.grad if x.grad is not None else 0
-            for name, m in layers.items():
-                g = m.weight.grad
-                sens[name] = 0.0 if g is None else float((g.float().pow(2) * m.weight.detach().float().pow(2)).sum())
+                    grad_in[a : a + 1] = x.grad / batch if x.grad is not None else 0
+                for name, m in layers.items():  # sum_ij F_ij W_ij^2, one sequence's share of F at a time
+                    if m.weight.grad is not None:
+                        sens[name] += float((m.weight.grad.float() * m.weight.detach().float()).pow(2).sum())
+            block.zero_grad(set_to_none=True)
         source.release_block(k)
         grad = grad_in
     return {name: sens[name] for k in range(n) for name in source.layers(k, skip)}

@@ -351,8 +351,9 @@ class _Walk:
 
     def _mixed_plan(self) -> dict[str, dict]:
         """Code shape per layer for ``config.bpw_budget`` (:mod:`rvqllm.mixed`), from each layer's loss
-        sensitivity measured on the first calibration batch with the float model, block by block, before
-        any layer is replaced. Rank 0 measures and every rank gets its plan; a run folder keeps it, so a
+        sensitivity measured on the first ``sensitivity_sequences`` calibration sequences (all when there are
+        fewer) with the float model, one calibration batch at a time, block by block, before any layer is
+        replaced. Rank 0 measures and every rank gets its plan; a run folder keeps it, so a
         resumed run reads it instead of measuring again."""
         t0 = time.perf_counter()
         plan = None
@@ -371,15 +372,22 @@ class _Walk:
     def _measure_plan(self) -> dict[str, dict]:
         """The plan measured (rank 0's work; see :meth:`_mixed_plan`), kept in the run folder if any."""
         cfg, source = self.config, self.source
-        ids = self.all_batches[0].to(self.device)
-        (inp,) = capture_block_inputs(self.model, source.blocks[0], [ids])
-        store = self.run.scratch("sens") if self.run is not None else MemoryActivations()
-        try:
-            sens = blockwise_sensitivity(self.model, source, ids, inp.hidden, inp.kwargs, self.device, cfg.skip,
-                                         store, cfg.finetune_batch)
-        finally:
-            if self.run is not None:
-                self.run.drop(store)
+        sens: dict[str, float] = {}
+        left = cfg.sensitivity_sequences
+        for batch in self.all_batches:  # one batch's block inputs kept at a time; per-sequence sums add up
+            if left <= 0:
+                break
+            ids = batch[:left].to(self.device)
+            left -= ids.shape[0]
+            (inp,) = capture_block_inputs(self.model, source.blocks[0], [ids])
+            store = self.run.scratch("sens") if self.run is not None else MemoryActivations()
+            try:
+                part = blockwise_sensitivity(self.model, source, ids, inp.hidden, inp.kwargs, self.device, cfg.skip,
+                                             store, cfg.finetune_batch)
+            finally:
+                if self.run is not None:
+                    self.run.drop(store)
+            sens = {n: sens.get(n, 0.0) + v for n, v in part.items()}
         shapes = {n: s for block in self.shapes for n, s in block.items()}
         plan = allocate(shapes, sens, cfg.mixed_candidates, budget_bpw(cfg, shapes), rotate=cfg.rotate)
         if self.run is not None:

@@ -90,6 +90,65 @@ def test_blockwise_sensitivity_equals_the_whole_model_measurement(make):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_sensitivity_squares_each_sequences_gradient_not_the_batch_mean():
+    """The Fisher is the empirical one, summed over sequences: the block-by-block measurement of a batch is the
+    sum of its sequences' measured one by one, and is not the square of the batch's mean gradient (the
+    estimate before session 33, smaller and noisier)."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    source = MemorySource(model)
+    layers = {n: m for i, b in enumerate(source.blocks)
+              for n, m in find_linears(b, f"{source.prefix}.{i}", ["lm_head"]).items()}
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+
+    def blockwise(x):
+        (inp,) = capture_block_inputs(model, source.blocks[0], [x])
+        return blockwise_sensitivity(model, source, x, inp.hidden, inp.kwargs, torch.device("cpu"), ["lm_head"],
+                                     MemoryActivations(), 2)
+
+    whole = blockwise(ids)
+    parts = [blockwise(ids[i : i + 1]) for i in range(3)]
+    for n in whole:
+        assert whole[n] == pytest.approx(sum(p[n] for p in parts), rel=1e-4), n
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    mean_sq = {n: float((m.weight.grad * m.weight.detach()).pow(2).sum()) for n, m in layers.items()}
+    model.zero_grad(set_to_none=True)
+    # the squared mean gradient is (1/batch^2)|sum of gradients|^2, below the per-sequence sum for every layer here
+    assert all(mean_sq[n] < whole[n] for n in whole), {n: (mean_sq[n], whole[n]) for n in whole}
+
+
+@pytest.mark.parametrize("wanted, batch, sizes", [(3, 2, [2, 1]), (8, 4, [4, 4]), (100, 4, None)])
+def test_the_sensitivity_pass_measures_the_first_sensitivity_sequences(calib_ids, monkeypatch, wanted, batch, sizes):
+    """`sensitivity_sequences` calibration sequences (all when there are fewer) go through the pass, one
+    calibration batch at a time, and the plan comes from the sum of the batches' sensitivities."""
+    from rvqllm import pipeline
+
+    seen = []
+    real = pipeline.blockwise_sensitivity
+
+    def recording(model, source, ids, *args):
+        seen.append(ids.clone())
+        return real(model, source, ids, *args)
+
+    monkeypatch.setattr(pipeline, "blockwise_sensitivity", recording)
+    shapes = _shapes(tiny_llama())
+    budget = (_bpw(dict.fromkeys(shapes, LOW), shapes) + _bpw(dict.fromkeys(shapes, HIGH), shapes)) / 2
+    cfg = rvqllm.RVQConfig(bpw_budget=budget, mixed_candidates=[LOW, HIGH], kmeans_iters=2, calib_batch_size=batch,
+                           sensitivity_sequences=wanted)
+    rvqllm.quantize(tiny_llama(), cfg, calib_ids)
+    n = min(wanted, calib_ids.shape[0])
+    assert [t.shape[0] for t in seen] == (sizes or [batch] * (n // batch) + ([n % batch] if n % batch else []))
+    assert torch.equal(torch.cat(seen), calib_ids[:n])
+
+
+def test_sensitivity_sequences_must_be_a_positive_integer():
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(RVQError, match="sensitivity_sequences"):
+            rvqllm.RVQConfig(sensitivity_sequences=bad)
+
+
 def test_a_resumed_budget_run_reads_its_plan_instead_of_measuring_again(calib_ids, tmp_path, monkeypatch):
     """The plan is chosen once, kept in the run folder, and a resumed run uses it as kept: killed in block 1,
     resumed with the measurement made to fail, the model equals an uninterrupted run's."""
