@@ -86,9 +86,11 @@ def test_2bit_preset_quality_regression_bound(baseline_ppl, reference_2bit_ppl):
     # preset). Without its distillation, without error feedback or as the session-1 preset it measured far worse
     # (docs/RESULTS.md has the ablation).
     # The test suite's own run (two threads) measured 30.42 / 66.84 / 33.86 / 62.00 on the first four texts (Wikipedia
-    # x2.60: the thread count moves this quick protocol by up to 10 %); the bounds sit 8 % above the higher run, and
-    # news / Usenet, not seen in that run, keep the uniform preset's bounds.
-    bounds = {"kjv": 3.05, "shakespeare": 1.83, "django": 2.54, "wiki": 2.8, "news": 3.32, "usenet": 2.65}
+    # x2.60: the thread count moves this quick protocol by up to 10 %). Session 33 measures the sensitivity from each
+    # sequence's own gradient (a plan 24 layers away on the full calibration): the fixture's calls at two threads in a
+    # throwaway script gave 30.27 / 68.91 / 33.88 / 60.73 / 86.87 / 84.05 (x2.81 / x1.73 / x2.21 / x2.54 / x2.81 /
+    # x2.26). The bounds sit 8 % above the highest of these runs on each text.
+    bounds = {"kjv": 3.05, "shakespeare": 1.87, "django": 2.54, "wiki": 2.8, "news": 3.15, "usenet": 2.44}
     for name in TEXTS:
         assert math.isfinite(ppl[name])
         assert ppl[name] < baseline_ppl[name] * bounds[name], (name, ppl[name], baseline_ppl[name])
