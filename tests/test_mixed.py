@@ -65,17 +65,23 @@ def test_fisher_sensitivity_is_zero_exactly_where_the_loss_cannot_see_the_layer(
     assert all(after[n] > 0 for n in after if n not in dead)
 
 
+def _seeded(make):
+    """A tiny model built under seed 0, its in-memory block source and its quantizable linears by name."""
+    torch.manual_seed(0)
+    model = make()
+    source = MemorySource(model)
+    layers = {n: m for i, b in enumerate(source.blocks)
+              for n, m in find_linears(b, f"{source.prefix}.{i}", ["lm_head"]).items()}
+    return model, source, layers
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_blockwise_sensitivity_equals_the_whole_model_measurement(make):
     """One block in memory at a time (forward storing each block's input, the model's own head and loss for
     the top gradient, then the blocks again in reverse) gives the whole-model Fisher sensitivity of every
     layer, whatever the backward's micro-batch (3 does not divide the batch of 4). GPT-2's Conv1D stores its
     weight transposed: the sum is the same either way."""
-    torch.manual_seed(0)
-    model = make()
-    source = MemorySource(model)
-    layers = {n: m for i, b in enumerate(source.blocks)
-              for n, m in find_linears(b, f"{source.prefix}.{i}", ["lm_head"]).items()}
+    model, source, layers = _seeded(make)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     want = fisher_sensitivity(model, layers, [ids])
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -94,11 +100,7 @@ def test_sensitivity_squares_each_sequences_gradient_not_the_batch_mean():
     """The Fisher is the empirical one, summed over sequences: the block-by-block measurement of a batch is the
     sum of its sequences' measured one by one, and is not the square of the batch's mean gradient (the
     estimate before session 33, smaller and noisier)."""
-    torch.manual_seed(0)
-    model = tiny_llama()
-    source = MemorySource(model)
-    layers = {n: m for i, b in enumerate(source.blocks)
-              for n, m in find_linears(b, f"{source.prefix}.{i}", ["lm_head"]).items()}
+    model, source, layers = _seeded(tiny_llama)
     ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
 
     def blockwise(x):
