@@ -3,8 +3,9 @@
 Sensitivity of a layer is measured on the calibration text with the float model: the diagonal
 empirical Fisher of the language-model loss, ``F = sum_sequences (dL_s/dW)^2`` (``L_s``: one sequence's
 mean token loss; each sequence's gradient squared on its own, not the batch's mean gradient, whose square
-is a noisier and smaller estimate), weighted by the weight itself, ``S = sum_ij F_ij W_ij^2``: to second order, coding ``W`` with relative error ``rho`` raises the
-loss by about ``S * rho / 2`` (HAWQ-style; the Fisher stands in for the loss Hessian's diagonal).
+is a noisier and smaller estimate), weighted by the weight itself, ``S = sum_ij F_ij W_ij^2``: to second
+order, coding ``W`` with relative error ``rho`` raises the loss by about ``S * rho / 2`` (HAWQ-style; the
+Fisher stands in for the loss Hessian's diagonal).
 :func:`fisher_sensitivity` measures it on a model in memory; :func:`blockwise_sensitivity` measures the
 same quantity with one float decoder block in memory at a time (the pipeline's way, for models of any
 size): the batch runs forward block by block (each block's input kept), the loss gradient comes from the
