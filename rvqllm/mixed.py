@@ -42,19 +42,23 @@ def fisher_sensitivity(model: nn.Module, layers: dict[str, nn.Module], batches: 
     Only the named layers' weights get gradients (everything else is frozen for the pass); the
     model's ``requires_grad`` flags are restored afterwards.
     """
-    weights = {name: m.weight for name, m in layers.items()}  # as stored: a Conv1D's is [in, out], like its grad
-    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    sens = dict.fromkeys(layers, 0.0)
     with only_weight_grads(model, layers.values()), torch.enable_grad():
         for seq in (row[None] for ids in batches for row in ids):
             model.zero_grad(set_to_none=True)
             out = model(input_ids=seq, labels=seq, use_cache=False)
             out.loss.backward()
-            for name in weights:
-                g = layers[name].weight.grad
-                if g is not None:
-                    fisher[name] += g.float().pow(2)
+            for name, m in layers.items():
+                sens[name] += _share(m)
         model.zero_grad(set_to_none=True)
-    return {name: float((fisher[name] * weights[name].detach().float().pow(2)).sum()) for name in weights}
+    return sens
+
+
+def _share(m: nn.Module) -> float:
+    """One sequence's share of ``S = sum_ij F_ij W_ij^2`` from the gradient now in ``m.weight.grad`` (a
+    Conv1D's weight is stored [in, out], like its gradient: the sum is the same)."""
+    g = m.weight.grad
+    return 0.0 if g is None else float((g.float() * m.weight.detach().float()).pow(2).sum())
 
 
 def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor, kwargs: dict,
@@ -96,8 +100,7 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
         layers = find_linears(block, f"{source.prefix}.{k}", skip)
         x_all = store.get(k).to(device)
         grad_in = torch.empty_like(x_all) if k > 0 else None
-        for name in layers:
-            sens[name] = 0.0
+        sens.update(dict.fromkeys(layers, 0.0))
         with only_weight_grads(block, layers.values()), torch.enable_grad():
             for a in range(batch):
                 block.zero_grad(set_to_none=True)
@@ -108,9 +111,8 @@ def blockwise_sensitivity(model: nn.Module, source, ids: Tensor, hidden: Tensor,
                     out.backward(grad[a : a + 1] * batch)
                 if grad_in is not None:
                     grad_in[a : a + 1] = x.grad / batch if x.grad is not None else 0
-                for name, m in layers.items():  # sum_ij F_ij W_ij^2, one sequence's share of F at a time
-                    if m.weight.grad is not None:
-                        sens[name] += float((m.weight.grad.float() * m.weight.detach().float()).pow(2).sum())
+                for name, m in layers.items():
+                    sens[name] += _share(m)
             block.zero_grad(set_to_none=True)
         source.release_block(k)
         grad = grad_in
